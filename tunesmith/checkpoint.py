@@ -1,0 +1,150 @@
+"""Checkpoints that resume bit for bit, stored without pickle, written atomically.
+
+A checkpoint folder holds:
+  model.safetensors      parameters that can train, and every buffer
+  optimizer.safetensors  optimizer tensors (exp_avg, exp_avg_sq, step), keys "state.<param>.<name>"
+  rng.safetensors        torch CPU / CUDA generator states, numpy's key
+  state.json             step, epoch, position, scheduler, python/numpy RNG scalars, optimizer groups
+  COMMITTED              written last: a folder without it is incomplete and never loaded
+Writing goes to "<name>.tmp", every file is fsynced, the folder is renamed, then COMMITTED is written.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+MARKER = "COMMITTED"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
+
+
+def _write_json(obj, path: Path) -> None:
+    path.write_text(json.dumps(obj, indent=1))
+
+
+def rng_state() -> tuple[dict, dict]:
+    """(tensors, json) capturing python, numpy, torch and CUDA generators."""
+    version, mt, gauss = random.getstate()
+    kind, key, pos, has_gauss, cached = np.random.get_state()
+    tensors = {"torch": torch.get_rng_state(), "numpy_key": torch.from_numpy(key.astype(np.int64))}
+    if torch.cuda.is_available():
+        tensors |= {f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
+    return tensors, {"python": [version, list(mt), gauss], "numpy": [kind, pos, has_gauss, cached]}
+
+
+def set_rng_state(tensors: dict, scalars: dict) -> None:
+    version, mt, gauss = scalars["python"]
+    random.setstate((version, tuple(mt), gauss))
+    kind, pos, has_gauss, cached = scalars["numpy"]
+    np.random.set_state((kind, tensors["numpy_key"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda."))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def save(folder: Path, model_state: dict, optimizer, scheduler, state: dict) -> Path:
+    """Write a complete checkpoint to `folder` atomically; return the folder.
+    optimizer=None writes weights and state only (the best-so-far copy)."""
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    _save_tensors(model_state, tmp / "model.safetensors")
+    opt = optimizer.state_dict() if optimizer else {"state": {}, "param_groups": []}
+    if optimizer:
+        _save_tensors({f"state.{i}.{k}": v for i, s in opt["state"].items() for k, v in s.items()
+                       if torch.is_tensor(v)}, tmp / "optimizer.safetensors")
+    rng_tensors, rng_scalars = rng_state()
+    _save_tensors(rng_tensors, tmp / "rng.safetensors")
+    _write_json({**state, "rng": rng_scalars, "scheduler": scheduler.state_dict() if scheduler else None,
+                 "optimizer": {"param_groups": opt["param_groups"],
+                               "scalars": {f"{i}.{k}": v for i, s in opt["state"].items()
+                                           for k, v in s.items() if not torch.is_tensor(v)}}},
+                tmp / "state.json")
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    _fsync_dir(tmp)
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+    _fsync_dir(folder.parent)
+    with open(folder / MARKER, "w") as fh:
+        fh.write(str(state.get("step", "")))
+        fh.flush()
+        os.fsync(fh.fileno())
+    _fsync_dir(folder)
+    return folder
+
+
+def newest(checkpoints: Path, log=print) -> Path | None:
+    """The newest complete `step-*` checkpoint; say why each newer incomplete one is skipped."""
+    if not checkpoints.is_dir():
+        return None
+    found = sorted((p for p in checkpoints.iterdir() if p.name.startswith("step-")),
+                   key=lambda p: p.name, reverse=True)
+    for p in found:
+        if p.name.endswith(".tmp"):
+            log(f"resume: skipping {p.name}: interrupted while being written (temporary folder)")
+        elif not (p / MARKER).exists():
+            log(f"resume: skipping {p.name}: no {MARKER} marker, the write did not finish")
+        else:
+            return p
+    return None
+
+
+def load(folder: Path, model: torch.nn.Module, optimizer, scheduler) -> dict:
+    """Restore model, optimizer, scheduler and every RNG from `folder`; return its state dict."""
+    folder = Path(folder)
+    load_model_state(model, folder / "model.safetensors")
+    state = json.loads((folder / "state.json").read_text())
+    tensors = load_file(str(folder / "optimizer.safetensors"))
+    per_param: dict[int, dict] = {}
+    for key, v in tensors.items():
+        _, i, name = key.split(".", 2)
+        per_param.setdefault(int(i), {})[name] = v
+    for key, v in state["optimizer"]["scalars"].items():
+        i, name = key.split(".", 1)
+        per_param.setdefault(int(i), {})[name] = v
+    optimizer.load_state_dict({"state": per_param, "param_groups": state["optimizer"]["param_groups"]})
+    if scheduler is not None and state.get("scheduler"):
+        scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(load_file(str(folder / "rng.safetensors")), state["rng"])
+    return state
+
+
+def load_model_state(model: torch.nn.Module, path: Path) -> None:
+    """Copy tensors from a safetensors file into the model; every key must exist in the model."""
+    tensors = load_file(str(path))
+    own = dict(model.named_parameters()) | dict(model.named_buffers())
+    missing = [k for k in tensors if k not in own]
+    if missing:
+        raise KeyError(f"{path}: tensors not in the model: {missing[:5]}")
+    with torch.no_grad():
+        for k, v in tensors.items():
+            own[k].copy_(v)
+
+
+def prune(checkpoints: Path, keep: int) -> None:
+    """Delete all but the newest `keep` complete step checkpoints."""
+    done = sorted(p for p in checkpoints.iterdir() if p.name.startswith("step-") and (p / MARKER).exists())
+    for p in done[:-keep]:
+        shutil.rmtree(p, ignore_errors=True)

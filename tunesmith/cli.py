@@ -1,0 +1,128 @@
+"""`tunesmith COMMAND ...`: a table from command name to function; each takes parsed arguments.
+
+Exit codes: 0 success, 1 a problem with the data or the run, 2 a problem with the recipe or the command line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from tunesmith.recipe import RecipeError, load
+
+RECIPES = Path(__file__).parent / "recipes"
+
+
+def cmd_train(args) -> int:
+    from tunesmith.run import Run
+    from tunesmith.train import train
+
+    if args.resume:
+        recipe = Run(args.resume).recipe()
+        if args.recipe or args.overrides:
+            raise RecipeError("command line", ["--resume takes the run's own recipe; drop RECIPE and overrides"])
+        train(recipe, resume=args.resume)
+        return 0
+    if not args.recipe:
+        raise RecipeError("command line", ["give a RECIPE (yaml file) or --resume RUN_DIR"])
+    recipe = load(args.recipe, args.overrides)      # every recipe error, before any weights load
+    train(recipe, run_dir=args.run_dir)
+    return 0
+
+
+def _load_run(run_dir: str):
+    from tunesmith.run import Run
+    from tunesmith.tasks import get_task
+
+    run = Run(run_dir)
+    task = get_task(run.recipe())
+    model, processor = task.load_trained(run.model_dir)
+    return run, task, model.eval(), processor
+
+
+def cmd_eval(args) -> int:
+    import torch
+
+    from tunesmith.train import load_rows_for_eval
+
+    run, task, model, _ = _load_run(args.run_dir)
+    rows = load_rows_for_eval(task, run, args.data)
+    with torch.no_grad():
+        result = task.evaluate(model, task.encode(rows), task.recipe.eval.batch_size)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from tunesmith import data as datalib
+
+    run, task, model, processor = _load_run(args.run_dir)
+    inputs = list(args.inputs)
+    if args.input:
+        table = datalib.read(args.input, "predict") if not args.input.endswith(".txt") else None
+        inputs += table.rows if table else [ln for ln in Path(args.input).read_text().splitlines() if ln.strip()]
+    if not inputs:
+        raise RecipeError("command line", ["give inputs: tunesmith predict RUN_DIR \"text\" ... or --input FILE"])
+    for out in task.predict(model, processor, inputs):
+        print(json.dumps(out))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """Fine-tune the bundled MiniLM on bundled Rotten Tomatoes snippets; print before/after metrics."""
+    from tunesmith.train import train
+
+    recipe = load(RECIPES / "rotten_tomatoes.yaml", args.overrides)
+    run = train(recipe, run_dir=args.run_dir)
+    result = json.loads((run.path / "eval.json").read_text())
+    before = result.get("before", {})
+    print(f"\n{'metric':<12}{'before':>10}{'after':>10}   (test split, {result['n_examples']:,} snippets)")
+    for key in ("accuracy", "f1_macro"):
+        print(f"{key:<12}{before.get(key, float('nan')):>10.4f}{result[key]:>10.4f}")
+    print(f"run folder: {run.path}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "demo": cmd_demo}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tunesmith", description="Fine-tune pretrained models from a YAML recipe.")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="fine-tune as a recipe says")
+    t.add_argument("recipe", nargs="?", help="recipe YAML file")
+    t.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. train.epochs=1")
+    t.add_argument("--run-dir", help="run folder (default runs/<name>-<time>)")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its newest checkpoint")
+    e = sub.add_parser("eval", help="metrics of a run's model as JSON")
+    e.add_argument("run_dir")
+    e.add_argument("--data", help="file to evaluate on (default: the run's test split)")
+    pr = sub.add_parser("predict", help="one JSON line per input")
+    pr.add_argument("run_dir")
+    pr.add_argument("inputs", nargs="*")
+    pr.add_argument("--input", help="file of inputs (.jsonl, .csv, .parquet, or .txt with one per line)")
+    d = sub.add_parser("demo", help="fine-tune MiniLM on Rotten Tomatoes, show before/after")
+    d.add_argument("overrides", nargs="*")
+    d.add_argument("--run-dir")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tunesmith.data import DataError
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except RecipeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (DataError, FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""fit(): the one training loop, for every task and every adaptation method.
+
+Read top to bottom: plan batches -> optimizer and schedule -> (resume) -> for each optimizer step:
+forward/backward over its micro-batches, clip, step, log, evaluate, keep the best, checkpoint, stop early.
+Data order is a pure function of (seed, epoch), so a checkpoint needs only the position, not a sampler.
+"""
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from tunesmith import checkpoint
+from tunesmith.adapt import trainable_state
+from tunesmith.metrics import better
+
+
+def choose_precision(asked: str, device: torch.device) -> tuple[str, str]:
+    """accelerate's mixed_precision value and why. bf16 only where the hardware computes it natively:
+    on AVX2-only CPUs bf16 autocast trains ~20x slower than fp32."""
+    if asked == "fp32":
+        return "no", "fp32 (recipe)"
+    if asked in ("bf16", "fp16"):
+        return asked, f"{asked} (recipe)"
+    if device.type == "cuda":
+        return ("bf16", "bf16 (GPU supports it)") if torch.cuda.is_bf16_supported() else ("no", "fp32")
+    flags = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), [])
+    except OSError:
+        pass
+    if {"avx512_bf16", "amx_bf16"} & set(flags):
+        return "bf16", "bf16 (CPU has native bf16: avx512_bf16/amx_bf16)"
+    return "no", "fp32 (CPU lacks native bf16)"
+
+
+def plan(lengths: list[int], batch_size: int, seed: int, epoch: int, by_length: bool) -> list[list[int]]:
+    """Batches (lists of example indices) for one epoch; a pure function of its arguments.
+
+    by_length: within shuffled chunks of 50 batches, sort by length so a batch pads to similar lengths;
+    the batch order is then shuffled so long and short batches still mix across the epoch.
+    """
+    g = torch.Generator().manual_seed(seed * 1000 + epoch)
+    order = torch.randperm(len(lengths), generator=g).tolist()
+    if by_length:
+        chunk = batch_size * 50
+        order = [i for s in range(0, len(order), chunk)
+                 for i in sorted(order[s:s + chunk], key=lambda i: -lengths[i])]
+    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    if by_length:
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+    return batches
+
+
+@dataclass
+class State:
+    step: int = 0              # optimizer steps done
+    epoch: int = 0
+    position: int = 0          # optimizer steps done within the epoch
+    best: float | None = None  # best value of the selection metric
+    best_step: int = 0
+    bad_evals: int = 0         # evaluations since the last improvement (early stopping)
+
+
+def fit(task, adapted, train, evalset, recipe, run, accelerator, resume: bool = False) -> State:
+    """Train `adapted.model` on encoded `train` features; evaluate on `evalset`; write into `run`."""
+    cfg = recipe.train
+    model = adapted.model
+    lengths = [task.length(f) for f in train]
+    micro = math.ceil(len(train) / cfg.batch_size)            # micro-batches per epoch
+    per_epoch = math.ceil(micro / cfg.grad_accum)             # optimizer steps per epoch
+    total = cfg.max_steps or math.ceil(cfg.epochs * per_epoch)
+    metric = cfg.metric or task.metric
+    warmup = int(cfg.warmup) if cfg.warmup >= 1 else round(cfg.warmup * total)
+    eval_every = cfg.eval_every or per_epoch
+    save_every = cfg.save_every or eval_every
+
+    groups = adapted.param_groups(cfg.learning_rate, cfg.weight_decay, recipe.adapt.layer_lr_decay)
+    fused = accelerator.device.type in ("cpu", "cuda")
+    optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, fused=fused)
+    from transformers import get_scheduler
+    scheduler = get_scheduler(cfg.scheduler if cfg.scheduler != "constant" else "constant_with_warmup",
+                              optimizer, num_warmup_steps=warmup, num_training_steps=total)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    names = adapted.trainable
+
+    state = State()
+    if resume and (last := checkpoint.newest(run.checkpoints, log=accelerator.print)):
+        saved = checkpoint.load(last, accelerator.unwrap_model(model), optimizer, scheduler)
+        state = State(**{k: saved[k] for k in State.__dataclass_fields__})
+        run.truncate_log(state.step)
+        accelerator.print(f"resume: continuing from {last.name} (step {state.step}, epoch {state.epoch})")
+    elif resume:
+        accelerator.print("resume: no complete checkpoint yet, starting from step 0")
+
+    def save_best(value: float) -> None:
+        if accelerator.is_main_process:
+            checkpoint.save(run.checkpoints / "best", trainable_state(accelerator.unwrap_model(model), names),
+                            None, None, {"step": state.step, metric: value})
+
+    def evaluate() -> bool:
+        """Evaluate, keep the best; True when early stopping says stop."""
+        model.eval()
+        with torch.no_grad():
+            result = task.evaluate(model, evalset, recipe.eval.batch_size)
+        model.train()
+        value = result.get(metric)
+        if value is None:
+            raise KeyError(f"train.metric '{metric}' is not among the metrics: {', '.join(result)}")
+        run.log({"step": state.step, "epoch": state.epoch, "split": "validation", **task.loggable(result)})
+        if better(metric, value, state.best):
+            state.best, state.best_step, state.bad_evals = value, state.step, 0
+            save_best(value)
+        else:
+            state.bad_evals += 1
+        bar.set_postfix_str(f"{metric}={value:.4f} best={state.best:.4f}", refresh=False)
+        return cfg.patience is not None and state.bad_evals >= cfg.patience
+
+    model.train()
+    bar = tqdm(total=total, initial=state.step, unit="step", dynamic_ncols=True, mininterval=1.0,
+               disable=not accelerator.is_main_process, desc="train")
+    window = {"loss": 0.0, "steps": 0, "samples": 0, "tokens": 0, "time": time.perf_counter()}
+    stop = False
+    rank, world = accelerator.process_index, accelerator.num_processes
+    while state.step < total and not stop:
+        adapted.set_epoch(state.epoch)
+        batches = plan(lengths, cfg.batch_size, cfg.seed, state.epoch, cfg.group_by_length)
+        steps = [batches[s:s + cfg.grad_accum] for s in range(0, len(batches), cfg.grad_accum)]
+        for group in steps[state.position:]:
+            for k, idx in enumerate(group):
+                idx = idx[rank::world]                               # this process's share
+                batch = {n: t.to(accelerator.device) for n, t in task.collate([train[i] for i in idx]).items()}
+                sync = k == len(group) - 1
+                with accelerator.no_sync(model) if not sync and world > 1 else nullcontext():
+                    loss = task.loss(model, batch) / len(group)
+                    accelerator.backward(loss)
+                window["loss"] += loss.item()
+                window["samples"] += len(idx)
+                window["tokens"] += sum(lengths[i] for i in idx)
+            if cfg.max_grad_norm:
+                accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            state.position += 1
+            window["steps"] += 1
+            bar.update(1)
+
+            if state.step % cfg.log_every == 0 or state.step == total:
+                dt = time.perf_counter() - window["time"]
+                loss_avg = window["loss"] / window["steps"]
+                run.log({"step": state.step, "epoch": round(state.epoch + state.position / len(steps), 4),
+                         "loss": loss_avg, "lr": scheduler.get_last_lr()[0],
+                         "samples_per_s": window["samples"] * world / dt, "tokens_per_s": window["tokens"] * world / dt})
+                bar.set_description(f"train loss={loss_avg:.4f} {window['samples'] * world / dt:.0f} samples/s")
+                window.update(loss=0.0, steps=0, samples=0, tokens=0, time=time.perf_counter())
+            at_end = state.position == len(steps) or state.step == total
+            if evalset and (state.step % eval_every == 0 or at_end):
+                stop = evaluate()
+            if at_end and state.position == len(steps):
+                state.epoch, state.position = state.epoch + 1, 0
+            if state.step % save_every == 0 or state.step == total or stop:
+                if accelerator.is_main_process:
+                    checkpoint.save(run.checkpoints / f"step-{state.step:08d}",
+                                    trainable_state(accelerator.unwrap_model(model), names),
+                                    optimizer, scheduler, vars(state))
+                    checkpoint.prune(run.checkpoints, cfg.keep_checkpoints)
+                accelerator.wait_for_everyone()
+            if stop or state.step >= total:
+                break
+    bar.close()
+    if stop:
+        accelerator.print(f"early stopping: no improvement in {metric} for {cfg.patience} evaluations")
+    best = run.checkpoints / "best" / "model.safetensors"
+    if best.exists():
+        checkpoint.load_model_state(accelerator.unwrap_model(model), best)
+        accelerator.print(f"best {metric} = {state.best:.4f} at step {state.best_step}; restored those weights")
+    adapted.model = accelerator.unwrap_model(model)
+    return state
+

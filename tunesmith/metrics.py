@@ -1,0 +1,56 @@
+"""Metrics shared by tasks. Classification metrics come from scikit-learn."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+LOWER_IS_BETTER = ("loss", "perplexity")
+
+
+def better(metric: str, new: float, old: float | None) -> bool:
+    """Whether `new` improves on `old` for this metric (loss-like metrics go down)."""
+    if old is None or (isinstance(old, float) and math.isnan(old)):
+        return True
+    return new < old if any(k in metric for k in LOWER_IS_BETTER) else new > old
+
+
+def classification(y_true, y_pred, probs, names: list[str]) -> dict:
+    """accuracy, macro/weighted P/R/F1, per-class table, confusion matrix, calibration error.
+
+    y_true, y_pred: [N] class ids; probs: [N, C] softmax probabilities; names: C label names.
+    """
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+    y_true, y_pred, probs = np.asarray(y_true), np.asarray(y_pred), np.asarray(probs)
+    ids = list(range(len(names)))
+    p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=ids, zero_division=0)
+    macro = precision_recall_fscore_support(y_true, y_pred, labels=ids, average="macro", zero_division=0)
+    weighted = precision_recall_fscore_support(y_true, y_pred, labels=ids, average="weighted", zero_division=0)
+    return {
+        "accuracy": float((y_true == y_pred).mean()) if len(y_true) else float("nan"),
+        "precision_macro": float(macro[0]),
+        "recall_macro": float(macro[1]),
+        "f1_macro": float(macro[2]),
+        "f1_weighted": float(weighted[2]),
+        "ece": expected_calibration_error(y_true, probs),
+        "per_class": {str(n): {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
+                               "support": int(s[i])} for i, n in enumerate(names)},
+        "confusion_matrix": {"labels": [str(n) for n in names],   # rows: true label, columns: predicted
+                             "matrix": confusion_matrix(y_true, y_pred, labels=ids).tolist()},
+        "n_examples": int(len(y_true)),
+    }
+
+
+def expected_calibration_error(y_true, probs, bins: int = 10) -> float:
+    """Mean |confidence - accuracy| over equal-width confidence bins, weighted by bin size."""
+    if len(y_true) == 0:
+        return float("nan")
+    conf, pred = probs.max(1), probs.argmax(1)
+    edges = np.linspace(0, 1, bins + 1)
+    ece = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        m = (conf > lo) & (conf <= hi)
+        if m.any():
+            ece += m.mean() * abs(conf[m].mean() - (pred[m] == y_true[m]).mean())
+    return float(ece)

@@ -1,0 +1,108 @@
+"""The Task protocol: what a task supplies so that shared code (loop, commands) never asks its name.
+
+Data:   check(row, split) -> reason or None;  prepare(train_rows);  encode(rows) -> features;
+        length(feature);  collate(features) -> tensors
+Model:  load_model() -> (model, processor) for training;  load_trained(folder);  save(model, processor, folder)
+Train:  loss(model, batch) (default: the HF model's own `.loss`);  evaluate(model, features, batch_size)
+Use:    predict(model, processor, inputs) -> JSON-ready dicts (shared by `predict` and `serve`)
+"""
+from __future__ import annotations
+
+import torch
+
+
+class Task:
+    name = ""
+    metric = "loss"                 # default selection metric (best checkpoint, early stopping)
+    peft_task_type: str | None = None
+    input_key = "text"              # what a bare command-line input becomes: {input_key: value}
+
+    def __init__(self, recipe):
+        self.recipe = recipe
+
+    # --- data ---------------------------------------------------------------------------------------
+    def check(self, row: dict, split: str) -> str | None:
+        """Why `row` cannot be used, or None. Called on train rows before `prepare`, then on the others."""
+        return None
+
+    def stratify_key(self, row: dict):
+        """Value to stratify held-out splits by (a label), or None."""
+        return None
+
+    def prepare(self, rows: list[dict]) -> None:
+        """Learn what encoding needs from the usable training rows (for example the label set)."""
+
+    def encode(self, rows: list[dict]) -> list[dict]:
+        raise NotImplementedError
+
+    def length(self, feature: dict) -> int:
+        return len(feature["input_ids"])
+
+    def collate(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    # --- model --------------------------------------------------------------------------------------
+    def load_model(self):
+        raise NotImplementedError
+
+    def load_trained(self, folder):
+        raise NotImplementedError
+
+    def save(self, model, processor, folder) -> None:
+        model.save_pretrained(folder)
+        processor.save_pretrained(folder)
+
+    # --- training and evaluation --------------------------------------------------------------------
+    def loss(self, model, batch: dict) -> torch.Tensor:
+        return model(**batch).loss
+
+    def evaluate(self, model, features: list[dict], batch_size: int) -> dict:
+        raise NotImplementedError
+
+    def loggable(self, metrics: dict) -> dict:
+        """The scalar part of `metrics`, for metrics.jsonl."""
+        return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+
+    def predict(self, model, processor, inputs: list) -> list[dict]:
+        raise NotImplementedError
+
+
+def batches(task: Task, features: list[dict], batch_size: int, device):
+    """(indices, batch) over `features` sorted by length (less padding); indices map back to order."""
+    order = sorted(range(len(features)), key=lambda i: task.length(features[i]))
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        yield idx, {k: v.to(device) for k, v in task.collate([features[i] for i in idx]).items()}
+
+
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+DROPOUT_KEYS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout", "dropout",
+                "attention_dropout", "hidden_dropout", "classifier_dropout_prob", "activation_dropout",
+                "resid_pdrop", "embd_pdrop", "attn_pdrop", "summary_first_dropout", "drop_path_rate")
+
+
+def load_hf(auto_cls, model_cfg, **config_kwargs):
+    """An HF model from a bundled alias, hub id or folder; `pretrained: false` keeps only the config.
+
+    config_kwargs set task fields (num_labels, id2label, ...); `model.dropout` overrides every dropout
+    probability the config has.
+    """
+    from transformers import AutoConfig
+
+    from tunesmith.assets import resolve_model
+
+    path = resolve_model(model_cfg.name)
+    config = AutoConfig.from_pretrained(path, revision=model_cfg.revision, **config_kwargs)
+    if model_cfg.dropout is not None:
+        for key in DROPOUT_KEYS:
+            if isinstance(getattr(config, key, None), float):
+                setattr(config, key, model_cfg.dropout)
+    if not model_cfg.pretrained:
+        return auto_cls.from_config(config), path
+    # a checkpoint's own head (other label count) is replaced: that is the point of fine-tuning
+    model = auto_cls.from_pretrained(path, config=config, revision=model_cfg.revision,
+                                     ignore_mismatched_sizes=True)
+    return model, path

@@ -1,0 +1,124 @@
+"""What every single-label classification task shares: labels, class weights, loss, metrics, predict.
+
+Labels may be strings or integers in the data; names are kept as strings (id2label in the model
+config), ordered as `data.labels` says or sorted (numerically when every label is an integer).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tunesmith import metrics
+from tunesmith.tasks.base import Task, batches, model_device
+
+
+def label_name(value) -> str | None:
+    """The string name of a label value, or None when the value cannot be a label."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, str) and value.strip():
+        return value.strip()
+    return None
+
+
+class Classification(Task):
+    metric = "accuracy"
+    names: list[str] = []           # label names in id order
+    weights: torch.Tensor | None = None
+
+    # --- labels -------------------------------------------------------------------------------------
+    def check_label(self, row: dict, split: str) -> str | None:
+        col = self.recipe.data.label_column
+        if col not in row or row[col] is None or row[col] == "":
+            return f"missing label (column '{col}')"
+        name = label_name(row[col])
+        if name is None:
+            return f"label {row[col]!r} has the wrong type ({type(row[col]).__name__}); use a string or an integer"
+        if split != "train" and self.names and name not in self.label2id:
+            return f"label '{name}' never appears in train"
+        return None
+
+    def stratify_key(self, row: dict):
+        return label_name(row.get(self.recipe.data.label_column))
+
+    def prepare(self, rows: list[dict]) -> None:
+        seen = {label_name(r[self.recipe.data.label_column]) for r in rows}
+        if self.recipe.data.labels is not None:
+            names = [str(x) for x in self.recipe.data.labels]
+            unknown = seen - set(names)
+            if unknown:
+                raise ValueError(f"train has labels not in data.labels: {sorted(unknown)}")
+        elif all(s.lstrip("-").isdigit() for s in seen):
+            names = sorted(seen, key=int)
+        else:
+            names = sorted(seen)
+        self.set_labels(names)
+        counts = np.bincount([self.label2id[label_name(r[self.recipe.data.label_column])] for r in rows],
+                             minlength=len(names))
+        self.weights = self._class_weights(counts)
+
+    def set_labels(self, names: list[str]) -> None:
+        self.names = list(names)
+        self.label2id = {n: i for i, n in enumerate(self.names)}
+
+    def label_id(self, row: dict) -> int:
+        return self.label2id[label_name(row[self.recipe.data.label_column])]
+
+    def _class_weights(self, counts: np.ndarray) -> torch.Tensor | None:
+        spec = self.recipe.train.class_weights
+        if spec is None:
+            return None
+        if spec == "balanced":                     # n / (C * n_c), as scikit-learn defines it
+            w = counts.sum() / (len(counts) * np.maximum(counts, 1))
+        elif isinstance(spec, dict):
+            unknown = set(spec) - set(self.names)
+            if unknown:
+                raise ValueError(f"train.class_weights names unknown labels {sorted(unknown)}; labels: {self.names}")
+            w = np.array([spec.get(n, 1.0) for n in self.names])
+        else:
+            if len(spec) != len(self.names):
+                raise ValueError(f"train.class_weights has {len(spec)} values for {len(self.names)} labels {self.names}")
+            w = np.array(spec)
+        return torch.tensor(w, dtype=torch.float32)
+
+    @property
+    def label_config(self) -> dict:
+        return {"num_labels": len(self.names), "id2label": dict(enumerate(self.names)),
+                "label2id": dict(self.label2id)}
+
+    # --- training and evaluation --------------------------------------------------------------------
+    def loss(self, model, batch: dict) -> torch.Tensor:
+        smoothing = self.recipe.train.label_smoothing
+        if self.weights is None and not smoothing:
+            return model(**batch).loss
+        labels = batch["labels"]
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits   # [B, C]
+        weight = self.weights.to(logits.device) if self.weights is not None else None
+        return F.cross_entropy(logits.float(), labels, weight=weight, label_smoothing=smoothing)
+
+    def logits(self, model, features: list[dict], batch_size: int) -> torch.Tensor:
+        """[N, C] float logits in the order of `features`."""
+        out = [None] * len(features)
+        for idx, batch in batches(self, features, batch_size, model_device(model)):
+            batch.pop("labels", None)
+            for i, row in zip(idx, model(**batch).logits.float().cpu()):
+                out[i] = row
+        return torch.stack(out)
+
+    def evaluate(self, model, features: list[dict], batch_size: int) -> dict:
+        logits = self.logits(model, features, batch_size)
+        labels = torch.tensor([f["labels"] for f in features])
+        probs = logits.softmax(-1)
+        result = {"loss": float(F.cross_entropy(logits, labels))}
+        result |= metrics.classification(labels.numpy(), probs.argmax(-1).numpy(), probs.numpy(), self.names)
+        return result
+
+    def predictions(self, logits: torch.Tensor) -> list[dict]:
+        probs = logits.softmax(-1)
+        return [{"label": self.names[int(p.argmax())],
+                 "probabilities": {n: round(float(x), 6) for n, x in zip(self.names, p)}} for p in probs]

@@ -1,0 +1,76 @@
+"""Text classification (BERT-like encoders): one text column, one label column."""
+from __future__ import annotations
+
+import torch
+
+from tunesmith.tasks.classification import Classification
+from tunesmith.tasks.base import load_hf
+
+
+class TextClassification(Classification):
+    name = "text-classification"
+    peft_task_type = "SEQ_CLS"
+    input_key = "text"
+    tokenizer = None
+
+    def check(self, row: dict, split: str) -> str | None:
+        col = self.recipe.data.text_column
+        text = row.get(col)
+        if col not in row or text is None:
+            return f"missing text (column '{col}')"
+        if not isinstance(text, str):
+            return f"text has the wrong type ({type(text).__name__}), expected a string"
+        if not text.strip():
+            return "empty text"
+        return self.check_label(row, split)
+
+    def load_model(self):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        model, path = load_hf(AutoModelForSequenceClassification, self.recipe.model, **self.label_config)
+        self.tokenizer = AutoTokenizer.from_pretrained(path, revision=self.recipe.model.revision)
+        return model, self.tokenizer
+
+    def load_trained(self, folder):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        model = AutoModelForSequenceClassification.from_pretrained(folder)
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        self.set_labels([model.config.id2label[i] for i in range(model.config.num_labels)])
+        return model, self.tokenizer
+
+    def encode(self, rows: list[dict]) -> list[dict]:
+        """Token ids per row (truncated to data.max_length) and the label id when the row has one."""
+        limit = self.recipe.data.max_length
+        texts = [r[self.recipe.data.text_column] for r in rows]
+        ids = self.tokenizer(texts, add_special_tokens=True)["input_ids"]
+        long = [i for i, x in enumerate(ids) if len(x) > limit]
+        if long:                                    # re-tokenize only what must be cut
+            cut = self.tokenizer([texts[i] for i in long], truncation=True, max_length=limit)["input_ids"]
+            for i, x in zip(long, cut):
+                ids[i] = x
+        self.truncated = len(long)
+        label_col = self.recipe.data.label_column
+        return [{"input_ids": x, **({"labels": self.label_id(r)} if r.get(label_col) not in (None, "") else {})}
+                for x, r in zip(ids, rows)]
+
+    def collate(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        # input_ids, attention_mask: [B, T] padded to the longest in the batch; labels: [B]
+        width = max(len(f["input_ids"]) for f in features)
+        pad = self.tokenizer.pad_token_id or 0
+        ids = torch.full((len(features), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(features), width), dtype=torch.long)
+        for i, f in enumerate(features):
+            ids[i, :len(f["input_ids"])] = torch.tensor(f["input_ids"])
+            mask[i, :len(f["input_ids"])] = 1
+        batch = {"input_ids": ids, "attention_mask": mask}
+        if "labels" in features[0]:
+            batch["labels"] = torch.tensor([f["labels"] for f in features])
+        return batch
+
+    def predict(self, model, processor, inputs: list) -> list[dict]:
+        col = self.recipe.data.text_column
+        rows = [{col: x[col] if isinstance(x, dict) else x} for x in inputs]
+        features = [{"input_ids": f["input_ids"]} for f in self.encode(rows)]
+        with torch.no_grad():
+            return self.predictions(self.logits(model, features, self.recipe.eval.batch_size))
