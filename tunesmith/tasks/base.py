@@ -29,6 +29,10 @@ class Task:
         """Value to stratify held-out splits by (a label), or None."""
         return None
 
+    def key(self, row: dict) -> str:
+        """The example's input as one string; duplicate and leakage checks compare these."""
+        raise NotImplementedError
+
     def prepare(self, rows: list[dict]) -> None:
         """Learn what encoding needs from the usable training rows (for example the label set)."""
 

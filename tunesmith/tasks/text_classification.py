@@ -24,11 +24,16 @@ class TextClassification(Classification):
             return "empty text"
         return self.check_label(row, split)
 
+    def key(self, row: dict) -> str:
+        return row[self.recipe.data.text_column]
+
     def load_model(self):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         model, path = load_hf(AutoModelForSequenceClassification, self.recipe.model, **self.label_config)
         self.tokenizer = AutoTokenizer.from_pretrained(path, revision=self.recipe.model.revision)
+        # saved with the model: pipeline(..., truncation=True) then cuts where training did
+        self.tokenizer.model_max_length = self.recipe.data.max_length
         return model, self.tokenizer
 
     def load_trained(self, folder):
