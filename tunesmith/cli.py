@@ -50,7 +50,7 @@ def cmd_eval(args) -> int:
     run, task, model, _ = _load_run(args.run_dir)
     rows = load_rows_for_eval(task, run, args.data)
     with torch.no_grad():
-        result = task.evaluate(model, task.encode(rows), task.recipe.eval.batch_size)
+        result = task.evaluate_final(model, rows, task.encode(rows), task.recipe.eval.batch_size)
     print(json.dumps(result, indent=2))
     return 0
 

@@ -116,7 +116,7 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: str | Path 
     if recipe.eval.before and not resume:
         model.eval()
         with torch.no_grad():
-            before = task.evaluate(model, features["test"], recipe.eval.batch_size)
+            before = task.evaluate_final(model, tables["test"].rows, features["test"], recipe.eval.batch_size)
         run.write_json("before.json", before)
         print(f"before fine-tuning: {summary(before)}")
 
@@ -130,7 +130,8 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: str | Path 
         save_model(task, model, processor, run.model_dir, recipe.adapt.method == "lora")
         final = task.load_trained(run.model_dir)[0].to(accelerator.device).eval()
         with torch.no_grad():
-            result = task.evaluate(final, features["test"], recipe.eval.batch_size)
+            result = task.evaluate_final(final, tables["test"].rows, features["test"], recipe.eval.batch_size,
+                                         run.path)
         if before is None and (run.path / "before.json").exists():     # resumed run
             before = json.loads((run.path / "before.json").read_text())
         run.write_json("eval.json", {**result, **({"before": before} if before else {})})

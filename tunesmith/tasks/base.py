@@ -4,6 +4,7 @@ Data:   check(row, split) -> reason or None;  prepare(train_rows);  encode(rows)
         length(feature);  collate(features) -> tensors
 Model:  load_model() -> (model, processor) for training;  load_trained(folder);  save(model, processor, folder)
 Train:  loss(model, batch) (default: the HF model's own `.loss`);  evaluate(model, features, batch_size)
+        evaluate_final(...) for eval.json (adds slow metrics and per-example files)
 Use:    predict(model, processor, inputs) -> JSON-ready dicts (shared by `predict` and `serve`)
 """
 from __future__ import annotations
@@ -62,6 +63,13 @@ class Task:
 
     def evaluate(self, model, features: list[dict], batch_size: int) -> dict:
         raise NotImplementedError
+
+    def evaluate_final(self, model, rows: list[dict], features: list[dict], batch_size: int,
+                       out_dir=None) -> dict:
+        """Metrics for eval.json and `tunesmith eval`: `evaluate` plus what is too slow to run at every
+        validation (generation, per-example listings). out_dir: where to write per-example files
+        (samples, misclassified examples), or None."""
+        return self.evaluate(model, features, batch_size)
 
     def loggable(self, metrics: dict) -> dict:
         """The scalar part of `metrics`, for metrics.jsonl."""
