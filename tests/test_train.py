@@ -131,3 +131,19 @@ def test_bad_rows_fail_with_file_and_line(tiny_bert, tmp_path):
     assert out.returncode == 1
     assert f"{data}:102: empty text" in out.stderr and f"{data}:103: missing label" in out.stderr
     assert "data.bad_rows=skip" in out.stderr
+
+
+def test_two_process_ddp_through_accelerate(tiny_bert, tmp_path):
+    """Distribution is torchrun's and accelerate's: two CPU processes (gloo) train one run into one folder."""
+    import subprocess
+    import sys
+
+    data = write_reviews(tmp_path / "r.csv", n=300)
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe_dict(tiny_bert, data)))
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "-m", "tunesmith", "train", str(path), "--run-dir", str(tmp_path / "run")],
+                         capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "x 2 processes" in out.stdout and out.stdout.count("after fine-tuning") == 1
+    assert json.loads((tmp_path / "run" / "eval.json").read_text())["accuracy"] > 0.9

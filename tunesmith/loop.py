@@ -105,6 +105,7 @@ def fit(task, adapted, train, evalset, recipe, run, accelerator, resume: bool = 
 
     def evaluate() -> bool:
         """Evaluate, keep the best; True when early stopping says stop."""
+        t0 = time.perf_counter()
         model.eval()
         with torch.no_grad():
             result = task.evaluate(model, evalset, recipe.eval.batch_size)
@@ -119,12 +120,14 @@ def fit(task, adapted, train, evalset, recipe, run, accelerator, resume: bool = 
         else:
             state.bad_evals += 1
         bar.set_postfix_str(f"{metric}={value:.4f} best={state.best:.4f}", refresh=False)
+        totals["eval_seconds"] += time.perf_counter() - t0
         return cfg.patience is not None and state.bad_evals >= cfg.patience
 
     model.train()
     bar = tqdm(total=total, initial=state.step, unit="step", dynamic_ncols=True, mininterval=1.0,
                disable=not accelerator.is_main_process, desc="train")
     window = {"loss": 0.0, "steps": 0, "samples": 0, "tokens": 0, "time": time.perf_counter()}
+    totals = {"train_seconds": time.perf_counter(), "eval_seconds": 0.0, "samples": 0, "tokens": 0}
     stop = False
     rank, world = accelerator.process_index, accelerator.num_processes
     while state.step < total and not stop:
@@ -142,6 +145,8 @@ def fit(task, adapted, train, evalset, recipe, run, accelerator, resume: bool = 
                 window["loss"] += loss.item()
                 window["samples"] += len(idx)
                 window["tokens"] += sum(lengths[i] for i in idx)
+                totals["samples"] += len(idx) * world
+                totals["tokens"] += sum(lengths[i] for i in idx) * world
             if cfg.max_grad_norm:
                 accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
             optimizer.step()
@@ -175,6 +180,8 @@ def fit(task, adapted, train, evalset, recipe, run, accelerator, resume: bool = 
             if stop or state.step >= total:
                 break
     bar.close()
+    totals["train_seconds"] = time.perf_counter() - totals["train_seconds"]   # this session, evals included
+    run.log({"step": state.step, "summary": True, **totals})
     if stop:
         accelerator.print(f"early stopping: no improvement in {metric} for {cfg.patience} evaluations")
     best = run.checkpoints / "best" / "model.safetensors"

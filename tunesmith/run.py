@@ -23,12 +23,13 @@ class Run:
     def __init__(self, path: str | Path):
         self.path = Path(path)
 
+    @staticmethod
+    def default_path(recipe: Recipe) -> Path:
+        return Path("runs") / f"{recipe.name or recipe.task}-{time.strftime('%Y%m%d-%H%M%S')}"
+
     @classmethod
     def create(cls, recipe: Recipe, run_dir: str | Path | None = None) -> "Run":
-        if run_dir is None:
-            stamp = time.strftime("%Y%m%d-%H%M%S")
-            run_dir = Path("runs") / f"{recipe.name or recipe.task}-{stamp}"
-        run = cls(run_dir)
+        run = cls(run_dir or cls.default_path(recipe))
         if (run.path / "recipe.yaml").exists():
             raise FileExistsError(f"{run.path} already holds a run: use --resume {run.path} or another --run-dir")
         run.path.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,172 @@
+"""tunesmith's loop vs HF Trainer (its defaults) on the same model, data and hyperparameters, in one process.
+
+    .venv/bin/python benchmarks/text_cls_vs_hf.py [--rows N] [--epochs E] [--skip-bf16]
+
+Both fine-tune the bundled MiniLM on the same Rotten Tomatoes train split and are scored on the same test
+split. Prints training samples/s and the ratio, peak memory (resident set growth during the run), test
+accuracy, and achieved model GFLOP/s against a matmul peak measured in this process.
+Training FLOPs per real token = 6 x non-embedding parameters + 12 x layers x hidden x sequence length.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np
+import torch
+
+from tunesmith.recipe import load
+from tunesmith.tasks import get_task
+from tunesmith.train import load_splits, train
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakRSS:
+    """Peak resident memory above the level at entry, sampled every 5 ms by a thread."""
+
+    def __enter__(self):
+        self.base = self.peak = self._rss()
+        self.running = True
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+        self.thread.start()
+        return self
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * PAGE
+
+    def _poll(self):
+        while self.running:
+            self.peak = max(self.peak, self._rss())
+            time.sleep(0.005)
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
+        self.mib = (self.peak - self.base) / 2**20
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
+    """GFLOP/s of an n x n x n matmul on this machine's threads."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
+
+
+def flops_per_token(model, seq_len: float) -> float:
+    cfg = model.config
+    emb = sum(p.numel() for n, p in model.named_parameters() if "embeddings" in n)
+    non_emb = sum(p.numel() for p in model.parameters()) - emb
+    return 6 * non_emb + 12 * cfg.num_hidden_layers * cfg.hidden_size * seq_len
+
+
+def run_hf(recipe, tables, task, out_dir: str) -> dict:
+    """HF Trainer with its defaults; only the recipe's hyperparameters are set."""
+    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding,
+                              Trainer, TrainingArguments, set_seed)
+    from tunesmith.assets import resolve_model
+
+    cfg = recipe.train
+    path = resolve_model(recipe.model.name)
+    tok = AutoTokenizer.from_pretrained(path)
+    set_seed(cfg.seed)
+    model = AutoModelForSequenceClassification.from_pretrained(path, **task.label_config)
+
+    def encode(rows):
+        enc = tok([r["text"] for r in rows], truncation=True, max_length=recipe.data.max_length)
+        return [{"input_ids": i, "attention_mask": m, "labels": task.label_id(r)}
+                for i, m, r in zip(enc["input_ids"], enc["attention_mask"], rows)]
+
+    train_set, test_set = encode(tables["train"].rows), encode(tables["test"].rows)
+    args = TrainingArguments(output_dir=out_dir, per_device_train_batch_size=cfg.batch_size,
+                             per_device_eval_batch_size=recipe.eval.batch_size, learning_rate=cfg.learning_rate,
+                             num_train_epochs=cfg.epochs, weight_decay=cfg.weight_decay, warmup_steps=
+                             round(cfg.warmup * len(train_set) / cfg.batch_size * cfg.epochs),
+                             lr_scheduler_type=cfg.scheduler, max_grad_norm=cfg.max_grad_norm, seed=cfg.seed,
+                             save_strategy="no", report_to="none", disable_tqdm=True, logging_steps=50)
+    trainer = Trainer(model=model, args=args, train_dataset=train_set, processing_class=tok,
+                      data_collator=DataCollatorWithPadding(tok))
+    with PeakRSS() as mem:
+        metrics = trainer.train().metrics
+    preds = trainer.predict(test_set)
+    acc = float((preds.predictions.argmax(-1) == preds.label_ids).mean())
+    tokens = sum(len(f["input_ids"]) for f in train_set) * cfg.epochs
+    return {"name": "HF Trainer (defaults, fp32)", "seconds": metrics["train_runtime"],
+            "samples": len(train_set) * cfg.epochs, "tokens": tokens, "mem": mem.mib, "accuracy": acc,
+            "model": model, "precision": "fp32"}
+
+
+def run_tunesmith(recipe, out_dir: str, precision: str) -> dict:
+    recipe = recipe.model_copy(deep=True)
+    recipe.train.precision = precision
+    with PeakRSS() as mem:
+        run = train(recipe, run_dir=out_dir)
+    lines = [json.loads(x) for x in (run.path / "metrics.jsonl").read_text().splitlines()]
+    summary = next(x for x in lines if x.get("summary"))
+    result = json.loads((run.path / "eval.json").read_text())
+    from transformers import AutoModelForSequenceClassification
+    model = AutoModelForSequenceClassification.from_pretrained(run.path / "model")
+    return {"name": f"tunesmith ({precision})", "seconds": summary["train_seconds"] - summary["eval_seconds"],
+            "samples": summary["samples"], "tokens": summary["tokens"], "mem": mem.mib,
+            "accuracy": result["accuracy"], "model": model, "precision": precision}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=None, help="cap on training rows (default: all ~9.8k)")
+    ap.add_argument("--epochs", type=float, default=1)
+    ap.add_argument("--skip-bf16", action="store_true", help="only fp32 runs")
+    args = ap.parse_args()
+    overrides = [f"train.epochs={args.epochs}", "eval.before=false"]
+    if args.rows:
+        overrides.append(f"data.max_rows={args.rows}")
+    recipe = load(Path(__file__).parent.parent / "tunesmith" / "recipes" / "rotten_tomatoes.yaml", overrides)
+    task = get_task(recipe)
+    tables, _ = load_splits(task, recipe)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; train {len(tables['train']):,} rows, "
+          f"test {len(tables['test']):,}; batch {recipe.train.batch_size}, lr {recipe.train.learning_rate}, "
+          f"max_length {recipe.data.max_length}, epochs {args.epochs}")
+    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    print(f"matmul peak: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s")
+
+    tmp = tempfile.mkdtemp(prefix="bench-")
+    results = [run_hf(recipe, tables, task, f"{tmp}/hf"), run_tunesmith(recipe, f"{tmp}/ts-fp32", "fp32")]
+    if not args.skip_bf16:
+        from tunesmith.loop import choose_precision
+        mode, why = choose_precision("auto", torch.device("cpu"))
+        if mode == "bf16":
+            results.append(run_tunesmith(recipe, f"{tmp}/ts-auto", "auto"))
+            results[-1]["precision"] = "bf16"
+        else:
+            print(f"tunesmith auto precision here: {why}; no bf16 run")
+
+    base = results[0]
+    print(f"\n{'run':<28}{'samples/s':>10}{'ratio':>7}{'tokens/s':>10}{'GFLOP/s':>9}{'% peak':>8}"
+          f"{'peak MiB':>10}{'accuracy':>10}")
+    for r in results:
+        seq = r["tokens"] / r["samples"]
+        gflops = flops_per_token(r["model"], seq) * r["tokens"] / r["seconds"] / 1e9
+        sps = r["samples"] / r["seconds"]
+        print(f"{r['name']:<28}{sps:>10.1f}{sps / (base['samples'] / base['seconds']):>7.2f}"
+              f"{r['tokens'] / r['seconds']:>10.0f}{gflops:>9.1f}{100 * gflops / peaks[r['precision']]:>8.1f}"
+              f"{r['mem']:>10.0f}{r['accuracy']:>10.4f}")
+    print("\nratio: samples/s relative to HF Trainer; % peak: achieved model GFLOP/s over the matmul peak of the "
+          "run's precision; peak MiB: resident memory growth during training")
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    main()
