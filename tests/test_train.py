@@ -147,3 +147,18 @@ def test_two_process_ddp_through_accelerate(tiny_bert, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "x 2 processes" in out.stdout and out.stdout.count("after fine-tuning") == 1
     assert json.loads((tmp_path / "run" / "eval.json").read_text())["accuracy"] > 0.9
+
+
+def test_early_stopping_keeps_the_best_and_stops(tiny_bert, tmp_path):
+    data = write_reviews(tmp_path / "r.csv", n=300)
+    recipe = load(recipe_dict(tiny_bert, data, train={"epochs": 30, "eval_every": 6, "patience": 2,
+                                                      "metric": "accuracy"}))
+    run = train(recipe, run_dir=tmp_path / "run")
+    evals = [r for r in lines(run) if r.get("split") == "validation"]
+    assert evals[-1]["step"] < 30 * 12                        # stopped before the planned 360 steps
+    best = max(e["accuracy"] for e in evals)
+    first_best = next(e["step"] for e in evals if e["accuracy"] == best)
+    assert [e["step"] > first_best and e["accuracy"] <= best for e in evals[-2:]] == [True, True]
+    assert len(evals) == [e["step"] for e in evals].index(first_best) + 3   # exactly `patience` more evaluations
+    state = json.loads((run.path / "checkpoints" / "best" / "state.json").read_text())
+    assert state["accuracy"] == best and state["step"] == first_best

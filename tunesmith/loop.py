@@ -142,7 +142,7 @@ def fit(task, adapted, train, evalset, recipe, run, accelerator, resume: bool = 
                 with accelerator.no_sync(model) if not sync and world > 1 else nullcontext():
                     loss = task.loss(model, batch) / len(group)
                     accelerator.backward(loss)
-                window["loss"] += loss.item()
+                window["loss"] += loss.detach()                     # no GPU sync until we log
                 window["samples"] += len(idx)
                 window["tokens"] += sum(lengths[i] for i in idx)
                 totals["samples"] += len(idx) * world
@@ -159,7 +159,7 @@ def fit(task, adapted, train, evalset, recipe, run, accelerator, resume: bool = 
 
             if state.step % cfg.log_every == 0 or state.step == total:
                 dt = time.perf_counter() - window["time"]
-                loss_avg = window["loss"] / window["steps"]
+                loss_avg = float(window["loss"]) / window["steps"]
                 run.log({"step": state.step, "epoch": round(state.epoch + state.position / len(steps), 4),
                          "loss": loss_avg, "lr": scheduler.get_last_lr()[0],
                          "samples_per_s": window["samples"] * world / dt, "tokens_per_s": window["tokens"] * world / dt})
