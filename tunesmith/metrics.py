@@ -42,6 +42,50 @@ def classification(y_true, y_pred, probs, names: list[str]) -> dict:
     }
 
 
+def normalize_answer(text: str) -> str:
+    """Lower case, no punctuation, no articles (a, an, the), single spaces: SQuAD's answer normalisation."""
+    import re
+    import unicodedata
+
+    text = "".join(" " if unicodedata.category(c).startswith("P") else c for c in text.lower())
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
+
+
+def rouge_l(reference: str, output: str) -> float:
+    """ROUGE-L F1: longest common subsequence of the normalised words, as precision/recall harmonic mean."""
+    ref, out = normalize_answer(reference).split(), normalize_answer(output).split()
+    if not ref or not out:
+        return float(ref == out)
+    row = [0] * (len(out) + 1)                  # LCS lengths, one row of the DP table at a time
+    for r in ref:
+        prev = 0
+        for j, o in enumerate(out, 1):
+            prev, row[j] = row[j], prev + 1 if r == o else max(row[j], row[j - 1])
+    lcs = row[-1]
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(out), lcs / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def generation(references: list[str], outputs: list[str]) -> dict:
+    """exact_match (after normalize_answer) and mean ROUGE-L F1 of generated outputs against references."""
+    n = len(references)
+    em = sum(normalize_answer(r) == normalize_answer(o) for r, o in zip(references, outputs))
+    rouge = sum(rouge_l(r, o) for r, o in zip(references, outputs))
+    return {"exact_match": em / n if n else float("nan"), "rouge_l": rouge / n if n else float("nan"),
+            "n_examples": n}
+
+
+def top_k_accuracy(y_true, probs, ks=(3, 5)) -> dict:
+    """top{k}_accuracy: how often the true class is among the k most probable, for each k below the class count.
+    y_true: [N] class ids; probs: [N, C]."""
+    y_true, probs = np.asarray(y_true), np.asarray(probs)
+    ranked = np.argsort(-probs, axis=1, kind="stable")
+    return {f"top{k}_accuracy": float((ranked[:, :k] == y_true[:, None]).any(1).mean()) if len(y_true) else float("nan")
+            for k in ks if k < probs.shape[1]}
+
+
 def expected_calibration_error(y_true, probs, bins: int = 10) -> float:
     """Mean |confidence - accuracy| over equal-width confidence bins, weighted by bin size."""
     if len(y_true) == 0:

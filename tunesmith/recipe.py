@@ -35,7 +35,7 @@ class ModelConfig(Section):
 
 
 class DataConfig(Section):
-    train: str                                  # file (.csv .jsonl .parquet), bundled alias, HF dataset
+    train: str                                  # file (.csv .jsonl .parquet, IDX), image folder, bundled alias, HF dataset
     validation: str | None = None               # None: stratified split from train
     test: str | None = None                     # None: stratified split from train
     text_column: str = "text"
@@ -48,8 +48,11 @@ class DataConfig(Section):
     validation_size: float = Field(0.1, gt=0)   # fraction (<1) or row count (>=1) split from train
     test_size: float = Field(0.1, gt=0)
     max_rows: int | None = Field(None, gt=0)    # cap on train rows (after the split), for quick runs
+    max_eval_rows: int | None = Field(None, gt=0)  # cap on validation and test rows each (stratified subset)
+    image_size: int | None = Field(None, gt=0)  # pixels, square model input; None: the model's image processor
     max_length: int = Field(128, gt=0)          # tokens; longer inputs are truncated and counted
     bad_rows: Literal["error", "skip"] = "error"
+    chat_template: str | None = None            # Jinja chat template (causal-lm); None: the tokenizer's own
 
 
 class LoraConfig(Section):
@@ -60,7 +63,7 @@ class LoraConfig(Section):
 
 
 class AdaptConfig(Section):
-    method: Literal["full", "freeze", "lora"] = "full"
+    method: Literal["full", "freeze", "lora"] | None = None  # None: the task's default (Task.default_method)
     freeze_embeddings: bool = False
     freeze_layers: int = Field(0, ge=0)         # first N blocks of the backbone
     freeze_patterns: list[str] = []             # fnmatch globs on parameter names
@@ -92,12 +95,56 @@ class TrainConfig(Section):
     metric: str | None = None                   # best checkpoint / early stopping; None: the task's
     patience: int | None = Field(None, gt=0)    # evaluations without improvement; None: no early stop
     compile: bool = False
+    packing: bool = False                       # causal-lm: several examples per row, none attends across
+    pack_length: int | None = Field(None, gt=0)  # tokens per packed row; None: data.max_length
+
+
+class AugmentConfig(Section):
+    """Training-time image augmentation (image tasks), drawn per image from the run's seeded RNG."""
+    crop_scale: tuple[float, float] | None = None  # random resized crop: area fraction range, e.g. [0.5, 1]; None: off
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # random resized crop: aspect ratio (width / height) range
+    hflip: float = Field(0.0, ge=0, le=1)       # probability of a horizontal flip
+    vflip: float = Field(0.0, ge=0, le=1)       # probability of a vertical flip
+    rotation: float = Field(0.0, ge=0, le=180)  # degrees; uniform in [-rotation, rotation]
+    brightness: float = Field(0.0, ge=0, lt=1)  # factor uniform in [1 - x, 1 + x]
+    contrast: float = Field(0.0, ge=0, lt=1)    # factor uniform in [1 - x, 1 + x]
+    saturation: float = Field(0.0, ge=0, lt=1)  # factor uniform in [1 - x, 1 + x]
+    hue: float = Field(0.0, ge=0, le=0.5)       # shift in turns, uniform in [-x, x]
+    policy: Literal["none", "randaugment", "trivialaugment"] = "none"
+    num_ops: int = Field(2, ge=1)               # randaugment: ops per image
+    magnitude: int = Field(9, ge=0, le=30)      # randaugment: strength on torchvision's 0..30 scale
+    mixup: float = Field(0.0, ge=0)             # MixUp Beta(alpha, alpha); 0: off
+    cutmix: float = Field(0.0, ge=0)            # CutMix Beta(alpha, alpha); 0: off
+    mix_prob: float = Field(1.0, ge=0, le=1)    # probability that a batch is mixed (MixUp or CutMix, 50/50 if both)
+
+    @field_validator("crop_scale", "crop_ratio")
+    @classmethod
+    def _range(cls, v):
+        if v is not None and not 0 < v[0] <= v[1]:
+            raise ValueError("a range [low, high] with 0 < low <= high")
+        return v
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.crop_scale or self.hflip or self.vflip or self.rotation or self.brightness
+                    or self.contrast or self.saturation or self.hue or self.policy != "none"
+                    or self.mixup or self.cutmix)
 
 
 class EvalConfig(Section):
     before: bool = False                        # also evaluate the model before fine-tuning
     batch_size: int = Field(64, gt=0)
     generate: dict[str, Any] | None = None      # generation settings for generative tasks
+                                                # (causal-lm: model.generate kwargs, e.g. max_new_tokens: 8)
+
+
+class DoctorConfig(Section):
+    near_method: Literal["auto", "text", "embedding"] = "auto"  # auto: text when the task has Task.key, else embedding
+    near_threshold: float | None = Field(None, gt=0, le=1)      # None: 0.8 Jaccard of char 5-grams; 0.95 cosine
+    label_noise: bool = True                    # cross-validated search for wrong labels on the model's embeddings
+    folds: int = Field(5, ge=2)                 # cross-validation folds for the label-noise model
+    imbalance_ratio: float = Field(3.0, gt=1)   # largest / smallest train class count above which train is skewed
+    listed: int = Field(20, gt=0)               # rows shown per finding on the terminal (doctor.json has all)
 
 
 class Recipe(Section):
@@ -107,7 +154,9 @@ class Recipe(Section):
     name: str | None = None                     # run folder prefix; default: the task
     adapt: AdaptConfig = AdaptConfig()
     train: TrainConfig = TrainConfig()
+    augment: AugmentConfig = AugmentConfig()
     eval: EvalConfig = EvalConfig()
+    doctor: DoctorConfig = DoctorConfig()
 
     @field_validator("model", mode="before")
     @classmethod

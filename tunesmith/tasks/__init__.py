@@ -9,6 +9,8 @@ import importlib
 
 TASKS: dict[str, str] = {
     "text-classification": "tunesmith.tasks.text_classification:TextClassification",
+    "causal-lm": "tunesmith.tasks.causal_lm:CausalLM",
+    "image-classification": "tunesmith.tasks.image_classification:ImageClassification",
 }
 TASK_NAMES = list(TASKS)
 

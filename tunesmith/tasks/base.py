@@ -6,6 +6,7 @@ Model:  load_model() -> (model, processor) for training;  load_trained(folder); 
 Train:  loss(model, batch) (default: the HF model's own `.loss`);  evaluate(model, features, batch_size)
         evaluate_final(...) for eval.json (adds slow metrics and per-example files)
 Use:    predict(model, processor, inputs) -> JSON-ready dicts (shared by `predict` and `serve`)
+Doctor: key(row); stratify_key(row); length_stats(rows, features); embed(model, features, batch_size)
 """
 from __future__ import annotations
 
@@ -16,7 +17,10 @@ class Task:
     name = ""
     metric = "loss"                 # default selection metric (best checkpoint, early stopping)
     peft_task_type: str | None = None
+    default_method = "full"         # adapt.method when the recipe leaves it unset
     input_key = "text"              # what a bare command-line input becomes: {input_key: value}
+    near_method = "text"            # doctor.near_method auto: "text" (Task.key strings) or "embedding" (Task.embed)
+    path_columns: tuple[str, ...] = ()  # columns holding file paths, read relative to their CSV/JSONL file
 
     def __init__(self, recipe):
         self.recipe = recipe
@@ -45,6 +49,45 @@ class Task:
 
     def collate(self, features: list[dict]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    # --- data doctor (tunesmith/doctor.py); features = encode(rows) ------------------------------------
+    def length_stats(self, rows: list[dict], features: list[dict]) -> dict:
+        """Tokens per row, for the doctor (features may be packed); each value is a list with one entry per row,
+        or a list of row indices:
+          kept:        tokens training sees (after cutting at data.max_length)
+          lengths:     tokens before cutting (absent: what was cut is unknown)
+          trained:     tokens whose label is not -100 (chat: the answer tokens)
+          all_masked:  indices of examples whose every label is -100 (they train as loss 0: blocking)
+          missing_end: indices of examples whose trained tokens lack the end-of-turn token
+        Default: `kept` from `length` when features are one per row and hold input_ids; {} (not available) otherwise."""
+        if features and len(features) == len(rows) and "input_ids" in features[0]:
+            return {"kept": [self.length(f) for f in features]}
+        return {}
+
+    def embed(self, model, features: list[dict], batch_size: int):
+        """[N, D] float32 numpy array, one vector per feature, for the label-noise model and near duplicates.
+        Default: the last hidden state averaged over real positions (attention_mask) for [B, T, H] outputs,
+        over the spatial axes for [B, C, H, W] feature maps."""
+        import numpy as np
+        from tqdm import tqdm
+
+        out = [None] * len(features)
+        steps = (len(features) + batch_size - 1) // batch_size
+        for idx, batch in tqdm(batches(self, features, batch_size, model_device(model)), total=steps,
+                               desc="embed", unit="batch", mininterval=1.0, leave=False):
+            batch.pop("labels", None)
+            hidden = model(**batch, output_hidden_states=True).hidden_states[-1].float()
+            if hidden.dim() == 3:                                   # [B, T, H]
+                mask = batch.get("attention_mask")
+                mask = torch.ones_like(hidden[..., 0]) if mask is None else mask.to(hidden.dtype)
+                vectors = (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+            elif hidden.dim() == 4:                                 # [B, C, H, W]
+                vectors = hidden.mean((2, 3))
+            else:
+                vectors = hidden.flatten(1)
+            for i, v in zip(idx, vectors.cpu().numpy()):
+                out[i] = v
+        return np.stack(out).astype(np.float32)
 
     # --- model --------------------------------------------------------------------------------------
     def load_model(self):

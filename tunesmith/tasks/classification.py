@@ -88,8 +88,8 @@ class Classification(Task):
 
     @property
     def label_config(self) -> dict:
-        return {"num_labels": len(self.names), "id2label": dict(enumerate(self.names)),
-                "label2id": dict(self.label2id)}
+        # num_labels follows from id2label; passing both warns when the checkpoint had another label count
+        return {"id2label": dict(enumerate(self.names)), "label2id": dict(self.label2id)}
 
     # --- training and evaluation --------------------------------------------------------------------
     def loss(self, model, batch: dict) -> torch.Tensor:

@@ -32,9 +32,12 @@ class TextClassification(Classification):
 
         model, path = load_hf(AutoModelForSequenceClassification, self.recipe.model, **self.label_config)
         self.tokenizer = AutoTokenizer.from_pretrained(path, revision=self.recipe.model.revision)
-        # saved with the model: pipeline(..., truncation=True) then cuts where training did
-        self.tokenizer.model_max_length = self.recipe.data.max_length
         return model, self.tokenizer
+
+    def save(self, model, processor, folder) -> None:
+        # pipeline(..., truncation=True) then cuts where training did
+        processor.model_max_length = self.recipe.data.max_length
+        super().save(model, processor, folder)
 
     def load_trained(self, folder):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -48,7 +51,7 @@ class TextClassification(Classification):
         """Token ids per row (truncated to data.max_length) and the label id when the row has one."""
         limit = self.recipe.data.max_length
         texts = [r[self.recipe.data.text_column] for r in rows]
-        ids = self.tokenizer(texts, add_special_tokens=True)["input_ids"]
+        ids = self.tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"]
         long = [i for i, x in enumerate(ids) if len(x) > limit]
         if long:                                    # re-tokenize only what must be cut
             cut = self.tokenizer([texts[i] for i in long], truncation=True, max_length=limit)["input_ids"]
@@ -58,6 +61,11 @@ class TextClassification(Classification):
         label_col = self.recipe.data.label_column
         return [{"input_ids": x, **({"labels": self.label_id(r)} if r.get(label_col) not in (None, "") else {})}
                 for x, r in zip(ids, rows)]
+
+    def length_stats(self, rows: list[dict], features: list[dict]) -> dict:
+        texts = [r[self.recipe.data.text_column] for r in rows]
+        lengths = self.tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"]
+        return {"lengths": [len(x) for x in lengths], "kept": [len(f["input_ids"]) for f in features]}
 
     def collate(self, features: list[dict]) -> dict[str, torch.Tensor]:
         # input_ids, attention_mask: [B, T] padded to the longest in the batch; labels: [B]

@@ -1,0 +1,308 @@
+"""causal-lm on a tiny Llama built from a config, with a word-level tokenizer built offline: masking exactly over
+the assistant turns, EOS trained and never confused with padding, packing equal to unpacked, LoRA by default,
+generation metrics before/after, pipeline("text-generation"), predict, exact resume, rows reported by line."""
+import json
+import random
+import shutil
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from tunesmith.recipe import load
+from tunesmith.tasks import get_task
+from tunesmith.train import load_splits, train
+from conftest import FILLER, NEGATIVE, POSITIVE, sentence, tunesmith
+
+TEMPLATE = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}")
+SPECIAL = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
+WORDS = ["system", "user", "assistant", "review", "verdict", "pos", "neg"] + POSITIVE + NEGATIVE + FILLER
+
+
+def build_tiny_llama(folder, pad=True, template=TEMPLATE):
+    """A 2-layer, hidden-32 Llama and a word-level tokenizer with a chat template, saved as an HF folder.
+    pad=False: no pad token of its own (the task then pads with EOS)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(SPECIAL + WORDS)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<|im_end|>",
+                                  bos_token="<|im_start|>", chat_template=template, **({"pad_token": "<pad>"} if pad else {}))
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         pad_token_id=0 if pad else None, bos_token_id=2, eos_token_id=3,
+                         initializer_range=0.1)       # 0.02 leaves logits too flat for LoRA alone to sharpen
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def write_chats(path, n=240, seed=0):
+    """Conversations: a review -> the assistant answers `pos` or `neg`; every third row as prompt/response."""
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for i in range(n):
+            positive = i % 2 == 0
+            question, answer = f"review {sentence(rng, positive)} verdict", "pos" if positive else "neg"
+            if i % 3 == 2:
+                f.write(json.dumps({"prompt": question, "response": answer}) + "\n")
+            else:
+                f.write(json.dumps({"messages": [{"role": "user", "content": question},
+                                                 {"role": "assistant", "content": answer}]}) + "\n")
+    return path
+
+
+def lm_recipe(model_dir, data_file, **sections) -> dict:
+    recipe = {"task": "causal-lm", "model": {"name": str(model_dir)},
+              "data": {"train": str(data_file), "validation_size": 0.1, "test_size": 0.15, "max_length": 32},
+              "adapt": {"lora": {"r": 8, "alpha": 16, "dropout": 0.0,
+                                 "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]}},
+              "train": {"epochs": 10, "learning_rate": 1e-2, "batch_size": 8, "seed": 0, "precision": "fp32",
+                        "log_every": 1, "warmup": 0},
+              "eval": {"batch_size": 32, "generate": {"max_new_tokens": 3}}}
+    for key, value in sections.items():
+        recipe[key] = {**recipe.get(key, {}), **value} if isinstance(value, dict) else value
+    return recipe
+
+
+def tokens(task, ids):
+    return task.tokenizer.convert_ids_to_tokens(ids)
+
+
+MULTI = [{"role": "system", "content": "verdict"}, {"role": "user", "content": "review good film"},
+         {"role": "assistant", "content": "pos good"}, {"role": "user", "content": "review dull plot"},
+         {"role": "assistant", "content": "neg"}]
+
+
+@pytest.mark.parametrize("pad", [True, False])
+def test_labels_cover_exactly_the_assistant_turns_and_their_eos(tmp_path, pad):
+    """Every token from an assistant turn's content through its <|im_end|> is a label, nothing else is; the
+    EOS stays a label after collate even when the pad token IS the EOS token (pad=False)."""
+    model = build_tiny_llama(tmp_path / "m", pad=pad)
+    task = get_task(load(lm_recipe(model, tmp_path / "x.jsonl")))
+    ids, labels, cut = task.encode_one(MULTI)
+    toks = tokens(task, ids)
+    expected, inside = [], False
+    for i, t in enumerate(toks):
+        inside = inside or toks[max(i - 2, 0):i] == ["<|im_start|>", "assistant"]
+        expected.append(ids[i] if inside else -100)
+        inside = inside and t != "<|im_end|>"
+    assert labels == expected and not cut
+    assert [t for t, y in zip(toks, labels) if y != -100] == ["pos", "good", "<|im_end|>", "neg", "<|im_end|>"]
+
+    short = task.encode_one(MULTI[:3])
+    batch = task.collate([{"input_ids": i, "labels": y} for i, y, _ in (short, (ids, labels, cut))])
+    assert (task.tokenizer.pad_token_id == task.tokenizer.eos_token_id) == (not pad)
+    n = len(short[0])
+    assert batch["labels"][0, n - 1] == task.tokenizer.eos_token_id          # EOS trained
+    assert (batch["labels"][0, n:] == -100).all() and (batch["attention_mask"][0, n:] == 0).all()
+
+
+def test_packing_loss_equals_token_weighted_mean_of_unpacked(tiny_llama, tmp_path):
+    """A packed batch's loss = the token-weighted mean (sum of per-token losses / label tokens) of the same
+    examples run one by one, within 1e-5; the same rows without example boundaries give another loss."""
+    from transformers import AutoModelForCausalLM
+
+    data = write_chats(tmp_path / "c.jsonl", n=30)
+    recipe = load(lm_recipe(tiny_llama, data, train={"packing": True, "pack_length": 64}))
+    task = get_task(recipe)
+    rows = [json.loads(x) for x in data.read_text().splitlines()] + [{"messages": MULTI}]
+    packed = task.encode(rows)
+    assert len(packed) < len(rows) and all(len(f["input_ids"]) <= 64 for f in packed)
+    recipe.train.packing = False
+    single = task.encode(rows)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    with torch.no_grad():
+        per = [(float(task.loss(model, task.collate([f]))), sum(y != -100 for y in f["labels"][1:])) for f in single]
+        mean = sum(loss * n for loss, n in per) / sum(n for _, n in per)
+        assert float(task.loss(model, task.collate(packed))) == pytest.approx(mean, abs=1e-5)
+        assert float(task.loss(model, task.collate(single))) == pytest.approx(mean, abs=1e-5)
+        batch = task.collate(single)
+        assert float(model(**batch).loss) == pytest.approx(mean, abs=1e-5)     # HF's own loss agrees
+        leaky = task.collate(packed)
+        leaky["position_ids"] = torch.arange(leaky["input_ids"].shape[1]).expand_as(leaky["input_ids"])
+        assert abs(float(task.loss(model, leaky)) - mean) > 1e-3                  # boundaries matter
+
+
+def test_unusable_rows_are_reported_by_line_and_truncation_counted(tiny_llama, tmp_path, capsys):
+    data = write_chats(tmp_path / "c.jsonl", n=60)
+    long_prompt = "review " + " ".join(["the"] * 40)
+    with open(data, "a") as f:
+        f.write(json.dumps({"messages": [{"role": "user", "content": "review good"}]}) + "\n")          # 61
+        f.write(json.dumps({"prompt": long_prompt, "response": "pos"}) + "\n")                          # 62
+        f.write(json.dumps({"messages": [{"role": "user"}]}) + "\n")                                    # 63
+        f.write(json.dumps({"prompt": " ".join(["the"] * 25), "response": "pos good film"}) + "\n")     # 64: cut
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(lm_recipe(tiny_llama, data)))
+    out = tunesmith("train", path, "--run-dir", tmp_path / "run")
+    assert out.returncode == 1
+    assert f"{data}:61: no assistant turn" in out.stderr
+    assert f"{data}:62: every assistant token lies beyond data.max_length=32" in out.stderr
+    assert f"{data}:63: message 0 must be an object with string 'role' and 'content'" in out.stderr
+    assert f"{data}:64" not in out.stderr
+
+    recipe = load(lm_recipe(tiny_llama, data, data={"bad_rows": "skip", "validation_size": 1, "test_size": 1}))
+    task = get_task(recipe)
+    tables, rejects = load_splits(task, recipe)
+    assert sorted(r.origin for r in rejects) == [f"{data}:{n}" for n in (61, 62, 63)]
+    rows = [r for t in tables.values() for r in t.rows]
+    task.encode(rows)
+    assert task.truncated == 1                      # row 64 trains, cut, and is counted (train prints it)
+    stats = task.length_stats(rows, [])             # what the data doctor reports
+    cut = next(i for i, r in enumerate(rows) if r.get("response") == "pos good film")
+    assert stats["missing_end"] == [cut] and stats["lengths"][cut] == 34 and stats["kept"][cut] == 32
+    assert stats["all_masked"] == [] and min(stats["trained"]) >= 2
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_llama, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("lm")
+    data = write_chats(tmp / "chats.jsonl", n=300)
+    recipe = load(lm_recipe(tiny_llama, data, train={"packing": True, "pack_length": 64}, eval={"before": True}))
+    assert recipe.adapt.method is None              # left to the task
+    return train(recipe, run_dir=tmp / "run")
+
+
+def test_lora_by_default_learns_the_format(trained):
+    p = trained.path
+    assert yaml.safe_load((p / "recipe.yaml").read_text())["adapt"]["method"] == "lora"
+    assert (p / "model" / "adapter" / "adapter_config.json").exists() and (p / "model" / "model.safetensors").exists()
+    losses = [r["loss"] for r in map(json.loads, (p / "metrics.jsonl").read_text().splitlines())
+              if "loss" in r and "split" not in r]
+    assert sum(losses[-3:]) / 3 < 0.5 * sum(losses[:3]) / 3
+    result = json.loads((p / "eval.json").read_text())
+    assert result["before"]["exact_match"] < 0.2 and result["exact_match"] > 0.9, result
+    assert result["rouge_l"] >= result["exact_match"] and result["perplexity"] < result["before"]["perplexity"]
+    samples = [json.loads(x) for x in (p / "samples.jsonl").read_text().splitlines()]
+    assert samples and {"prompt", "reference", "output"} <= set(samples[0])
+    assert sum(s["output"] == s["reference"] for s in samples) >= 0.9 * len(samples)
+
+
+def test_merged_model_equals_base_plus_adapter(trained, tiny_llama):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.tensor([[2, 5, 7, 12, 20, 3, 2, 6]])
+    merged = AutoModelForCausalLM.from_pretrained(trained.path / "model").eval()
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    adapted = PeftModel.from_pretrained(base, trained.path / "model" / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, atol=1e-5, rtol=1e-4)
+        with adapted.disable_adapter():                                       # the adapter changed something
+            assert not torch.allclose(merged(ids).logits, adapted(ids).logits, atol=1e-3)
+
+
+def test_pipeline_loads_run_model_and_predict_agrees(trained, tmp_path):
+    from transformers import pipeline
+
+    pipe = pipeline("text-generation", model=str(trained.path / "model"))
+    questions = ["review the film was superb verdict", "review a dull and clumsy plot verdict"]
+    expected = [pipe([{"role": "user", "content": q}], max_new_tokens=3, do_sample=False)[0]["generated_text"][-1]
+                ["content"].strip() for q in questions]
+    assert expected == ["pos", "neg"]
+    f = tmp_path / "in.jsonl"
+    f.write_text(json.dumps({"prompt": questions[1]}) + "\n")
+    out = tunesmith("predict", trained.path, questions[0], "--input", f)
+    assert out.returncode == 0, out.stderr
+    assert [json.loads(x)["output"] for x in out.stdout.splitlines()] == expected
+
+
+def test_eval_command_matches_eval_json(trained):
+    out = tunesmith("eval", trained.path)
+    assert out.returncode == 0, out.stderr
+    saved = json.loads((trained.path / "eval.json").read_text())
+    got = json.loads(out.stdout)
+    assert got["exact_match"] == saved["exact_match"] and got["loss"] == pytest.approx(saved["loss"], rel=1e-5)
+
+
+def test_chat_streams_multi_turn_and_trims_history(trained):
+    script = "review the film was superb verdict\nreview a dull and clumsy plot verdict\n" \
+             "review lovely cast verdict\n/reset\nreview awful acting verdict\n"
+    out = tunesmith("chat", trained.path, "--context", "32", "--max-new-tokens", "3", input=script, timeout=120)
+    assert out.returncode == 0, out.stderr
+    replies = [ln.split("bot> ", 1)[1].strip() for ln in out.stdout.splitlines() if "bot> " in ln]
+    assert replies[0] == "pos" and replies[1] == "neg" and replies[-1] == "neg" and len(replies) == 4, out.stdout
+    assert "(history trimmed: dropped the 2 oldest message(s)" in out.stdout       # third turn: 36 tokens > 32 - 3
+    assert "(history cleared)" in out.stdout
+
+
+def test_full_and_freeze_methods_and_resume_bitwise(tiny_llama, tmp_path):
+    """Full fine-tuning runs through the same loop; a run resumed from a middle checkpoint ends bitwise equal
+    to the uninterrupted one (dropout on, packing, grad accumulation); freeze trains only the chosen part."""
+    data = write_chats(tmp_path / "c.jsonl", n=120)
+    recipe = lm_recipe(tiny_llama, data, adapt={"method": "full"}, model={"dropout": 0.1},
+                       train={"max_steps": 8, "batch_size": 4, "grad_accum": 2, "save_every": 2, "eval_every": 3,
+                              "keep_checkpoints": 10, "packing": True, "pack_length": 48, "learning_rate": 3e-3},
+                       eval={"generate": None})
+    whole = train(load(recipe), run_dir=tmp_path / "whole").path
+    cut = tmp_path / "cut"
+    shutil.copytree(whole, cut)
+    for name in ("step-00000006", "step-00000008"):
+        shutil.rmtree(cut / "checkpoints" / name)
+    shutil.rmtree(cut / "model")
+    (cut / "eval.json").unlink()
+    train(load(recipe), resume=cut)
+    for f in ("checkpoints/step-00000008/model.safetensors", "checkpoints/step-00000008/optimizer.safetensors",
+              "model/model.safetensors"):
+        a, b = load_file(str(whole / f)), load_file(str(cut / f))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
+    assert json.loads((whole / "eval.json").read_text()) == json.loads((cut / "eval.json").read_text())
+
+    frozen = lm_recipe(tiny_llama, data, adapt={"method": "freeze", "freeze_patterns": ["model.layers.0.*"]},
+                       train={"max_steps": 2}, eval={"generate": None})
+    run = train(load(frozen), run_dir=tmp_path / "freeze").path
+    before, after = load_file(str(tiny_llama / "model.safetensors")), load_file(str(run / "model" / "model.safetensors"))
+    assert torch.equal(before["model.layers.0.mlp.up_proj.weight"], after["model.layers.0.mlp.up_proj.weight"])
+    assert not torch.equal(before["model.layers.1.mlp.up_proj.weight"], after["model.layers.1.mlp.up_proj.weight"])
+
+
+def test_template_without_eos_is_an_error_and_a_recipe_template_fixes_it(tmp_path):
+    no_eos = build_tiny_llama(tmp_path / "a", template="{% for m in messages %}{{ m['content'] }} {% endfor %}")
+    with pytest.raises(ValueError, match="does not end an assistant turn with the EOS token"):
+        get_task(load(lm_recipe(no_eos, tmp_path / "x.jsonl"))).get_tokenizer()
+    fixed = lm_recipe(no_eos, tmp_path / "x.jsonl", data={"chat_template": TEMPLATE})
+    assert get_task(load(fixed)).get_tokenizer().chat_template == TEMPLATE
+
+
+@pytest.mark.slow
+def test_smollm2_learns_the_one_word_format_and_chats_in_it(tmp_path):
+    """The bundled SmolLM2-135M-Instruct (GGUF converted once, then cached safetensors): labels are exactly the
+    one-word answer and <|im_end|>; a short LoRA run on 300 conversations moves exact match from ~0 to well
+    above the majority answer, and `tunesmith chat` and pipeline("text-generation") answer in the format."""
+    from pathlib import Path
+
+    from transformers import pipeline
+
+    recipe = load(Path(__file__).parent.parent / "tunesmith" / "recipes" / "reviews_chat.yaml",
+                  ["data.max_rows=300", "data.test_size=60", "data.validation_size=20"])
+    task = get_task(recipe)
+    row = {"messages": [{"role": "system", "content": "You judge film reviews."},
+                        {"role": "user", "content": "Review: A triumph.\nVerdict?"},
+                        {"role": "assistant", "content": "fresh"}]}
+    ids, labels, _ = task.encode_one(task.messages(row))
+    assert task.tokenizer.decode([y for y in labels if y != -100]) == "fresh<|im_end|>"
+
+    run = train(recipe, run_dir=tmp_path / "run").path
+    result = json.loads((run / "eval.json").read_text())
+    assert result["before"]["exact_match"] < 0.1 and result["exact_match"] >= 0.65, result
+    samples = [json.loads(x)["output"] for x in (run / "samples.jsonl").read_text().splitlines()]
+    assert set(samples) <= {"fresh", "rotten"}, samples
+
+    script = "Review: A warm, funny and moving film. Verdict?\nReview: Dull, lifeless and far too long. Verdict?\n"
+    out = tunesmith("chat", run, "--max-new-tokens", "4", "--system", "You judge film reviews.", input=script)
+    replies = [ln.split("bot> ", 1)[1].strip() for ln in out.stdout.splitlines() if "bot> " in ln]
+    assert out.returncode == 0 and len(replies) == 2 and set(replies) <= {"fresh", "rotten"}, out.stdout
+    pipe = pipeline("text-generation", model=str(run / "model"))
+    answer = pipe([row["messages"][0], {"role": "user", "content": "Review: A triumph.\nVerdict?"}],
+                  max_new_tokens=4, do_sample=False)[0]["generated_text"][-1]["content"]
+    assert answer.strip() in ("fresh", "rotten")

@@ -1,0 +1,99 @@
+"""`tunesmith chat RUN_DIR`: talk to a fine-tuned causal LM in the terminal.
+
+Tokens stream as they are generated; the conversation is kept and re-sent each turn through the model's chat
+template, dropping the oldest turns when prompt + max_new_tokens would exceed the context length.
+Commands: /reset clears the history, /exit (or end of input) quits.
+"""
+from __future__ import annotations
+
+import sys
+
+HELP = "/reset clears the history, /exit or Ctrl-D quits"
+
+
+def trim(task, history: list[dict], budget: int) -> tuple[list[int] | None, int]:
+    """Prompt ids of `history` within `budget` tokens, dropping the oldest exchange (a user message and the
+    replies after it) first; `history` is shortened in place. (None, dropped) when even the last user message
+    alone does not fit."""
+    dropped = 0
+    while True:
+        ids = task.prompt_ids(history)
+        if len(ids) <= budget:
+            return ids, dropped
+        turns = [i for i, m in enumerate(history) if m["role"] != "system"]
+        if len(turns) <= 1:
+            return None, dropped
+        del history[turns[0]]
+        dropped += 1
+        while history[turns[0]]["role"] == "assistant":        # turns[0] now indexes the next message
+            del history[turns[0]]
+            dropped += 1
+
+
+def chat(run_dir: str, max_new_tokens: int | None = None, context: int | None = None, system: str | None = None,
+         stdin=None, stdout=None) -> int:
+    import torch
+
+    from tunesmith.run import Run
+    from tunesmith.tasks import get_task
+
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+    run = Run(run_dir)
+    task = get_task(run.recipe())
+    if not hasattr(task, "prompt_ids"):
+        raise ValueError(f"{run.path}: task '{task.name}' is not a chat model; tunesmith chat needs a causal-lm run")
+    model, tok = task.load_trained(run.model_dir)
+    model.eval()
+    settings = task.generation_settings()
+    if max_new_tokens:
+        settings["max_new_tokens"] = max_new_tokens
+    settings.setdefault("max_new_tokens", 256)
+    context = context or getattr(model.config, "max_position_embeddings", 2048)
+    budget = context - settings["max_new_tokens"]
+    if budget <= 0:
+        raise ValueError(f"--max-new-tokens {settings['max_new_tokens']} leaves no room in a {context}-token context")
+    start = [{"role": "system", "content": system}] if system else []
+    history = list(start)
+    print(f"chatting with {run.model_dir} (context {context} tokens); {HELP}", file=stdout, flush=True)
+    while True:
+        print("you> ", end="", file=stdout, flush=True)
+        line = stdin.readline()
+        if not line:
+            print(file=stdout)
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            return 0
+        if text == "/reset":
+            history = list(start)
+            print("(history cleared)", file=stdout, flush=True)
+            continue
+        history.append({"role": "user", "content": text})
+        ids, dropped = trim(task, history, budget)
+        if dropped:
+            print(f"(history trimmed: dropped the {dropped} oldest message(s) to fit {context} tokens)",
+                  file=stdout, flush=True)
+        if ids is None:
+            history.pop()
+            print(f"(message too long: it does not fit {budget} tokens; nothing sent)", file=stdout, flush=True)
+            continue
+        print("bot> ", end="", file=stdout, flush=True)
+        x = torch.tensor([ids])
+        with torch.no_grad(), task.autocast(model):
+            out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), streamer=streamer(tok, stdout),
+                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **settings)
+        reply = tok.decode(out[0, len(ids):], skip_special_tokens=True).strip()
+        history.append({"role": "assistant", "content": reply})
+
+
+def streamer(tok, stdout):
+    """transformers' TextStreamer, writing to `stdout` as text arrives."""
+    from transformers import TextStreamer
+
+    class _Streamer(TextStreamer):
+        def on_finalized_text(self, text: str, stream_end: bool = False):
+            print(text, end="\n" if stream_end else "", file=stdout, flush=True)
+
+    return _Streamer(tok, skip_prompt=True, skip_special_tokens=True)

@@ -1,0 +1,373 @@
+"""`tunesmith doctor RECIPE`: what is wrong with the data, found before training.
+
+It reads the data exactly as `train` does (tunesmith.train.load_data) and asks the task only through the
+Task protocol (check, key, stratify_key, encode, length_stats, embed), so it works for every task; a check
+whose hook a task lacks is reported as not available, with the reason. Exit status: 0 clean or warnings
+only, 1 blocking problems (rows `train` would stop on under data.bad_rows=error, examples that train as
+loss 0). `train` runs the row checks itself and, under bad_rows=error, stops with `rejects_report`.
+
+doctor.json (version 1; these keys are stable, later versions only add keys):
+  version          1
+  recipe           {task, model, train, validation, test, max_length, bad_rows}
+  status           "clean" | "warnings" | "blocking"
+  blocking         [str] one line per blocking problem (what, how many, what to do)
+  warnings         [str] one line per warning
+  files            [{file, split, read, usable, rejected, columns}]   read = usable + rejected, per file
+  splits           {split: rows used}     split_from_train: [split] cut from train, stratified by label
+  unused_rows      usable train rows left out by data.max_rows
+  rejects          [{origin, split, reason}] every unusable row, file order; origin "file:line" or "file#row"
+  reject_kinds     {kind: count}, the reasons without their details
+  duplicates       {available, note?, by_split: {split: {exact_extra, normalised_extra, exact: [group],
+                    normalised: [group]}}, conflicting: [group + splits] | null}   group = {text, origins, labels?};
+                    *_extra: rows a dedup would drop; conflicting: same normalised input, different labels
+                    (null: the task gives no labels)
+  leakage          {available, note?, near_method, near_threshold, by_splits: [{splits, exact, normalised, near}],
+                    pairs: [{kind, similarity, split_a, origin_a, split_b, origin_b, text_a, text_b}]}
+                    kind: exact | normalised (case, whitespace, punctuation) | near; one pair per later-split row
+  balance          {available, note?, labels, counts: {split: {label: n}}, train_ratio, warnings, suggestions}
+  lengths          {available, note?, by_split: {split: {examples, limit, p50, p90, p99, max, cut?, cut_share?,
+                    tokens_cut?, tokens_cut_share?, trained_tokens?, trained_share?, all_masked?, missing_end?}}}
+  label_noise      {available, note?, method, checked, skipped_rare, oof_accuracy,
+                    candidates: [{origin, split, label, suggested, label_probability, text}]}  most suspicious first
+  seconds          {read, model, lengths, embed, leakage, label_noise, total}
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from pathlib import Path
+
+from tunesmith.doctor_checks import (balance, conflicts, duplicates, excerpt, leakage, lengths, near_text,
+                                     near_vectors, reason_kind)
+
+NOT_AVAILABLE = "not available for this task"
+
+
+def diagnose(recipe) -> dict:
+    """Every check on the recipe's data; the doctor.json dict (see the module docstring)."""
+    import numpy as np
+    import torch
+
+    from tunesmith.loop import choose_precision
+    from tunesmith.tasks import get_task
+    from tunesmith.train import load_data
+
+    cfg, seconds, t0 = recipe.doctor, {}, time.perf_counter()
+    lap = [t0]
+
+    def clock(name: str) -> None:
+        now = time.perf_counter()
+        seconds[name] = round(now - lap[0], 2)
+        lap[0] = now
+
+    task = get_task(recipe)
+    loaded = load_data(task, recipe)
+    tables = loaded.tables
+    origins = {s: t.origins for s, t in tables.items()}
+    report = {"version": 1, "recipe": {"task": recipe.task, "model": recipe.model.name, "train": recipe.data.train,
+                                       "validation": recipe.data.validation, "test": recipe.data.test,
+                                       "max_length": recipe.data.max_length, "bad_rows": recipe.data.bad_rows},
+              "status": "clean", "blocking": [], "warnings": []}
+    blocking, warnings = report["blocking"], report["warnings"]
+    report |= {"files": loaded.files, "splits": {s: len(t) for s, t in tables.items()},
+               "split_from_train": [s for s in ("validation", "test") if not getattr(recipe.data, s)],
+               "unused_rows": loaded.unused, "rejects": [r.as_dict() for r in loaded.rejects],
+               "reject_kinds": dict(Counter(reason_kind(r.reason) for r in loaded.rejects).most_common())}
+    if loaded.rejects:
+        n = len(loaded.rejects)
+        if recipe.data.bad_rows == "error":
+            blocking.append(f"{n:,} unusable row(s): train stops on them; fix them or set data.bad_rows=skip")
+        else:
+            warnings.append(f"{n:,} unusable row(s): train skips them and lists each in the run's rejects.jsonl")
+    blocking.extend(f"{s}: no usable rows; train cannot evaluate on it" for s, t in tables.items() if not len(t))
+    clock("read")
+
+    keys = _keys(task, tables)
+    labels = {s: [task.stratify_key(r) for r in t.rows] for s, t in tables.items()}
+    labels = labels if any(v is not None for v in labels["train"]) else None
+    report["duplicates"] = _duplicates(keys, labels, origins, warnings)
+    if labels is None:
+        report["balance"] = {"available": False, "note": f"{NOT_AVAILABLE}: Task.stratify_key gives no labels"}
+    else:
+        report["balance"] = balance(labels, cfg.imbalance_ratio, recipe.train.class_weights,
+                                    set(report["split_from_train"]))
+        warnings.extend(report["balance"]["warnings"])
+
+    model, _ = task.load_model()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device).eval()
+    features = {s: task.encode(t.rows) if len(t) else [] for s, t in tables.items()}
+    one_to_one = all(len(features[s]) == len(t) for s, t in tables.items())
+    clock("model")
+    report["lengths"] = _lengths(task, tables, features, recipe.data.max_length, blocking, warnings)
+    clock("lengths")
+
+    method = cfg.near_method if cfg.near_method != "auto" else (task.near_method if keys is not None else "embedding")
+    vectors, embed_note = None, None
+    if one_to_one and ((cfg.label_noise and labels is not None) or method == "embedding"):
+        mixed = choose_precision(recipe.train.precision, device)[0]         # bf16 only where native
+        try:
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.float16 if mixed == "fp16" else
+                                                 torch.bfloat16, enabled=mixed != "no"):
+                vectors = {s: task.embed(model, features[s], recipe.eval.batch_size) for s in tables if features[s]}
+            width = next(iter(vectors.values())).shape[1]
+            vectors = {s: vectors.get(s, np.zeros((0, width), np.float32)) for s in tables}   # empty splits
+        except (NotImplementedError, TypeError, AttributeError, KeyError, ValueError, RuntimeError) as e:
+            embed_note = f"{NOT_AVAILABLE}: Task.embed failed ({type(e).__name__}: {e})"
+    elif not one_to_one:
+        embed_note = f"{NOT_AVAILABLE}: Task.encode does not give one feature per row"
+    clock("embed")
+    report["leakage"] = _leakage(keys, vectors, origins, method, cfg.near_threshold, embed_note, warnings)
+    clock("leakage")
+    report["label_noise"] = _label_noise(cfg, recipe, labels, vectors, embed_note, tables, keys, warnings)
+    clock("label_noise")
+    seconds["total"] = round(time.perf_counter() - t0, 2)
+    report["seconds"] = seconds
+    report["status"] = "blocking" if blocking else "warnings" if warnings else "clean"
+    return report
+
+
+def _keys(task, tables) -> dict[str, list[str]] | None:
+    try:
+        return {s: [str(task.key(r)) for r in t.rows] for s, t in tables.items()}
+    except NotImplementedError:
+        return None
+
+
+def _duplicates(keys, labels, origins, warnings) -> dict:
+    if keys is None:
+        return {"available": False, "note": f"{NOT_AVAILABLE}: Task.key is not implemented"}
+    out = {}
+    for split in keys:
+        d = out[split] = duplicates(keys[split], labels[split] if labels else None, origins[split])
+        if d["exact_extra"] or d["normalised_extra"]:
+            warnings.append(f"{split}: {d['exact_extra']:,} exact duplicate row(s) in {len(d['exact']):,} group(s), "
+                            f"{d['normalised_extra']:,} more up to case/whitespace/punctuation; deduplicate the data")
+    conflicting = conflicts(keys, labels, origins) if labels else None
+    if conflicting:
+        rows = sum(len(g["origins"]) for g in conflicting)
+        warnings.append(f"{len(conflicting):,} input(s) appear with different labels ({rows:,} rows, "
+                        f"normalised comparison over all splits): fix or drop them")
+    return {"available": True, "by_split": out, "conflicting": conflicting}
+
+
+def _lengths(task, tables, features, limit, blocking, warnings) -> dict:
+    out = {}
+    for split, table in tables.items():
+        if not len(table):
+            continue
+        stats = task.length_stats(table.rows, features[split])
+        if not stats:
+            return {"available": False, "note": f"{NOT_AVAILABLE}: Task.length_stats reports nothing"}
+        if any(len(stats[k]) != len(table) for k in ("kept", "lengths", "trained") if k in stats):
+            raise ValueError(f"Task.length_stats must give one entry per row ({len(table)} in {split})")
+        s = out[split] = lengths(stats, limit, table.origins)
+        if s.get("cut_share", 0) >= 0.01:                       # fewer is in the table, not a warning
+            warnings.append(f"{split}: {s['cut']:,} of {s['examples']:,} examples ({s['cut_share']:.1%}) cut at "
+                            f"data.max_length={limit}, {s['tokens_cut_share']:.1%} of tokens lost (p99 = {s['p99']})")
+        if s.get("all_masked"):
+            blocking.append(f"{split}: {len(s['all_masked']):,} example(s) have every label masked (they train as "
+                            f"loss 0), e.g. {s['all_masked'][0]}; shorten the prompt or raise data.max_length")
+        if s.get("missing_end"):
+            warnings.append(f"{split}: {len(s['missing_end']):,} example(s) lack the end-of-turn token in their "
+                            f"trained tokens (the model will not learn to stop), e.g. {s['missing_end'][0]}")
+    return {"available": True, "by_split": out}
+
+
+def _leakage(keys, vectors, origins, method, threshold, embed_note, warnings) -> dict:
+    if keys is None and vectors is None:
+        return {"available": False, "note": embed_note or f"{NOT_AVAILABLE}: neither Task.key nor Task.embed"}
+    threshold = threshold or (0.8 if method == "text" else 0.95)
+    near, note = None, None
+    if method == "text" and keys is not None:
+        def near(a, b):
+            return near_text(keys[a], keys[b], threshold)
+    elif method == "embedding" and vectors is not None:
+        def near(a, b):
+            return near_vectors(vectors[a], vectors[b], threshold)
+    else:
+        note = f"near duplicates {NOT_AVAILABLE} by {method}: " + (embed_note or "Task.key is not implemented")
+    out = {"available": True, "near_method": method, "near_threshold": threshold, **({"note": note} if note else {})}
+    out |= leakage(keys, origins, near)
+    for s in out["by_splits"]:
+        total = s["exact"] + s["normalised"] + s["near"]
+        if total:
+            a, b = s["splits"]
+            warnings.append(f"{b}: {total:,} row(s) also in {a} ({s['exact']:,} exact, {s['normalised']:,} "
+                            f"normalised, {s['near']:,} near): {b} scores are inflated; deduplicate before splitting")
+    return out
+
+
+def _label_noise(cfg, recipe, labels, vectors, embed_note, tables, keys, warnings) -> dict:
+    from tunesmith.doctor_noise import label_noise
+
+    if not cfg.label_noise:
+        return {"available": False, "note": "off (doctor.label_noise: false)"}
+    if labels is None:
+        return {"available": False, "note": f"{NOT_AVAILABLE}: Task.stratify_key gives no labels"}
+    if vectors is None:
+        return {"available": False, "note": embed_note}
+    import numpy as np
+
+    where = [(s, i) for s, t in tables.items() for i in range(len(t))]
+    found = label_noise(np.concatenate([vectors[s] for s in tables]), [labels[s][i] for s, i in where],
+                        cfg.folds, recipe.train.seed)
+    method = (f"{cfg.folds}-fold logistic regression on {recipe.model.name} embeddings (Task.embed), "
+              f"confident learning (cleanlab), ranked by self-confidence")
+    candidates = []
+    for c in found.pop("candidates"):
+        split, i = where[c["index"]]
+        candidates.append({"origin": tables[split].origins[i], "split": split, "label": c["label"],
+                           "suggested": c["suggested"], "label_probability": c["label_probability"],
+                           "text": excerpt(keys[split][i]) if keys else None})
+    if candidates:
+        warnings.append(f"{len(candidates):,} label-noise candidate(s): the cross-validated model confidently "
+                        f"contradicts their label; review the top of the list")
+    return {"available": True, "method": method, **found, "candidates": candidates}
+
+
+# --- output -----------------------------------------------------------------------------------------
+
+def write(report: dict, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    return path
+
+
+def table(header: list[str], rows: list[list], indent: str = "  ") -> list[str]:
+    """Fixed-width text table; numbers right-aligned with thousands separators."""
+    cells = [[f"{v:,}" if isinstance(v, int) else f"{v:.3f}" if isinstance(v, float) else str(v) for v in r]
+             for r in rows]
+    widths = [max(len(str(h)), *(len(r[i]) for r in cells)) for i, h in enumerate(header)]
+    numeric = [all(isinstance(r[i], (int, float)) for r in rows) for i in range(len(header))]
+
+    def line(values):
+        return indent + "  ".join(v.rjust(w) if n else v.ljust(w) for v, w, n in zip(values, widths, numeric)).rstrip()
+    return [line(header), *map(line, cells)]
+
+
+def files_table(files: list[dict]) -> list[str]:
+    out = table(["file", "split", "read", "usable", "rejected"],
+                [[f["file"], f["split"], f["read"], f["usable"], f["rejected"]] for f in files])
+    return out + [f"  {f['file']}: no usable rows; its columns: {', '.join(f['columns']) or 'none'} (check "
+                  f"data.*_column)" for f in files if f["read"] and not f["usable"]]
+
+
+def rejects_report(loaded, listed: int = 20) -> str:
+    """What `train` prints when data.bad_rows=error meets unusable rows: counts per file, per kind, the rows."""
+    rejects = loaded.rejects
+    lines = [f"{len(rejects):,} unusable row(s); fix them, or set data.bad_rows=skip to train on the rest "
+             f"(each skipped row is listed in the run's rejects.jsonl)", *files_table(loaded.files), ""]
+    lines += table(["reason", "rows"], list(Counter(reason_kind(r.reason) for r in rejects).most_common())) + [""]
+    lines += [f"  {r.origin}: {r.reason}" for r in rejects[:listed]]
+    if len(rejects) > listed:
+        lines.append(f"  ... and {len(rejects) - listed:,} more: `tunesmith doctor RECIPE` lists every one "
+                     f"in doctor.json")
+    return "\n".join(lines)
+
+
+def render(report: dict, listed: int = 20) -> str:
+    """The terminal summary: one titled block per check, then the verdict."""
+    r = report["recipe"]
+    out = [f"tunesmith doctor · task {r['task']} · model {r['model']} · data {r['train']}", "", "Files",
+           *files_table(report["files"])]
+    used = " · ".join(f"{s} {n:,}" for s, n in report["splits"].items())
+    how = ", stratified by label" if report["balance"]["available"] else ""
+    out.append(f"  rows used: {used}" + (f" ({', '.join(report['split_from_train'])} split from train{how})"
+                                         if report["split_from_train"] else ""))
+    if report["unused_rows"]:
+        out.append(f"  {report['unused_rows']:,} usable train rows left out by data.max_rows")
+    out += ["", "Unusable rows"]
+    if report["rejects"]:
+        out += table(["reason", "rows"], list(report["reject_kinds"].items()))
+        out += [f"  {x['origin']}: {x['reason']}" for x in report["rejects"][:listed]]
+        out += _more(report["rejects"], listed)
+    else:
+        out.append("  none")
+    out += ["", "Duplicates within a split", *_render_duplicates(report["duplicates"], listed)]
+    out += ["", "Leakage across splits", *_render_leakage(report["leakage"], listed)]
+    out += ["", "Class balance", *_render_balance(report["balance"])]
+    out += ["", "Lengths (tokens)", *_render_lengths(report["lengths"])]
+    out += ["", "Label-noise candidates", *_render_noise(report["label_noise"], listed)]
+    out += ["", f"Verdict: {report['status']} ({len(report['blocking'])} blocking, {len(report['warnings'])} "
+                f"warning(s)) in {report['seconds']['total']:.1f}s"]
+    out += [f"  BLOCKING  {x}" for x in report["blocking"]] + [f"  warning   {x}" for x in report["warnings"]]
+    return "\n".join(out)
+
+
+def _more(items: list, listed: int) -> list[str]:
+    return [f"  ... and {len(items) - listed:,} more in doctor.json"] if len(items) > listed else []
+
+
+def _note(section: dict) -> list[str]:
+    return [f"  {section['note']}"] if section.get("note") else []
+
+
+def _render_duplicates(d: dict, listed: int) -> list[str]:
+    if not d["available"]:
+        return _note(d)
+    out = table(["split", "exact extra", "normalised extra"],
+                [[s, x["exact_extra"], x["normalised_extra"]] for s, x in d["by_split"].items()])
+    out.append("  conflicting labels: not available (Task.stratify_key gives no labels)" if d["conflicting"] is None
+               else f"  conflicting labels (any split): {len(d['conflicting']):,} input(s)")
+    groups = [("conflicting", "/".join(sorted(set(g["splits"]))), g) for g in d["conflicting"] or []]
+    groups += [(kind, s, g) for kind in ("exact", "normalised") for s, x in d["by_split"].items() for g in x[kind]]
+    for kind, s, g in groups[:listed]:
+        labels = f" labels {sorted(set(map(str, g['labels'])))}" if kind == "conflicting" else ""
+        out.append(f"  {kind:<11} {s:<10} x{len(g['origins'])}{labels} {excerpt(g['text'], 60)!r}: "
+                   + ", ".join(g["origins"][:3]) + (" ..." if len(g["origins"]) > 3 else ""))
+    return out + _more(groups, listed)
+
+
+def _render_leakage(d: dict, listed: int) -> list[str]:
+    if not d["available"]:
+        return _note(d)
+    near = f"near ({d['near_method']} >= {d['near_threshold']:g})"
+    out = table(["splits", "exact", "normalised", near],
+                [["/".join(s["splits"]), s["exact"], s["normalised"], s["near"]] for s in d["by_splits"]])
+    out += _note(d)
+    for p in d["pairs"][:listed]:
+        text = f" {excerpt(p['text_b'], 50)!r}" if p["text_b"] is not None else ""
+        out.append(f"  {p['kind']:<10} {p['similarity']:.2f}  {p['origin_b']} ~ {p['origin_a']}{text}")
+    return out + _more(d["pairs"], listed)
+
+
+def _render_balance(d: dict) -> list[str]:
+    if not d["available"]:
+        return _note(d)
+    splits = list(d["counts"])
+    out = table(["label", *splits], [[n, *(d["counts"][s][n] for s in splits)] for n in d["labels"]])
+    out.append(f"  train largest/smallest class: {d['train_ratio']:.2f}")
+    return out + [f"  suggestion: {x}" for x in d["suggestions"]]
+
+
+def _render_lengths(d: dict) -> list[str]:
+    if not d["available"]:
+        return _note(d)
+    rows = []
+    for s, x in d["by_split"].items():
+        cut = f"{x['cut']:,} ({x['cut_share']:.1%})" if "cut" in x else "unknown"
+        lost = f"{x['tokens_cut_share']:.1%}" if "cut" in x else "unknown"
+        trained = f"{x['trained_share']:.1%}" if "trained_share" in x else "-"
+        extra = [len(x.get("all_masked", [])), len(x.get("missing_end", []))]
+        rows.append([s, x["examples"], x.get("p50", 0), x.get("p90", 0), x.get("p99", 0), x.get("max", 0),
+                     f"{cut} at {x['limit']}", lost, trained, *extra])
+    return table(["split", "examples", "p50", "p90", "p99", "max", "cut", "tokens cut", "trained", "all masked",
+                  "no end"], rows)
+
+
+def _render_noise(d: dict, listed: int) -> list[str]:
+    if not d["available"]:
+        return _note(d)
+    out = [f"  {d['method']}", f"  out-of-fold accuracy {d['oof_accuracy']} on {d['checked']:,} rows; "
+                                f"{len(d['candidates']):,} candidate(s)"
+           + (f"; {d['skipped_rare']:,} rows of classes too rare to cross-validate skipped"
+              if d["skipped_rare"] else "")]
+    if d["oof_accuracy"] is not None and d["oof_accuracy"] < 0.9:
+        out.append("  (a probe this weak also flags hard examples: read the candidates as 'mislabelled or hard')")
+    out += table(["origin", "label", "suggested", "p(label)", "text"],
+                 [[c["origin"], c["label"], c["suggested"], c["label_probability"], excerpt(c["text"] or "", 50)]
+                  for c in d["candidates"][:listed]]) if d["candidates"] else []
+    return out + _more(d["candidates"], listed)

@@ -1,0 +1,357 @@
+"""Causal LM (GPT-like) chat and instruction tuning: the model learns to write the assistant's turns.
+
+Rows: a `messages` column (list of {role, content}, or its JSON text) or `prompt`/`response` columns.
+The tokenizer's chat template (or data.chat_template) renders each conversation; only assistant turns are
+trained, each through its end-of-turn (EOS) token, so the model learns what to answer and when to stop:
+  input_ids: [T]    labels: [T], -100 on system/user turns and template markup
+Padding is found by length, never by token id, so a tokenizer whose pad token is its EOS still trains EOS.
+
+Packing (train.packing): examples go best-fit-decreasing into rows of train.pack_length tokens; position_ids
+restart at 0 for each example and the batch carries no 2D attention mask, from which transformers builds a
+block-diagonal causal mask (masking_utils.find_packed_sequence_indices; needs no KV cache, hence
+use_cache=False). No token attends across examples, and the first token of each example is never a label, so a
+packed row's loss equals the token-weighted mean loss of its examples run one by one.
+"""
+from __future__ import annotations
+
+import bisect
+import json
+import math
+import sys
+
+import torch
+from tqdm.auto import tqdm
+
+from tunesmith import metrics
+from tunesmith.tasks.base import Task, batches, load_hf, model_device
+
+PROBE = [{"role": "user", "content": "Hello?"}, {"role": "assistant", "content": "Hi."}]
+SAMPLES = 20                        # sample generations written to the run folder
+
+
+class CausalLM(Task):
+    name = "causal-lm"
+    metric = "loss"
+    peft_task_type = "CAUSAL_LM"
+    default_method = "lora"
+    input_key = "prompt"
+    tokenizer = None
+    truncated = 0
+    keep_logits = True              # loss(): LM head only at label positions (False: the model lacks it)
+
+    def __init__(self, recipe):
+        super().__init__(recipe)
+        self._cache: dict[str, tuple[list[int], list[int], bool]] = {}   # conversation -> ids, labels, cut
+
+    # --- rows -> conversations -----------------------------------------------------------------------
+    def messages(self, row: dict) -> list[dict]:
+        """The row's conversation as [{role, content}]; ValueError says what is wrong with the row."""
+        cfg = self.recipe.data
+        if row.get(cfg.messages_column) is not None:
+            msgs = row[cfg.messages_column]
+            if isinstance(msgs, str):
+                try:
+                    msgs = json.loads(msgs)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"column '{cfg.messages_column}' is not valid JSON ({e})") from None
+            if not isinstance(msgs, list) or not msgs:
+                raise ValueError(f"column '{cfg.messages_column}' must be a non-empty list of {{role, content}}")
+            for i, m in enumerate(msgs):
+                if not isinstance(m, dict) or not isinstance(m.get("role"), str) \
+                        or not isinstance(m.get("content"), str):
+                    raise ValueError(f"message {i} must be an object with string 'role' and 'content', got {m!r}")
+            return [{"role": m["role"], "content": m["content"]} for m in msgs]
+        prompt = row.get(cfg.prompt_column)
+        if prompt is None:
+            raise ValueError(f"no '{cfg.messages_column}' column and no '{cfg.prompt_column}' column")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"column '{cfg.prompt_column}' must be a non-empty string, got {prompt!r}")
+        msgs = [{"role": "user", "content": prompt}]
+        response = row.get(cfg.response_column)
+        if response is not None and response != "":
+            if not isinstance(response, str):
+                raise ValueError(f"column '{cfg.response_column}' must be a string, got {type(response).__name__}")
+            msgs.append({"role": "assistant", "content": response})
+        return msgs
+
+    @staticmethod
+    def split_answer(msgs: list[dict]) -> tuple[list[dict], str | None]:
+        """(the conversation before the last assistant turn, that turn's text); no assistant: (msgs, None)."""
+        last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=None)
+        return (msgs, None) if last is None else (msgs[:last], msgs[last]["content"])
+
+    def check(self, row: dict, split: str) -> str | None:
+        try:
+            msgs = self.messages(row)
+            if not any(m["role"] == "assistant" for m in msgs):
+                return "no assistant turn: every label would be masked, nothing to learn or score"
+            ids, labels, cut = self.encode_one(msgs)
+        except ValueError as e:
+            return str(e)
+        if all(x == -100 for x in labels[1:]):               # position 0 is never predicted
+            if cut:
+                return (f"every assistant token lies beyond data.max_length={self.recipe.data.max_length} "
+                        f"(the conversation has {self.full_length(msgs)} tokens): raise it or shorten the prompt")
+            return "the chat template leaves no assistant token: every label would be masked"
+        return None
+
+    def key(self, row: dict) -> str:
+        try:
+            prompt, _ = self.split_answer(self.messages(row))
+        except ValueError:
+            return json.dumps(row, sort_keys=True, default=str)
+        return "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
+
+    # --- tokenizer and template ----------------------------------------------------------------------
+    def get_tokenizer(self):
+        if self.tokenizer is None:
+            from tunesmith.assets import resolve_model
+            self.tokenizer = self._setup_tokenizer(resolve_model(self.recipe.model.name), self.recipe.model.revision)
+        return self.tokenizer
+
+    def _setup_tokenizer(self, path, revision=None):
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(path, revision=revision)
+        if self.recipe.data.chat_template:
+            tok.chat_template = self.recipe.data.chat_template
+        if not tok.chat_template:
+            raise ValueError(f"{path}: the tokenizer has no chat template; set data.chat_template to a Jinja "
+                             "template that ends every assistant turn with {{ eos_token }}")
+        if tok.eos_token is None:
+            raise ValueError(f"{path}: the tokenizer has no EOS token; the model could not learn to stop")
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token        # safe: padding is masked by length, never by id
+        self.tokenizer = tok
+        text, spans = self.render(PROBE)
+        if tok.eos_token not in text[spans[0][0]:spans[0][1]]:
+            raise ValueError(f"the chat template does not end an assistant turn with the EOS token "
+                             f"{tok.eos_token!r}, so the model would never learn to stop: add {{{{ eos_token }}}} "
+                             f"after the assistant's content in data.chat_template")
+        return tok
+
+    def render(self, msgs: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+        """The conversation as text, and the character spans [start, end) of the assistant turns, each from
+        its first content character through its EOS token (template text after EOS is not a label)."""
+        tok = self.tokenizer
+
+        def text(part, prompt=False):
+            try:
+                return tok.apply_chat_template(part, tokenize=False, add_generation_prompt=prompt)
+            except Exception as e:                   # jinja2 errors: raise_exception() in templates
+                raise ValueError(f"the chat template cannot render this conversation: {e}") from None
+
+        full, spans = text(msgs), []
+        for i, m in enumerate(msgs):
+            if m["role"] != "assistant":
+                continue
+            head, upto = text(msgs[:i], prompt=True) if i else "", text(msgs[:i + 1])
+            if not (full.startswith(upto) and upto.startswith(head)):
+                raise ValueError(f"the chat template renders message {i} differently alone and in the whole "
+                                 "conversation, so its assistant tokens cannot be found")
+            end = upto.rfind(tok.eos_token, len(head))
+            spans.append((len(head), end + len(tok.eos_token) if end >= 0 else len(upto)))
+        return full, spans
+
+    def full_length(self, msgs: list[dict]) -> int:
+        return len(self.tokenizer(self.render(msgs)[0], add_special_tokens=False)["input_ids"])
+
+    def encode_one(self, msgs: list[dict]) -> tuple[list[int], list[int], bool]:
+        """(input_ids, labels, truncated) of one conversation, cut at data.max_length; cached."""
+        key = json.dumps(msgs)
+        if key not in self._cache:
+            self.get_tokenizer()
+            text, spans = self.render(msgs)
+            enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+            ids = enc["input_ids"]
+            labels = [t if any(a <= s < b for a, b in spans) else -100 for t, (s, _) in zip(ids, enc["offset_mapping"])]
+            limit = self.recipe.data.max_length
+            self._cache[key] = (ids[:limit], labels[:limit], len(ids) > limit)
+        return self._cache[key]
+
+    def prompt_ids(self, msgs: list[dict]) -> list[int]:
+        """Token ids of the conversation followed by the template's assistant header (a generation prompt)."""
+        text = self.get_tokenizer().apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        return self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+
+    # --- features ------------------------------------------------------------------------------------
+    def encode(self, rows: list[dict]) -> list[dict]:
+        """One feature per conversation, or packed rows of several (train.packing)."""
+        out = [self.encode_one(self.messages(r)) for r in rows]
+        self.truncated = sum(cut for _, _, cut in out)
+        features = [{"input_ids": ids, "labels": labels} for ids, labels, _ in out]
+        return self.pack(features) if self.recipe.train.packing else features
+
+    def length_stats(self, rows: list[dict], features: list[dict]) -> dict:
+        """Per conversation (features may be packed, so computed from rows): tokens kept and before the cut,
+        trained tokens, and which conversations train nothing or lost their final EOS to the cut."""
+        eos = self.get_tokenizer().eos_token_id
+        stats = {"kept": [], "lengths": [], "trained": [], "all_masked": [], "missing_end": []}
+        for i, row in enumerate(rows):
+            msgs = self.messages(row)
+            ids, labels, cut = self.encode_one(msgs)
+            trained = [y for y in labels[1:] if y != -100]
+            stats["kept"].append(len(ids))
+            stats["lengths"].append(self.full_length(msgs) if cut else len(ids))
+            stats["trained"].append(len(trained))
+            if not trained:
+                stats["all_masked"].append(i)
+            elif trained[-1] != eos:
+                stats["missing_end"].append(i)
+        return stats
+
+    def pack(self, features: list[dict]) -> list[dict]:
+        """Best-fit decreasing into rows of pack_length tokens; each row keeps its examples' boundaries in
+        position_ids (restarting at 0) and masks each example's first label (nothing before it may predict it)."""
+        cap = self.recipe.train.pack_length or self.recipe.data.max_length
+        rows: list[list[dict]] = []
+        free: list[tuple[int, int]] = []                  # sorted (room left, row index)
+        for f in sorted(features, key=lambda f: -len(f["input_ids"])):
+            n = len(f["input_ids"])
+            k = bisect.bisect_left(free, (n, -1))          # the row with the least room that still fits
+            if k < len(free):
+                room, r = free.pop(k)
+            else:                                          # a new row (an example longer than cap gets its own)
+                room, r = max(cap, n), len(rows)
+                rows.append([])
+            rows[r].append(f)
+            bisect.insort(free, (room - n, r))
+        packed = []
+        for group in rows:
+            packed.append({"input_ids": [t for f in group for t in f["input_ids"]],
+                           "labels": [t for f in group for t in [-100] + f["labels"][1:]],
+                           "position_ids": [p for f in group for p in range(len(f["input_ids"]))]})
+        if features:
+            fill = sum(len(f["input_ids"]) for f in features) / (len(packed) * cap)
+            print(f"packing: {len(features):,} examples into {len(packed):,} rows of <= {cap} tokens "
+                  f"({100 * fill:.0f}% full)", file=sys.stderr)     # stderr: `tunesmith eval` prints JSON
+        return packed
+
+    def collate(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        # input_ids, labels: [B, T] right-padded to the longest; labels -100 on padding.
+        # unpacked: attention_mask [B, T]; packed: position_ids [B, T] (padding forms its own block)
+        width = max(len(f["input_ids"]) for f in features)
+        ids = torch.full((len(features), width), self.get_tokenizer().pad_token_id, dtype=torch.long)
+        labels = torch.full((len(features), width), -100, dtype=torch.long)
+        packed = "position_ids" in features[0]
+        extra = torch.zeros((len(features), width), dtype=torch.long)
+        for i, f in enumerate(features):
+            n = len(f["input_ids"])
+            ids[i, :n] = torch.tensor(f["input_ids"])
+            labels[i, :n] = torch.tensor(f["labels"])
+            if packed:
+                extra[i, :n] = torch.tensor(f["position_ids"])
+                extra[i, n:] = torch.arange(width - n)
+            else:
+                extra[i, :n] = 1
+        return {"input_ids": ids, "labels": labels, ("position_ids" if packed else "attention_mask"): extra}
+
+    # --- model ---------------------------------------------------------------------------------------
+    def load_model(self):
+        from transformers import AutoModelForCausalLM
+
+        model, path = load_hf(AutoModelForCausalLM, self.recipe.model)
+        return model, self.get_tokenizer()
+
+    def load_trained(self, folder):
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(folder)
+        return model, self._setup_tokenizer(folder)
+
+    def save(self, model, processor, folder) -> None:
+        # pipeline("text-generation") and generate() stop at the EOS the template ends each turn with
+        model.generation_config.eos_token_id = processor.eos_token_id
+        model.generation_config.pad_token_id = processor.pad_token_id
+        super().save(model, processor, folder)
+
+    # --- training and evaluation ---------------------------------------------------------------------
+    def loss(self, model, batch: dict) -> torch.Tensor:
+        """HF's causal-LM loss (mean cross-entropy over the batch's label tokens: token-weighted), with the LM
+        head applied only where a label follows: the head over the vocabulary is a large share of a small
+        model's compute, and most positions are prompt. No KV cache while training."""
+        if not self.keep_logits:
+            return model(**batch, use_cache=False).loss
+        target = batch["labels"][:, 1:]                          # [B, T-1]: position t predicts token t+1
+        keep = torch.nn.functional.pad(target != -100, (0, 1))   # [B, T] bool: positions followed by a label
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        try:
+            logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits   # [N, V], N label tokens
+        except TypeError:                                         # a model without logits_to_keep
+            self.keep_logits = False
+            return self.loss(model, batch)
+        return torch.nn.functional.cross_entropy(logits.float(), target[keep[:, :-1]])
+
+    def evaluate(self, model, features: list[dict], batch_size: int) -> dict:
+        """Token-weighted loss over the assistant tokens, and its perplexity."""
+        total, count = 0.0, 0
+        for _, batch in batches(self, features, batch_size, model_device(model)):
+            n = int((batch["labels"][:, 1:] != -100).sum())      # what HF's shifted loss averages over
+            total += float(self.loss(model, batch)) * n
+            count += n
+        loss = total / count if count else float("nan")
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "label_tokens": count}
+
+    def autocast(self, model):
+        """Inference in the recipe's training precision (bf16 where the hardware computes it natively: about
+        twice the fp32 speed on such CPUs), so eval.json, predict and chat match what validation saw."""
+        from tunesmith.loop import choose_precision
+
+        device = model_device(model)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(choose_precision(self.recipe.train.precision,
+                                                                                      device)[0])
+        return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+    def generation_settings(self) -> dict:
+        return {"max_new_tokens": 32, "do_sample": False, **(self.recipe.eval.generate or {})}
+
+    def generate(self, model, prompts: list[list[dict]], batch_size: int, settings: dict | None = None) -> list[str]:
+        """Greedy (or as eval.generate says) completions of each conversation, left-padded in batches."""
+        tok, device = self.get_tokenizer(), model_device(model)
+        settings = settings or self.generation_settings()
+        ids = [self.prompt_ids(p) for p in prompts]
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        out = [""] * len(ids)
+        bar = tqdm(total=len(ids), desc="generate", unit="example", disable=len(ids) <= batch_size)
+        for s in range(0, len(order), batch_size):
+            idx = order[s:s + batch_size]
+            width = max(len(ids[i]) for i in idx)
+            x = torch.full((len(idx), width), tok.pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for row, i in enumerate(idx):
+                x[row, width - len(ids[i]):] = torch.tensor(ids[i])
+                mask[row, width - len(ids[i]):] = 1
+            with torch.no_grad(), self.autocast(model):
+                gen = model.generate(input_ids=x.to(device), attention_mask=mask.to(device),
+                                     pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **settings)
+            for row, i in enumerate(idx):
+                out[i] = tok.decode(gen[row, width:], skip_special_tokens=True).strip()
+            bar.update(len(idx))
+        bar.close()
+        return out
+
+    def evaluate_final(self, model, rows: list[dict], features: list[dict], batch_size: int, out_dir=None) -> dict:
+        """Loss and perplexity; with eval.generate also exact match and ROUGE-L of generated answers against
+        each row's last assistant turn, and the first SAMPLES generations in out_dir/samples.jsonl."""
+        with self.autocast(model):
+            result = self.evaluate(model, features, batch_size)
+        if self.recipe.eval.generate is None:
+            return result
+        prompts, refs = zip(*(self.split_answer(self.messages(r)) for r in rows)) if rows else ((), ())
+        outputs = self.generate(model, list(prompts), batch_size)
+        result |= metrics.generation(list(refs), outputs)
+        if out_dir is not None:
+            from pathlib import Path
+            with open(Path(out_dir) / "samples.jsonl", "w") as f:
+                for p, r, o in list(zip(prompts, refs, outputs))[:SAMPLES]:
+                    f.write(json.dumps({"prompt": p, "reference": r, "output": o}) + "\n")
+        return result
+
+    def predict(self, model, processor, inputs: list) -> list[dict]:
+        """A bare string is one user message; a row gives its conversation up to its last assistant turn."""
+        prompts = []
+        for x in inputs:
+            msgs = [{"role": "user", "content": x}] if isinstance(x, str) else self.messages(x)
+            prompts.append(self.split_answer(msgs)[0])
+        outputs = self.generate(model, prompts, self.recipe.eval.batch_size)
+        return [{"prompt": p[-1]["content"] if p else "", "output": o} for p, o in zip(prompts, outputs)]

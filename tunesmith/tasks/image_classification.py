@@ -1,0 +1,166 @@
+"""Image classification (ResNet, ViT, ConvNeXt, MobileNetV2, EfficientNet via transformers' Auto classes).
+
+Preprocessing is the model's own transformers image processor (PIL backend, no torchvision): it resizes
+and crops each image once, at encode time, to uint8 pixels [3, H, W] (data.image_size rescales its sizes;
+the processor saved with the model carries them, so `pipeline("image-classification", RUN/model)` sees the
+same input). collate applies the processor's rescale and normalization. Training batches are augmented
+in `loss` (the only step that sees training batches alone), in plain torch (tunesmith/vision.py), with a
+generator seeded from the global torch RNG: checkpoints restore that RNG, so a resumed run is exact.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from tunesmith import metrics, vision
+from tunesmith.tasks.base import load_hf
+from tunesmith.tasks.classification import Classification
+
+CHUNK = 256                 # images per image-processor call
+MISCLASSIFIED = 100         # most confident mistakes listed in misclassified.jsonl
+
+
+class ImageClassification(Classification):
+    name = "image-classification"
+    input_key = "image"
+    near_method = "embedding"       # Task.key is a pixel hash: near duplicates need the model's embeddings
+    processor = None
+
+    @property
+    def path_columns(self) -> tuple[str, ...]:
+        return (self.recipe.data.image_column,)
+
+    # --- data ---------------------------------------------------------------------------------------
+    def check(self, row: dict, split: str) -> str | None:
+        col = self.recipe.data.image_column
+        if row.get(col) in (None, ""):
+            return f"missing image (column '{col}')"
+        return vision.check_image(row[col]) or self.check_label(row, split)
+
+    def key(self, row: dict) -> str:
+        return vision.image_key(row[self.recipe.data.image_column])
+
+    def length(self, feature: dict) -> int:
+        return 1                                    # every image has the model's input size
+
+    def encode(self, rows: list[dict]) -> list[dict]:
+        """uint8 pixels [3, H, W] as the image processor resizes and crops them, and the label id if any."""
+        col, label_col = self.recipe.data.image_column, self.recipe.data.label_column
+        out = []
+        for s in tqdm(range(0, len(rows), CHUNK), desc="images", unit="chunk", mininterval=1.0,
+                      disable=len(rows) <= 4 * CHUNK, leave=False):
+            chunk = rows[s:s + CHUNK]
+            try:
+                images = [vision.load_image(r[col]) for r in chunk]
+            except Exception as e:                  # check() decoded these already: the files changed since
+                raise ValueError(f"image became unreadable after the data check: {e}") from None
+            pixels = self.processor(images, do_rescale=False, do_normalize=False, return_tensors="np")
+            pixels = torch.from_numpy(np.asarray(pixels["pixel_values"]).round().clip(0, 255).astype(np.uint8))
+            for p, r in zip(pixels, chunk):
+                labelled = r.get(label_col) not in (None, "")
+                out.append({"pixels": p, **({"labels": self.label_id(r)} if labelled else {})})
+        return out
+
+    def collate(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        # pixel_values: [B, 3, H, W] normalized as the processor does; labels: [B]
+        pixels = torch.stack([f["pixels"] for f in features]).float()
+        batch = {"pixel_values": pixels * self.scale + self.shift}
+        if "labels" in features[0]:
+            batch["labels"] = torch.tensor([f["labels"] for f in features])
+        return batch
+
+    # --- model --------------------------------------------------------------------------------------
+    def _use(self, processor) -> None:
+        self.processor = processor
+        self.scale, self.shift = vision.normalization(processor)       # [3, 1, 1] each
+
+    def _processor(self, path):
+        from transformers import AutoImageProcessor
+
+        try:
+            return AutoImageProcessor.from_pretrained(path, revision=self.recipe.model.revision)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path}: no usable image processor ({e}); save one beside the model, e.g. ViTImage"
+                             "ProcessorPil(size=..., image_mean=..., image_std=...).save_pretrained(path)") from None
+
+    def load_model(self):
+        from transformers import AutoModelForImageClassification
+
+        model, path = load_hf(AutoModelForImageClassification, self.recipe.model, **self.label_config)
+        processor = self._processor(path)
+        if self.recipe.data.image_size:
+            vision.set_input_size(processor, self.recipe.data.image_size)
+        for m in model.modules():
+            # transformers' MobileNetV2 keeps TensorFlow's BatchNorm momentum (0.997, the share of the old running
+            # statistics); in PyTorch's convention that would keep only the latest batch: use PyTorch's 0.1
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and (m.momentum or 0) > 0.5:
+                m.momentum = 0.1
+        self._use(processor)
+        return model, processor
+
+    def load_trained(self, folder):
+        from transformers import AutoModelForImageClassification
+
+        model = AutoModelForImageClassification.from_pretrained(folder)
+        self._use(self._processor(folder))
+        self.set_labels([model.config.id2label[i] for i in range(model.config.num_labels)])
+        return model, self.processor
+
+    # --- training and evaluation --------------------------------------------------------------------
+    def loss(self, model, batch: dict) -> torch.Tensor:
+        aug = self.recipe.augment
+        if not aug.enabled:
+            return super().loss(model, batch)
+        # one draw from the global RNG per batch: a checkpoint restores that RNG, so resume replays these
+        g = torch.Generator().manual_seed(int(torch.randint(2**62, (1,))))
+        pv = batch["pixel_values"]
+        scale, shift = self.scale.to(pv), self.shift.to(pv)
+        x = ((pv - shift) / scale / 255).clamp(0, 1)                   # back to [0, 1] pixels
+        x = vision.augment(x, aug, g)
+        targets = F.one_hot(batch["labels"], len(self.names)).float()  # [B, C]; MixUp/CutMix mix them
+        x, targets = vision.mix(x, targets, aug, g)
+        logits = model(pixel_values=x * 255 * scale + shift).logits
+        weight = self.weights.to(logits.device) if self.weights is not None else None
+        smoothing = self.recipe.train.label_smoothing
+        loss = F.cross_entropy(logits.float(), targets, weight=weight, label_smoothing=smoothing, reduction="sum")
+        # weighted mean as for class ids (sum of the examples' weights), so class weights keep their scale
+        return loss / ((targets @ weight).sum() if weight is not None else len(targets))
+
+    def evaluate_final(self, model, rows: list[dict], features: list[dict], batch_size: int, out_dir=None) -> dict:
+        """Metrics (as `evaluate`) plus top-k accuracy; out_dir: write misclassified.jsonl there, the most
+        confident mistakes first ("row" is the example's position in the evaluated rows, data/test.jsonl)."""
+        logits = self.logits(model, features, batch_size)
+        labels = torch.tensor([f["labels"] for f in features])
+        probs = logits.softmax(-1)
+        pred = probs.argmax(-1)
+        result = {"loss": float(F.cross_entropy(logits, labels))}
+        result |= metrics.classification(labels.numpy(), pred.numpy(), probs.numpy(), self.names)
+        result |= metrics.top_k_accuracy(labels.numpy(), probs.numpy())
+        if out_dir is not None:
+            confidence = probs.max(-1).values
+            wrong = sorted((i for i in range(len(rows)) if pred[i] != labels[i]), key=lambda i: -float(confidence[i]))
+            col = self.recipe.data.image_column
+            with open(Path(out_dir) / "misclassified.jsonl", "w") as f:
+                for i in wrong[:MISCLASSIFIED]:
+                    f.write(json.dumps({"row": i, "image": vision.describe(rows[i][col]),
+                                        "label": self.names[int(labels[i])], "predicted": self.names[int(pred[i])],
+                                        "confidence": round(float(confidence[i]), 4),
+                                        "label_probability": round(float(probs[i, labels[i]]), 4)}) + "\n")
+            result["misclassified"] = len(wrong)
+        return result
+
+    def predict(self, model, processor, inputs: list) -> list[dict]:
+        col = self.recipe.data.image_column
+        rows = [{col: x[col] if isinstance(x, dict) else x} for x in inputs]
+        for r in rows:
+            reason = vision.check_image(r[col])
+            if reason:
+                raise ValueError(reason)
+        features = [{"pixels": f["pixels"]} for f in self.encode(rows)]
+        with torch.no_grad():
+            return self.predictions(self.logits(model, features, self.recipe.eval.batch_size))
