@@ -135,6 +135,7 @@ def test_bad_rows_fail_with_file_and_line(tiny_bert, tmp_path):
 
 def test_two_process_ddp_through_accelerate(tiny_bert, tmp_path):
     """Distribution is torchrun's and accelerate's: two CPU processes (gloo) train one run into one folder."""
+    import os
     import subprocess
     import sys
 
@@ -143,7 +144,8 @@ def test_two_process_ddp_through_accelerate(tiny_bert, tmp_path):
     path.write_text(yaml.safe_dump(recipe_dict(tiny_bert, data)))
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                           "-m", "tunesmith", "train", str(path), "--run-dir", str(tmp_path / "run")],
-                         capture_output=True, text=True, timeout=600, cwd=tmp_path)
+                         capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                         env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})   # gloo on CPU even where GPUs exist
     assert out.returncode == 0, out.stderr[-3000:]
     assert "x 2 processes" in out.stdout and out.stdout.count("after fine-tuning") == 1
     assert json.loads((tmp_path / "run" / "eval.json").read_text())["accuracy"] > 0.9
@@ -162,3 +164,19 @@ def test_early_stopping_keeps_the_best_and_stops(tiny_bert, tmp_path):
     assert len(evals) == [e["step"] for e in evals].index(first_best) + 3   # exactly `patience` more evaluations
     state = json.loads((run.path / "checkpoints" / "best" / "state.json").read_text())
     assert state["accuracy"] == best and state["step"] == first_best
+
+
+def test_pad_multiple_rounds_widths_but_not_past_max_length(tiny_bert, tmp_path):
+    from tunesmith.tasks import get_task
+
+    recipe = recipe_dict(tiny_bert, tmp_path / "x.csv")
+    recipe["data"]["max_length"] = 20
+    task = get_task(load(recipe))
+    task.set_labels(["neg", "pos"])
+    task.load_model()
+    rows = [{"text": "good " * n} for n in (3, 7)]
+    assert task.collate(task.encode(rows))["input_ids"].shape[1] == 9          # CPU default: no rounding
+    task.pad_multiple = 16
+    assert task.collate(task.encode(rows))["input_ids"].shape[1] == 16
+    long = [{"text": "good " * 30}]                                           # cut at 20: 16 -> 32 capped at 20
+    assert task.collate(task.encode(long))["input_ids"].shape[1] == 20

@@ -71,6 +71,7 @@ def fit(task, adapted, train, evalset, recipe, run, accelerator, resume: bool = 
     """Train `adapted.model` on encoded `train` features; evaluate on `evalset`; write into `run`."""
     cfg = recipe.train
     model = adapted.model
+    task.pad_multiple = cfg.pad_multiple or (16 if accelerator.device.type == "cuda" else 1)
     lengths = [task.length(f) for f in train]
     micro = math.ceil(len(train) / cfg.batch_size)            # micro-batches per epoch
     per_epoch = math.ceil(micro / cfg.grad_accum)             # optimizer steps per epoch
@@ -127,7 +128,8 @@ def fit(task, adapted, train, evalset, recipe, run, accelerator, resume: bool = 
     bar = tqdm(total=total, initial=state.step, unit="step", dynamic_ncols=True, mininterval=1.0,
                disable=not accelerator.is_main_process, desc="train")
     window = {"loss": 0.0, "steps": 0, "samples": 0, "tokens": 0, "time": time.perf_counter()}
-    totals = {"train_seconds": time.perf_counter(), "eval_seconds": 0.0, "samples": 0, "tokens": 0}
+    totals = {"train_seconds": time.perf_counter(), "eval_seconds": 0.0, "checkpoint_seconds": 0.0,
+              "samples": 0, "tokens": 0}
     stop = False
     rank, world = accelerator.process_index, accelerator.num_processes
     while state.step < total and not stop:
@@ -171,12 +173,14 @@ def fit(task, adapted, train, evalset, recipe, run, accelerator, resume: bool = 
             if at_end and state.position == len(steps):
                 state.epoch, state.position = state.epoch + 1, 0
             if state.step % save_every == 0 or state.step == total or stop:
+                t0 = time.perf_counter()
                 if accelerator.is_main_process:
                     checkpoint.save(run.checkpoints / f"step-{state.step:08d}",
                                     trainable_state(accelerator.unwrap_model(model), names),
                                     optimizer, scheduler, vars(state))
                     checkpoint.prune(run.checkpoints, cfg.keep_checkpoints)
                 accelerator.wait_for_everyone()
+                totals["checkpoint_seconds"] += time.perf_counter() - t0
             if stop or state.step >= total:
                 break
     bar.close()

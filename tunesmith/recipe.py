@@ -88,6 +88,7 @@ class TrainConfig(Section):
     seed: int = 42
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     group_by_length: bool = True
+    pad_multiple: int | None = Field(None, gt=0)  # pad batch widths to a multiple; None: 16 on GPU, 1 on CPU
     eval_every: int | None = Field(None, gt=0)  # optimizer steps; None: once per epoch
     save_every: int | None = Field(None, gt=0)  # optimizer steps; None: at each evaluation
     keep_checkpoints: int = Field(2, ge=1)

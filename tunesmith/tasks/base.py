@@ -47,6 +47,14 @@ class Task:
     def length(self, feature: dict) -> int:
         return len(feature["input_ids"])
 
+    pad_multiple = 1                # the loop sets it from train.pad_multiple: 16 on GPUs (each new width
+                                    # costs kernel selection there), 1 on CPUs (widths cost nothing)
+
+    def padded(self, width: int) -> int:
+        """`width` rounded up to pad_multiple, never past max(width, data.max_length)."""
+        rounded = -(-width // self.pad_multiple) * self.pad_multiple
+        return min(rounded, max(width, self.recipe.data.max_length))
+
     def collate(self, features: list[dict]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 

@@ -69,7 +69,7 @@ class TextClassification(Classification):
 
     def collate(self, features: list[dict]) -> dict[str, torch.Tensor]:
         # input_ids, attention_mask: [B, T] padded to the longest in the batch; labels: [B]
-        width = max(len(f["input_ids"]) for f in features)
+        width = self.padded(max(len(f["input_ids"]) for f in features))
         pad = self.tokenizer.pad_token_id or 0
         ids = torch.full((len(features), width), pad, dtype=torch.long)
         mask = torch.zeros((len(features), width), dtype=torch.long)
