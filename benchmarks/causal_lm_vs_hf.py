@@ -2,16 +2,17 @@
 
     .venv/bin/python benchmarks/causal_lm_vs_hf.py [--rows N] [--steps S] [--batch B] [--skip-bf16]
 
-Both train the bundled SmolLM2-135M-Instruct with the same LoRA (the demo recipe's: r 16 on q/k/v/o), learning
-rate, warmup and linear schedule, on the same training conversations of the bundled reviews_chat data, with the
-same prompt-masked labels (the causal-lm task's own encoding), for the same number of optimizer steps of about
-B conversations each. HF Trainer pads each batch (DataCollatorForSeq2Seq) and runs with its defaults (fp32 on
-CPU; a bf16=True run is added where the CPU has native bf16); tunesmith packs rows (train.packing) and applies
-the LM head only at label positions. TRL's SFTTrainer is used instead of Trainer when trl is installed.
+Both train the bundled SmolLM2-135M-Instruct with the same LoRA (the demo recipe's: r 16 on the attention
+and MLP projections of the top 15 of 30 blocks), learning rate, warmup and linear schedule, on the same
+training conversations of the bundled reviews_chat data, with the same prompt-masked labels (the causal-lm
+task's own encoding), for the same number of optimizer steps of about B conversations each. HF Trainer pads
+each batch (DataCollatorForSeq2Seq) and runs with its defaults (fp32 on CPU; a bf16=True run is added where the
+CPU has native bf16); tunesmith packs one row of ~B conversations per step (train.packing) and applies the LM
+head only at label positions.
 
-Prints real (non-pad) training tokens/s and the ratio to HF Trainer's default run, peak resident memory growth
-during training, and after training the token-weighted loss over the assistant tokens of the same 200 held-out
-validation conversations (fp32, one evaluation function for every run).
+Prints real (non-pad) training tokens/s and the ratio to HF Trainer's default run; peak resident memory while
+training, above the level before the run (model loading included); and after training the token-weighted loss
+over the assistant tokens of the same 200 held-out validation conversations (fp32, one evaluation function).
 """
 from __future__ import annotations
 
@@ -38,6 +39,18 @@ from tunesmith.train import load_splits, train  # noqa: E402
 RECIPE = Path(__file__).parent.parent / "tunesmith" / "recipes" / "reviews_chat.yaml"
 
 
+def release_memory() -> None:
+    """Return freed heap to the OS so each run's resident-memory growth is measured from a clean level."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
 def validation_loss(task, model, features) -> float:
     model.eval()
     with torch.no_grad():
@@ -45,43 +58,44 @@ def validation_loss(task, model, features) -> float:
 
 
 def run_hf(recipe, task, train_rows, val_features, steps: int, batch: int, out_dir: str, bf16: bool) -> dict:
-    """HF Trainer (or TRL's SFTTrainer) with its defaults; only the recipe's hyperparameters are set."""
+    """HF Trainer with its defaults; only the recipe's hyperparameters (and its LoRA) are set."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
     from tunesmith.assets import resolve_model
 
     cfg, lora = recipe.train, recipe.adapt.lora
+    release_memory()
+    mem = PeakRSS().__enter__()                         # model loading counts, as it does for tunesmith
     set_seed(cfg.seed)
     model = AutoModelForCausalLM.from_pretrained(resolve_model(recipe.model.name))
+    layers = range(recipe.adapt.freeze_layers, model.config.num_hidden_layers)   # as adapt.freeze_layers does
     model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                             target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+                                             target_modules=lora.target_modules, layers_to_transform=list(layers),
+                                             task_type="CAUSAL_LM"))
     train_set = [{"input_ids": f["input_ids"], "attention_mask": [1] * len(f["input_ids"]), "labels": f["labels"]}
                  for f in task.encode(train_rows)]
-    pad = DataCollatorForSeq2Seq(task.tokenizer, label_pad_token_id=-100, padding=True)
+    collate = DataCollatorForSeq2Seq(task.tokenizer, label_pad_token_id=-100, padding=True)
     seen = {"tokens": 0}
 
-    def collate(features):                              # counts real (non-pad) tokens, then pads
-        seen["tokens"] += sum(len(f["input_ids"]) for f in features)
-        return pad(features)
+    def count(module, args, kwargs):                    # real (non-pad) tokens of each training forward
+        if module.training:
+            seen["tokens"] += int(kwargs["attention_mask"].sum())
+
+    model.register_forward_pre_hook(count, with_kwargs=True)
 
     args = dict(output_dir=out_dir, per_device_train_batch_size=batch, learning_rate=cfg.learning_rate,
                 max_steps=steps, weight_decay=cfg.weight_decay, warmup_steps=round(cfg.warmup * steps),
                 lr_scheduler_type=cfg.scheduler, max_grad_norm=cfg.max_grad_norm, seed=cfg.seed, bf16=bf16,
                 save_strategy="no", report_to="none", disable_tqdm=True, logging_steps=steps,
                 use_cpu=not torch.cuda.is_available())     # required for bf16=True on a CPU
-    try:
-        from trl import SFTConfig, SFTTrainer
-        name = "TRL SFTTrainer"
-        trainer = SFTTrainer(model=model, args=SFTConfig(**args, dataset_kwargs={"skip_prepare_dataset": True}),
-                             train_dataset=train_set, processing_class=task.tokenizer, data_collator=collate)
-    except ImportError:
-        name = "HF Trainer"
-        trainer = Trainer(model=model, args=TrainingArguments(**args), train_dataset=train_set,
-                          processing_class=task.tokenizer, data_collator=collate)
-    with PeakRSS() as mem:
+    trainer = Trainer(model=model, args=TrainingArguments(**args), train_dataset=train_set,
+                      processing_class=task.tokenizer, data_collator=collate)
+    with PeakRSS() as during:
         metrics = trainer.train().metrics
-    return {"name": f"{name} ({'bf16' if bf16 else 'defaults, fp32'})", "seconds": metrics["train_runtime"],
-            "tokens": seen["tokens"], "mem": mem.mib, "loss": validation_loss(task, model, val_features)}
+    mem.__exit__(None, None, None)
+    return {"name": f"HF Trainer ({'bf16' if bf16 else 'defaults, fp32'})", "seconds": metrics["train_runtime"],
+            "tokens": seen["tokens"], "mem": (during.peak - mem.base) / 2**20,
+            "loss": validation_loss(task, model, val_features)}
 
 
 def run_tunesmith(recipe, task, val_features, steps: int, batch: int, mean_len: float, out_dir: str,
@@ -90,17 +104,29 @@ def run_tunesmith(recipe, task, val_features, steps: int, batch: int, mean_len: 
 
     recipe = recipe.model_copy(deep=True)
     recipe.train.precision, recipe.train.max_steps = precision, steps
-    recipe.train.packing = True
-    rows_per_step = max(1, round(batch * mean_len / recipe.train.pack_length / 0.95))   # ~batch conversations
-    recipe.train.batch_size = rows_per_step
-    with PeakRSS() as mem:
-        run = train(recipe, run_dir=out_dir)
+    recipe.train.packing, recipe.train.batch_size = True, 1     # one packed row of ~batch conversations a step
+    recipe.train.pack_length = round(batch * mean_len / 0.96)  # best-fit decreasing fills rows ~96%
+    import tunesmith.loop as loop
+
+    fit, during = loop.fit, PeakRSS()
+
+    def measured_fit(*args, **kwargs):                  # peak while training, as for HF's trainer.train()
+        with during:
+            return fit(*args, **kwargs)
+
+    release_memory()
+    loop.fit = measured_fit
+    try:
+        with PeakRSS() as mem:
+            run = train(recipe, run_dir=out_dir)
+    finally:
+        loop.fit = fit
     lines = [json.loads(x) for x in (run.path / "metrics.jsonl").read_text().splitlines()]
     summary = next(x for x in lines if x.get("summary"))
     model = AutoModelForCausalLM.from_pretrained(run.path / "model")
-    return {"name": f"tunesmith ({precision}, packed x{rows_per_step})",
+    return {"name": f"tunesmith ({precision}, packed)",
             "seconds": summary["train_seconds"] - summary["eval_seconds"], "tokens": summary["tokens"],
-            "mem": mem.mib, "loss": validation_loss(task, model, val_features)}
+            "mem": (during.peak - mem.base) / 2**20, "loss": validation_loss(task, model, val_features)}
 
 
 def main():
@@ -139,10 +165,10 @@ def main():
         else:
             print(f"no bf16 runs: {why}")
     base = results[0]["tokens"] / results[0]["seconds"]
-    print(f"\n{'run':<36}{'real tokens':>12}{'seconds':>9}{'tokens/s':>10}{'ratio':>7}{'peak MiB':>10}{'val loss':>10}")
+    print(f"\n{'run':<30}{'real tokens':>12}{'seconds':>9}{'tokens/s':>10}{'ratio':>7}{'peak MiB':>10}{'val loss':>10}")
     for r in results:
         tps = r["tokens"] / r["seconds"]
-        print(f"{r['name']:<36}{r['tokens']:>12,}{r['seconds']:>9.1f}{tps:>10.1f}{tps / base:>7.2f}"
+        print(f"{r['name']:<30}{r['tokens']:>12,}{r['seconds']:>9.1f}{tps:>10.1f}{tps / base:>7.2f}"
               f"{r['mem']:>10.0f}{r['loss']:>10.4f}")
     print(f"\nratio: real (non-pad) training tokens/s relative to the first row; val loss: token-weighted loss "
           f"over the assistant tokens of {len(val_features)} validation conversations (base model: "

