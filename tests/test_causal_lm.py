@@ -130,6 +130,11 @@ def test_packing_loss_equals_token_weighted_mean_of_unpacked(tiny_llama, tmp_pat
         assert float(task.loss(model, task.collate(single))) == pytest.approx(mean, abs=1e-5)
         batch = task.collate(single)
         assert float(model(**batch).loss) == pytest.approx(mean, abs=1e-5)     # HF's own loss agrees
+        task.pad_multiple = 24                                                  # wider padding changes nothing
+        assert task.collate(single)["input_ids"].shape[1] > max(len(f["input_ids"]) for f in single)
+        assert float(task.loss(model, task.collate(single))) == pytest.approx(mean, abs=1e-5)
+        assert float(task.loss(model, task.collate(packed))) == pytest.approx(mean, abs=1e-5)
+        task.pad_multiple = 1
         leaky = task.collate(packed)
         leaky["position_ids"] = torch.arange(leaky["input_ids"].shape[1]).expand_as(leaky["input_ids"])
         assert abs(float(task.loss(model, leaky)) - mean) > 1e-3                  # boundaries matter

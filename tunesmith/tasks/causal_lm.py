@@ -230,7 +230,7 @@ class CausalLM(Task):
     def collate(self, features: list[dict]) -> dict[str, torch.Tensor]:
         # input_ids, labels: [B, T] right-padded to the longest; labels -100 on padding.
         # unpacked: attention_mask [B, T]; packed: position_ids [B, T] (padding forms its own block)
-        width = max(len(f["input_ids"]) for f in features)
+        width = self.padded(max(len(f["input_ids"]) for f in features))      # train.pad_multiple
         ids = torch.full((len(features), width), self.get_tokenizer().pad_token_id, dtype=torch.long)
         labels = torch.full((len(features), width), -100, dtype=torch.long)
         packed = "position_ids" in features[0]
