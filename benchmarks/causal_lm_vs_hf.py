@@ -34,7 +34,8 @@ from text_cls_vs_hf import PeakRSS  # noqa: E402
 
 from tunesmith.recipe import load  # noqa: E402
 from tunesmith.tasks import get_task  # noqa: E402
-from tunesmith.train import load_splits, train  # noqa: E402
+from tunesmith.finetune import train
+from tunesmith.splits import load_splits  # noqa: E402
 
 RECIPE = Path(__file__).parent.parent / "tunesmith" / "recipes" / "reviews_chat.yaml"
 
@@ -155,7 +156,7 @@ def main():
                       f"{tmp}/hf", bf16=False),
                run_tunesmith(recipe, task, val_features, args.steps, args.batch, mean_len, f"{tmp}/ts-fp32", "fp32")]
     if not args.skip_bf16:
-        from tunesmith.loop import choose_precision
+        from tunesmith.device import choose_precision
         mode, why = choose_precision("auto", torch.device("cpu"))
         if mode == "bf16":
             results.append(run_hf(recipe.model_copy(deep=True), task, train_rows, val_features, args.steps,
@@ -172,7 +173,7 @@ def main():
               f"{r['mem']:>10.0f}{r['loss']:>10.4f}")
     print(f"\nratio: real (non-pad) training tokens/s relative to the first row; val loss: token-weighted loss "
           f"over the assistant tokens of {len(val_features)} validation conversations (base model: "
-          f"{validation_loss(task, task.load_model()[0], val_features):.4f}); total {time.perf_counter() - t0:.0f}s")
+          f"{validation_loss(task, task.load_model(), val_features):.4f}); total {time.perf_counter() - t0:.0f}s")
 
 
 if __name__ == "__main__":

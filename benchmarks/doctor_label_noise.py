@@ -60,7 +60,7 @@ def main() -> None:
 
         # the same rows and labels in the doctor's order, for the baselines
         from tunesmith.tasks import get_task
-        from tunesmith.train import load_data
+        from tunesmith.splits import load_data
         tables = load_data(get_task(recipe), recipe).tables
         origins = [o for t in tables.values() for o in t.origins]
         texts = [r["text"] for t in tables.values() for r in t.rows]

@@ -23,7 +23,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch
 
 from tunesmith.recipe import load
-from tunesmith.train import train
+from tunesmith.finetune import train
 
 WORDS = [f"w{i}" for i in range(3000)]
 
@@ -174,7 +174,7 @@ def causal(tmp: Path, steps: int, peak: float) -> None:
     ours = tunesmith_run(recipe, tmp / "ts-causal")
 
     from tunesmith.tasks import get_task
-    from tunesmith.train import load_splits
+    from tunesmith.splits import load_splits
     rec = load({**recipe, "train": {**recipe["train"], "packing": False}})
     task = get_task(rec)
     tables, _ = load_splits(task, rec)

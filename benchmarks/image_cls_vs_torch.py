@@ -30,7 +30,8 @@ from text_cls_vs_hf import PeakRSS          # noqa: E402  (resident-memory sampl
 
 from tunesmith.recipe import load            # noqa: E402
 from tunesmith.tasks import get_task         # noqa: E402
-from tunesmith.train import load_splits, train  # noqa: E402
+from tunesmith.finetune import train
+from tunesmith.splits import load_splits  # noqa: E402
 
 RECIPE = Path(__file__).parent.parent / "tunesmith" / "recipes" / "fashion_mnist.yaml"
 
@@ -58,7 +59,7 @@ def run_torch(recipe, task, features: dict) -> dict:
 
     cfg = recipe.train
     set_seed(cfg.seed)
-    model, _ = task.load_model()
+    model = task.load_model()
     model.train()
     x = torch.stack([f["pixels"] for f in features["train"]])            # [N, 3, H, W] uint8
     y = torch.tensor([f["labels"] for f in features["train"]])
@@ -96,7 +97,7 @@ def run_torch(recipe, task, features: dict) -> dict:
 
 def warm_up(task, features: list[dict], batch_size: int) -> None:
     """Two training steps on a throwaway model, so no measured run pays for first-use allocations."""
-    model, _ = task.load_model()
+    model = task.load_model()
     batch = task.collate(features[:batch_size])
     for _ in range(2):
         model(**batch).loss.backward()
@@ -130,7 +131,7 @@ def main():
         print("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist): using generated pictures")
         folder = generated_images(tmp / "pictures", per_class=(args.rows + 1000) // 3 + 400)
         overrides += [f"data.train={folder}", "data.test=null", "data.test_size=1000"]
-    from tunesmith.loop import choose_precision
+    from tunesmith.device import choose_precision
     precisions = ["fp32"]
     if not args.skip_bf16 and choose_precision("auto", torch.device("cpu"))[0] == "bf16":
         precisions.append("bf16")

@@ -25,7 +25,8 @@ import torch
 
 from tunesmith.recipe import load
 from tunesmith.tasks import get_task
-from tunesmith.train import load_splits, train
+from tunesmith.finetune import train
+from tunesmith.splits import load_splits
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -145,7 +146,7 @@ def main():
     tmp = tempfile.mkdtemp(prefix="bench-")
     results = [run_hf(recipe, tables, task, f"{tmp}/hf"), run_tunesmith(recipe, f"{tmp}/ts-fp32", "fp32")]
     if not args.skip_bf16:
-        from tunesmith.loop import choose_precision
+        from tunesmith.device import choose_precision
         mode, why = choose_precision("auto", torch.device("cpu"))
         if mode == "bf16":
             results.append(run_tunesmith(recipe, f"{tmp}/ts-auto", "auto"))

@@ -3,6 +3,7 @@ import pytest
 from transformers import AutoModelForSequenceClassification
 
 from tunesmith.adapt import adapt
+from tunesmith.errors import TunesmithError
 from tunesmith.recipe import AdaptConfig
 
 
@@ -81,5 +82,5 @@ def test_lora_counts_adapters_plus_head(tiny_bert):
 
 
 def test_nothing_left_to_train_is_an_error(tiny_bert):
-    with pytest.raises(ValueError, match="no parameter"):
+    with pytest.raises(TunesmithError, match="no parameter"):
         adapt(model(tiny_bert), AdaptConfig(freeze_patterns=["*"]))

@@ -10,9 +10,11 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from tunesmith.errors import TunesmithError
 from tunesmith.recipe import load
 from tunesmith.tasks import get_task
-from tunesmith.train import load_splits, train
+from tunesmith.finetune import train
+from tunesmith.splits import load_splits
 from conftest import FILLER, NEGATIVE, POSITIVE, sentence, tunesmith
 
 TEMPLATE = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
@@ -125,19 +127,23 @@ def test_packing_loss_equals_token_weighted_mean_of_unpacked(tiny_llama, tmp_pat
     model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
     with torch.no_grad():
         per = [(float(task.loss(model, task.collate([f]))), sum(y != -100 for y in f["labels"][1:])) for f in single]
-        mean = sum(loss * n for loss, n in per) / sum(n for _, n in per)
-        assert float(task.loss(model, task.collate(packed))) == pytest.approx(mean, abs=1e-5)
-        assert float(task.loss(model, task.collate(single))) == pytest.approx(mean, abs=1e-5)
+        mean = sum(total for total, _ in per) / sum(n for _, n in per)         # loss() sums over label tokens
+
+        def mean_loss(batch):
+            return float(task.loss(model, batch)) / task.count(batch)
+
+        assert mean_loss(task.collate(packed)) == pytest.approx(mean, abs=1e-5)
+        assert mean_loss(task.collate(single)) == pytest.approx(mean, abs=1e-5)
         batch = task.collate(single)
         assert float(model(**batch).loss) == pytest.approx(mean, abs=1e-5)     # HF's own loss agrees
         task.pad_multiple = 24                                                  # wider padding changes nothing
         assert task.collate(single)["input_ids"].shape[1] > max(len(f["input_ids"]) for f in single)
-        assert float(task.loss(model, task.collate(single))) == pytest.approx(mean, abs=1e-5)
-        assert float(task.loss(model, task.collate(packed))) == pytest.approx(mean, abs=1e-5)
+        assert mean_loss(task.collate(single)) == pytest.approx(mean, abs=1e-5)
+        assert mean_loss(task.collate(packed)) == pytest.approx(mean, abs=1e-5)
         task.pad_multiple = 1
         leaky = task.collate(packed)
         leaky["position_ids"] = torch.arange(leaky["input_ids"].shape[1]).expand_as(leaky["input_ids"])
-        assert abs(float(task.loss(model, leaky)) - mean) > 1e-3                  # boundaries matter
+        assert abs(mean_loss(leaky) - mean) > 1e-3                  # boundaries matter
 
 
 def test_unusable_rows_are_reported_by_line_and_truncation_counted(tiny_llama, tmp_path, capsys):
@@ -162,8 +168,7 @@ def test_unusable_rows_are_reported_by_line_and_truncation_counted(tiny_llama, t
     tables, rejects = load_splits(task, recipe)
     assert sorted(r.origin for r in rejects) == [f"{data}:{n}" for n in (61, 62, 63)]
     rows = [r for t in tables.values() for r in t.rows]
-    task.encode(rows)
-    assert task.truncated == 1                      # row 64 trains, cut, and is counted (train prints it)
+    assert task.encode(rows).truncated == 1                     # row 64 trains, cut, and is counted (train prints it)
     stats = task.length_stats(rows, [])             # what the data doctor reports
     cut = next(i for i, r in enumerate(rows) if r.get("response") == "pos good film")
     assert stats["missing_end"] == [cut] and stats["lengths"][cut] == 34 and stats["kept"][cut] == 32
@@ -175,7 +180,7 @@ def trained(tiny_llama, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("lm")
     data = write_chats(tmp / "chats.jsonl", n=300)
     recipe = load(lm_recipe(tiny_llama, data, train={"packing": True, "pack_length": 64}, eval={"before": True}))
-    assert recipe.adapt.method is None              # left to the task
+    assert recipe.adapt.method == "lora"            # the task's default, filled in by the recipe
     return train(recipe, run_dir=tmp / "run")
 
 
@@ -301,10 +306,10 @@ def test_full_and_freeze_methods_and_resume_bitwise(tiny_llama, tmp_path):
 
 def test_template_without_eos_is_an_error_and_a_recipe_template_fixes_it(tmp_path):
     no_eos = build_tiny_llama(tmp_path / "a", template="{% for m in messages %}{{ m['content'] }} {% endfor %}")
-    with pytest.raises(ValueError, match="does not end an assistant turn with the EOS token"):
-        get_task(load(lm_recipe(no_eos, tmp_path / "x.jsonl"))).get_tokenizer()
+    with pytest.raises(TunesmithError, match="does not end an assistant turn with the EOS token"):
+        get_task(load(lm_recipe(no_eos, tmp_path / "x.jsonl"))).tokenizer
     fixed = lm_recipe(no_eos, tmp_path / "x.jsonl", data={"chat_template": TEMPLATE})
-    assert get_task(load(fixed)).get_tokenizer().chat_template == TEMPLATE
+    assert get_task(load(fixed)).tokenizer.chat_template == TEMPLATE
 
 
 @pytest.mark.slow

@@ -16,7 +16,8 @@ from tunesmith.cli import main
 from tunesmith.doctor import diagnose
 from tunesmith.recipe import load
 from tunesmith.tasks.text_classification import TextClassification
-from tunesmith.train import fingerprint, train
+from tunesmith.finetune import train
+from tunesmith.splits import fingerprint
 from conftest import recipe_dict, sentence, write_reviews
 
 QUICK = {"label_noise": False}          # the checks that need no embeddings

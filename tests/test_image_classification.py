@@ -16,7 +16,7 @@ from conftest import tunesmith
 from test_vision import write_idx
 from tunesmith import checkpoint, data
 from tunesmith.recipe import AdaptConfig, load
-from tunesmith.train import train
+from tunesmith.finetune import train
 
 CLASSES = ("hstripes", "vstripes", "checker")
 
@@ -252,7 +252,7 @@ def test_augmented_loss_keeps_class_weights_scale(tiny_resnet, tmp_path):
     plain = task_for(hflip=0, crop_scale=None, rotation=0, brightness=0)
     soft = task_for(hflip=0, crop_scale=None, rotation=0, brightness=0, mixup=0.2, mix_prob=0.0)   # never mixes
     assert soft.recipe.augment.enabled and not plain.recipe.augment.enabled
-    model, _ = plain.load_model()
+    model = plain.load_model()
     soft.load_model()
     rng = np.random.default_rng(0)
     pixels = [torch.from_numpy(np.array(picture(k, rng).convert("RGB").resize((32, 32)))).permute(2, 0, 1)

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from tunesmith.recipe import load
-from tunesmith.train import train
+from tunesmith.finetune import train
 from conftest import tunesmith
 
 pytestmark = pytest.mark.slow

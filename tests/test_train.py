@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from tunesmith.recipe import load
-from tunesmith.train import train
+from tunesmith.finetune import train
 from conftest import recipe_dict, tunesmith, write_reviews
 
 EVAL_KEYS = {"accuracy", "precision_macro", "recall_macro", "f1_macro", "f1_weighted", "per_class",

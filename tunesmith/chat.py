@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import sys
 
+from tunesmith.errors import TunesmithError
+
 HELP = "/reset clears the history, /exit or Ctrl-D quits"
 
 
@@ -35,23 +37,21 @@ def chat(run_dir: str, max_new_tokens: int | None = None, context: int | None = 
     import torch
 
     from tunesmith.run import Run
-    from tunesmith.tasks import get_task
 
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     run = Run(run_dir)
-    task = get_task(run.recipe())
-    if not hasattr(task, "prompt_ids"):
-        raise ValueError(f"{run.path}: task '{task.name}' is not a chat model; tunesmith chat needs a causal-lm run")
-    model, tok = task.load_trained(run.model_dir)
-    model.eval()
+    if not _generative(run):
+        raise TunesmithError(f"{run.path}: task '{run.recipe.task}' does not generate text; tunesmith chat needs "
+                             "a generative run (causal-lm)")
+    loaded = run.load()
+    task, model, tok = loaded.task, loaded.model, loaded.task.processor
     settings = task.generation_settings()
     if max_new_tokens:
-        settings["max_new_tokens"] = max_new_tokens
-    settings.setdefault("max_new_tokens", 256)
+        settings = settings.model_copy(update={"max_new_tokens": max_new_tokens})
     context = context or getattr(model.config, "max_position_embeddings", 2048)
-    budget = context - settings["max_new_tokens"]
+    budget = context - settings.max_new_tokens
     if budget <= 0:
-        raise ValueError(f"--max-new-tokens {settings['max_new_tokens']} leaves no room in a {context}-token context")
+        raise TunesmithError(f"--max-new-tokens {settings.max_new_tokens} leaves no room in a {context}-token context")
     start = [{"role": "system", "content": system}] if system else []
     history = list(start)
     print(f"chatting with {run.model_dir} (context {context} tokens); {HELP}", file=stdout, flush=True)
@@ -80,12 +80,19 @@ def chat(run_dir: str, max_new_tokens: int | None = None, context: int | None = 
             print(f"(message too long: it does not fit {budget} tokens; nothing sent)", file=stdout, flush=True)
             continue
         print("bot> ", end="", file=stdout, flush=True)
-        x = torch.tensor([ids])
-        with torch.no_grad(), task.autocast(model):
+        x = torch.tensor([ids], device=loaded.device)
+        with torch.no_grad(), task.autocast(model), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(settings.seed)
             out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), streamer=streamer(tok, stdout),
-                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **settings)
+                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **settings.kwargs())
         reply = tok.decode(out[0, len(ids):], skip_special_tokens=True).strip()
         history.append({"role": "assistant", "content": reply})
+
+
+def _generative(run) -> bool:
+    from tunesmith.tasks import task_class
+
+    return task_class(run.recipe).generative
 
 
 def streamer(tok, stdout):

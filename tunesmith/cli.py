@@ -10,73 +10,59 @@ import os
 import sys
 from pathlib import Path
 
+from tunesmith.errors import TunesmithError
 from tunesmith.recipe import RecipeError, load
 
 RECIPES = Path(__file__).parent / "recipes"
 
 
 def cmd_train(args) -> int:
-    from tunesmith.run import Run
-    from tunesmith.train import train
+    import tunesmith as ts
 
     if args.resume:
-        recipe = Run(args.resume).recipe()
         if args.recipe or args.overrides:
             raise RecipeError("command line", ["--resume takes the run's own recipe; drop RECIPE and overrides"])
-        train(recipe, resume=args.resume)
+        ts.train(ts.Run(args.resume).recipe, resume=args.resume)
         return 0
     if not args.recipe:
         raise RecipeError("command line", ["give a RECIPE (yaml file) or --resume RUN_DIR"])
-    recipe = load(args.recipe, args.overrides)      # every recipe error, before any weights load
-    train(recipe, run_dir=args.run_dir)
+    recipe = ts.load_recipe(args.recipe, args.overrides)     # every recipe error, before any weights load
+    ts.train(recipe, run_dir=args.run_dir)
     return 0
 
 
-def _load_run(run_dir: str):
-    from tunesmith.run import Run
-    from tunesmith.tasks import get_task
-
-    run = Run(run_dir)
-    task = get_task(run.recipe())
-    model, processor = task.load_trained(run.model_dir)
-    return run, task, model.eval(), processor
-
-
 def cmd_eval(args) -> int:
-    import torch
+    import tunesmith as ts
 
-    from tunesmith.train import load_rows_for_eval
-
-    run, task, model, _ = _load_run(args.run_dir)
-    rows = load_rows_for_eval(task, run, args.data)
-    with torch.no_grad():
-        result = task.evaluate_final(model, rows, task.encode(rows), task.recipe.eval.batch_size)
-    print(json.dumps(result, indent=2))
+    model = ts.Run(args.run_dir).load(args.device)
+    print(json.dumps(model.evaluate(args.data), indent=2))
     return 0
 
 
 def cmd_predict(args) -> int:
+    import tunesmith as ts
     from tunesmith import data as datalib
 
-    run, task, model, processor = _load_run(args.run_dir)
+    model = ts.Run(args.run_dir).load(args.device)
     inputs = list(args.inputs)
     if args.input:
-        table = datalib.read(args.input, "predict", task.path_columns) if not args.input.endswith(".txt") else None
-        inputs += table.rows if table else [ln for ln in Path(args.input).read_text().splitlines() if ln.strip()]
+        if args.input.endswith(".txt"):
+            inputs += [ln for ln in Path(args.input).read_text().splitlines() if ln.strip()]
+        else:
+            inputs += datalib.read(args.input, "predict", model.task.path_columns).rows
     if not inputs:
         raise RecipeError("command line", ["give inputs: tunesmith predict RUN_DIR \"text\" ... or --input FILE"])
-    for out in task.predict(model, processor, inputs):
+    for out in model.predict(inputs):
         print(json.dumps(out))
     return 0
 
 
 def cmd_demo(args) -> int:
     """Fine-tune the bundled MiniLM on bundled Rotten Tomatoes snippets; print before/after metrics."""
-    from tunesmith.train import train
+    import tunesmith as ts
 
-    recipe = load(RECIPES / "rotten_tomatoes.yaml", args.overrides)
-    run = train(recipe, run_dir=args.run_dir)
-    result = json.loads((run.path / "eval.json").read_text())
+    run = ts.train(ts.load_recipe(RECIPES / "rotten_tomatoes.yaml", args.overrides), run_dir=args.run_dir)
+    result = run.metrics
     before = result.get("before", {})
     print(f"\n{'metric':<12}{'before':>10}{'after':>10}   (test split, {result['n_examples']:,} snippets)")
     for key in ("accuracy", "f1_macro"):
@@ -87,7 +73,8 @@ def cmd_demo(args) -> int:
 
 def cmd_doctor(args) -> int:
     """Check a recipe's data; print the report, write doctor.json; 1 when something blocks training."""
-    from tunesmith.doctor import diagnose, render, write
+    from tunesmith.doctor import diagnose, write
+    from tunesmith.doctor_report import render
 
     recipe = load(args.recipe, args.overrides)
     report = diagnose(recipe)
@@ -103,11 +90,10 @@ def cmd_compare(args) -> int:
     columns = []
     for path in args.run_dirs:
         run = Run(path)
-        if not (run.path / "eval.json").exists():
-            raise FileNotFoundError(f"{run.path}: no eval.json (not a finished run)")
-        recipe, result = run.recipe(), json.loads((run.path / "eval.json").read_text())
-        log = run.path / "metrics.jsonl"
-        summary = [json.loads(x) for x in log.read_text().splitlines() if '"summary"' in x] if log.exists() else []
+        if not run.metrics:
+            raise TunesmithError(f"{run.path}: no eval.json (not a finished run)")
+        recipe, result = run.recipe, run.metrics
+        summary = [r for r in run.history if r.get("summary")]
         extra = {"train_seconds": summary[-1]["train_seconds"]} if summary and "train_seconds" in summary[-1] else {}
         columns.append((run.path.name, f"{recipe.model.name}{'' if recipe.model.pretrained else ' (scratch)'}",
                         {**result, **extra}))
@@ -136,6 +122,7 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "demo"
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tunesmith", description="Fine-tune pretrained models from a YAML recipe.")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="fine-tune as a recipe says")
     t.add_argument("recipe", nargs="?", help="recipe YAML file")
@@ -144,11 +131,15 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its newest checkpoint")
     e = sub.add_parser("eval", help="metrics of a run's model as JSON")
     e.add_argument("run_dir")
-    e.add_argument("--data", help="file to evaluate on (default: the run's test split)")
+    e.add_argument("--data", metavar="FILE", help="labelled rows to evaluate on (.jsonl .csv .parquet, as data.train "
+                                                  "reads them; default: the run's test split)")
+    e.add_argument("--device", default="auto", help="auto (GPU if any), cpu, cuda, cuda:1, ...")
     pr = sub.add_parser("predict", help="one JSON line per input")
     pr.add_argument("run_dir")
     pr.add_argument("inputs", nargs="*")
-    pr.add_argument("--input", help="file of inputs (.jsonl, .csv, .parquet, or .txt with one per line)")
+    pr.add_argument("--input", metavar="FILE", help="rows to predict (.jsonl .csv .parquet, as data.train reads them; "
+                                                    "or .txt with one input per line)")
+    pr.add_argument("--device", default="auto", help="auto (GPU if any), cpu, cuda, cuda:1, ...")
     d = sub.add_parser("demo", help="fine-tune MiniLM on Rotten Tomatoes, show before/after")
     d.add_argument("overrides", nargs="*")
     d.add_argument("--run-dir")
@@ -163,22 +154,36 @@ def parser() -> argparse.ArgumentParser:
     ch.add_argument("--max-new-tokens", type=int, help="tokens per reply (default: eval.generate's, else 256)")
     ch.add_argument("--context", type=int, help="tokens of history kept (default: the model's context length)")
     ch.add_argument("--system", help="a system message to start the conversation with")
+    p.commands = sub.choices                        # name -> its parser, for parse()
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    from tunesmith.data import DataError
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """Options, positionals and key=value overrides in any order (`train r.yaml --run-dir x a.b=c`); --debug
+    anywhere."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    p = parser()
+    if argv and argv[0] in COMMANDS:
+        args = p.commands[argv[0]].parse_intermixed_args(argv[1:])
+        args.command = argv[0]
+    else:
+        args = p.parse_args(argv)
+    args.debug = debug
+    return args
 
+
+def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = parser().parse_args(argv)
+    args = parse(argv)
     try:
         return COMMANDS[args.command](args)
-    except RecipeError as e:
+    except TunesmithError as e:
+        if args.debug:
+            raise
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (DataError, FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(e, RecipeError) else 1
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tunesmith.errors import TunesmithError
+
 
 @dataclass
 class Reject:
@@ -39,7 +41,7 @@ class Table:
         return Table([self.rows[i] for i in index], [self.origins[i] for i in index], [], self.source)
 
 
-class DataError(Exception):
+class DataError(TunesmithError):
     """Data that cannot be trained on; the message lists each problem with its origin."""
 
 

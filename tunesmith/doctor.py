@@ -1,6 +1,6 @@
 """`tunesmith doctor RECIPE`: what is wrong with the data, found before training.
 
-It reads the data exactly as `train` does (tunesmith.train.load_data) and asks the task only through the
+It reads the data exactly as `train` does (tunesmith.splits.load_data) and asks the task only through the
 Task protocol (check, key, stratify_key, encode, length_stats, embed), so it works for every task; a check
 whose hook a task lacks is reported as not available, with the reason. Exit status: 0 clean or warnings
 only, 1 blocking problems (rows `train` would stop on under data.bad_rows=error, examples that train as
@@ -38,8 +38,17 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from tunesmith.doctor_checks import (balance, conflicts, duplicates, excerpt, leakage, lengths, near_text,
-                                     near_vectors, reason_kind)
+from tunesmith.doctor_checks import (
+    balance,
+    conflicts,
+    duplicates,
+    excerpt,
+    leakage,
+    lengths,
+    near_text,
+    near_vectors,
+    reason_kind,
+)
 
 NOT_AVAILABLE = "not available for this task"
 
@@ -49,9 +58,9 @@ def diagnose(recipe) -> dict:
     import numpy as np
     import torch
 
-    from tunesmith.loop import choose_precision
+    from tunesmith.device import autocast, choose_device, choose_precision
+    from tunesmith.splits import load_data
     from tunesmith.tasks import get_task
-    from tunesmith.train import load_data
 
     cfg, seconds, t0 = recipe.doctor, {}, time.perf_counter()
     lap = [t0]
@@ -67,7 +76,7 @@ def diagnose(recipe) -> dict:
     origins = {s: t.origins for s, t in tables.items()}
     report = {"version": 1, "recipe": {"task": recipe.task, "model": recipe.model.name, "train": recipe.data.train,
                                        "validation": recipe.data.validation, "test": recipe.data.test,
-                                       "max_length": recipe.data.max_length, "bad_rows": recipe.data.bad_rows},
+                                       "max_length": task.max_length, "bad_rows": recipe.data.bad_rows},
               "status": "clean", "blocking": [], "warnings": []}
     blocking, warnings = report["blocking"], report["warnings"]
     report |= {"files": loaded.files, "splits": {s: len(t) for s, t in tables.items()},
@@ -90,26 +99,24 @@ def diagnose(recipe) -> dict:
     if labels is None:
         report["balance"] = {"available": False, "note": f"{NOT_AVAILABLE}: Task.stratify_key gives no labels"}
     else:
-        report["balance"] = balance(labels, cfg.imbalance_ratio, recipe.train.class_weights,
+        report["balance"] = balance(labels, cfg.imbalance_ratio, task.class_weights,
                                     set(report["split_from_train"]))
         warnings.extend(report["balance"]["warnings"])
 
-    model, _ = task.load_model()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device).eval()
-    features = {s: task.encode(t.rows) if len(t) else [] for s, t in tables.items()}
+    features = {s: task.encode(t.rows) if len(t) else [] for s, t in tables.items()}   # the processor alone
     one_to_one = all(len(features[s]) == len(t) for s, t in tables.items())
-    clock("model")
-    report["lengths"] = _lengths(task, tables, features, recipe.data.max_length, blocking, warnings)
+    report["lengths"] = _lengths(task, tables, features, task.max_length, blocking, warnings)
     clock("lengths")
 
     method = cfg.near_method if cfg.near_method != "auto" else (task.near_method if keys is not None else "embedding")
     vectors, embed_note = None, None
     if one_to_one and ((cfg.label_noise and labels is not None) or method == "embedding"):
+        device = choose_device()                    # weights only for the checks that need embeddings
+        model = task.load_model().to(device).eval()
+        clock("model")
         mixed = choose_precision(recipe.train.precision, device)[0]         # bf16 only where native
         try:
-            with torch.no_grad(), torch.autocast(device.type, dtype=torch.float16 if mixed == "fp16" else
-                                                 torch.bfloat16, enabled=mixed != "no"):
+            with torch.no_grad(), autocast(device, mixed):
                 vectors = {s: task.embed(model, features[s], recipe.eval.batch_size) for s in tables if features[s]}
             width = next(iter(vectors.values())).shape[1]
             vectors = {s: vectors.get(s, np.zeros((0, width), np.float32)) for s in tables}   # empty splits
@@ -236,138 +243,3 @@ def write(report: dict, path: str | Path) -> Path:
     return path
 
 
-def table(header: list[str], rows: list[list], indent: str = "  ") -> list[str]:
-    """Fixed-width text table; numbers right-aligned with thousands separators."""
-    cells = [[f"{v:,}" if isinstance(v, int) else f"{v:.3f}" if isinstance(v, float) else str(v) for v in r]
-             for r in rows]
-    widths = [max(len(str(h)), *(len(r[i]) for r in cells)) for i, h in enumerate(header)]
-    numeric = [all(isinstance(r[i], (int, float)) for r in rows) for i in range(len(header))]
-
-    def line(values):
-        return indent + "  ".join(v.rjust(w) if n else v.ljust(w) for v, w, n in zip(values, widths, numeric)).rstrip()
-    return [line(header), *map(line, cells)]
-
-
-def files_table(files: list[dict]) -> list[str]:
-    out = table(["file", "split", "read", "usable", "rejected"],
-                [[f["file"], f["split"], f["read"], f["usable"], f["rejected"]] for f in files])
-    return out + [f"  {f['file']}: no usable rows; its columns: {', '.join(f['columns']) or 'none'} (check "
-                  f"data.*_column)" for f in files if f["read"] and not f["usable"]]
-
-
-def rejects_report(loaded, listed: int = 20) -> str:
-    """What `train` prints when data.bad_rows=error meets unusable rows: counts per file, per kind, the rows."""
-    rejects = loaded.rejects
-    lines = [f"{len(rejects):,} unusable row(s); fix them, or set data.bad_rows=skip to train on the rest "
-             f"(each skipped row is listed in the run's rejects.jsonl)", *files_table(loaded.files), ""]
-    lines += table(["reason", "rows"], list(Counter(reason_kind(r.reason) for r in rejects).most_common())) + [""]
-    lines += [f"  {r.origin}: {r.reason}" for r in rejects[:listed]]
-    if len(rejects) > listed:
-        lines.append(f"  ... and {len(rejects) - listed:,} more: `tunesmith doctor RECIPE` lists every one "
-                     f"in doctor.json")
-    return "\n".join(lines)
-
-
-def render(report: dict, listed: int = 20) -> str:
-    """The terminal summary: one titled block per check, then the verdict."""
-    r = report["recipe"]
-    out = [f"tunesmith doctor · task {r['task']} · model {r['model']} · data {r['train']}", "", "Files",
-           *files_table(report["files"])]
-    used = " · ".join(f"{s} {n:,}" for s, n in report["splits"].items())
-    how = ", stratified by label" if report["balance"]["available"] else ""
-    out.append(f"  rows used: {used}" + (f" ({', '.join(report['split_from_train'])} split from train{how})"
-                                         if report["split_from_train"] else ""))
-    if report["unused_rows"]:
-        out.append(f"  {report['unused_rows']:,} usable train rows left out by data.max_rows")
-    out += ["", "Unusable rows"]
-    if report["rejects"]:
-        out += table(["reason", "rows"], list(report["reject_kinds"].items()))
-        out += [f"  {x['origin']}: {x['reason']}" for x in report["rejects"][:listed]]
-        out += _more(report["rejects"], listed)
-    else:
-        out.append("  none")
-    out += ["", "Duplicates within a split", *_render_duplicates(report["duplicates"], listed)]
-    out += ["", "Leakage across splits", *_render_leakage(report["leakage"], listed)]
-    out += ["", "Class balance", *_render_balance(report["balance"])]
-    out += ["", "Lengths (tokens)", *_render_lengths(report["lengths"])]
-    out += ["", "Label-noise candidates", *_render_noise(report["label_noise"], listed)]
-    out += ["", f"Verdict: {report['status']} ({len(report['blocking'])} blocking, {len(report['warnings'])} "
-                f"warning(s)) in {report['seconds']['total']:.1f}s"]
-    out += [f"  BLOCKING  {x}" for x in report["blocking"]] + [f"  warning   {x}" for x in report["warnings"]]
-    return "\n".join(out)
-
-
-def _more(items: list, listed: int) -> list[str]:
-    return [f"  ... and {len(items) - listed:,} more in doctor.json"] if len(items) > listed else []
-
-
-def _note(section: dict) -> list[str]:
-    return [f"  {section['note']}"] if section.get("note") else []
-
-
-def _render_duplicates(d: dict, listed: int) -> list[str]:
-    if not d["available"]:
-        return _note(d)
-    out = table(["split", "exact extra", "normalised extra"],
-                [[s, x["exact_extra"], x["normalised_extra"]] for s, x in d["by_split"].items()])
-    out.append("  conflicting labels: not available (Task.stratify_key gives no labels)" if d["conflicting"] is None
-               else f"  conflicting labels (any split): {len(d['conflicting']):,} input(s)")
-    groups = [("conflicting", "/".join(sorted(set(g["splits"]))), g) for g in d["conflicting"] or []]
-    groups += [(kind, s, g) for kind in ("exact", "normalised") for s, x in d["by_split"].items() for g in x[kind]]
-    for kind, s, g in groups[:listed]:
-        labels = f" labels {sorted(set(map(str, g['labels'])))}" if kind == "conflicting" else ""
-        out.append(f"  {kind:<11} {s:<10} x{len(g['origins'])}{labels} {excerpt(g['text'], 60)!r}: "
-                   + ", ".join(g["origins"][:3]) + (" ..." if len(g["origins"]) > 3 else ""))
-    return out + _more(groups, listed)
-
-
-def _render_leakage(d: dict, listed: int) -> list[str]:
-    if not d["available"]:
-        return _note(d)
-    near = f"near ({d['near_method']} >= {d['near_threshold']:g})"
-    out = table(["splits", "exact", "normalised", near],
-                [["/".join(s["splits"]), s["exact"], s["normalised"], s["near"]] for s in d["by_splits"]])
-    out += _note(d)
-    for p in d["pairs"][:listed]:
-        text = f" {excerpt(p['text_b'], 50)!r}" if p["text_b"] is not None else ""
-        out.append(f"  {p['kind']:<10} {p['similarity']:.2f}  {p['origin_b']} ~ {p['origin_a']}{text}")
-    return out + _more(d["pairs"], listed)
-
-
-def _render_balance(d: dict) -> list[str]:
-    if not d["available"]:
-        return _note(d)
-    splits = list(d["counts"])
-    out = table(["label", *splits], [[n, *(d["counts"][s][n] for s in splits)] for n in d["labels"]])
-    out.append(f"  train largest/smallest class: {d['train_ratio']:.2f}")
-    return out + [f"  suggestion: {x}" for x in d["suggestions"]]
-
-
-def _render_lengths(d: dict) -> list[str]:
-    if not d["available"]:
-        return _note(d)
-    rows = []
-    for s, x in d["by_split"].items():
-        cut = f"{x['cut']:,} ({x['cut_share']:.1%})" if "cut" in x else "unknown"
-        lost = f"{x['tokens_cut_share']:.1%}" if "cut" in x else "unknown"
-        trained = f"{x['trained_share']:.1%}" if "trained_share" in x else "-"
-        extra = [len(x.get("all_masked", [])), len(x.get("missing_end", []))]
-        rows.append([s, x["examples"], x.get("p50", 0), x.get("p90", 0), x.get("p99", 0), x.get("max", 0),
-                     f"{cut} at {x['limit']}", lost, trained, *extra])
-    return table(["split", "examples", "p50", "p90", "p99", "max", "cut", "tokens cut", "trained", "all masked",
-                  "no end"], rows)
-
-
-def _render_noise(d: dict, listed: int) -> list[str]:
-    if not d["available"]:
-        return _note(d)
-    out = [f"  {d['method']}", f"  out-of-fold accuracy {d['oof_accuracy']} on {d['checked']:,} rows; "
-                                f"{len(d['candidates']):,} candidate(s)"
-           + (f"; {d['skipped_rare']:,} rows of classes too rare to cross-validate skipped"
-              if d["skipped_rare"] else "")]
-    if d["oof_accuracy"] is not None and d["oof_accuracy"] < 0.9:
-        out.append("  (a probe this weak also flags hard examples: read the candidates as 'mislabelled or hard')")
-    out += table(["origin", "label", "suggested", "p(label)", "text"],
-                 [[c["origin"], c["label"], c["suggested"], c["label_probability"], excerpt(c["text"] or "", 50)]
-                  for c in d["candidates"][:listed]]) if d["candidates"] else []
-    return out + _more(d["candidates"], listed)

@@ -3,6 +3,7 @@
 Read top to bottom: plan batches -> optimizer and schedule -> (resume) -> for each optimizer step:
 forward/backward over its micro-batches, clip, step, log, evaluate, keep the best, checkpoint, stop early.
 Data order is a pure function of (seed, epoch), so a checkpoint needs only the position, not a sampler.
+The loop knows tasks only through the Task contract (tunesmith/tasks/base.py): collate, loss, count, evaluate.
 """
 from __future__ import annotations
 
@@ -16,27 +17,8 @@ from tqdm.auto import tqdm
 
 from tunesmith import checkpoint
 from tunesmith.adapt import trainable_state
+from tunesmith.device import autocast
 from tunesmith.metrics import better
-
-
-def choose_precision(asked: str, device: torch.device) -> tuple[str, str]:
-    """accelerate's mixed_precision value and why. bf16 only where the hardware computes it natively:
-    on AVX2-only CPUs bf16 autocast trains ~20x slower than fp32."""
-    if asked == "fp32":
-        return "no", "fp32 (recipe)"
-    if asked in ("bf16", "fp16"):
-        return asked, f"{asked} (recipe)"
-    if device.type == "cuda":
-        return ("bf16", "bf16 (GPU supports it)") if torch.cuda.is_bf16_supported() else ("no", "fp32")
-    flags = set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), [])
-    except OSError:
-        pass
-    if {"avx512_bf16", "amx_bf16"} & set(flags):
-        return "bf16", "bf16 (CPU has native bf16: avx512_bf16/amx_bf16)"
-    return "no", "fp32 (CPU lacks native bf16)"
 
 
 def plan(lengths: list[int], batch_size: int, seed: int, epoch: int, by_length: bool) -> list[list[int]]:
@@ -57,6 +39,35 @@ def plan(lengths: list[int], batch_size: int, seed: int, epoch: int, by_length: 
     return batches
 
 
+def accumulate(task, model, batches: list[dict], accelerator, mixed: str = "no", weights: list[float] | None = None,
+               scaler=None):
+    """Forward and backward over one optimizer step's micro-batches; returns the step's mean loss (a tensor).
+
+    Each micro-batch's loss is a sum over its items (examples or label tokens, `task.count`); all are divided by
+    the items of the whole step, summed over micro-batches and processes, so grad_accum=4 gives the gradient of
+    one 4x batch and DDP's mean over processes gives that of one batch of all processes' items. weights: 0 for
+    a stand-in micro-batch (a process with no examples left in a short last batch still joins DDP's reduction).
+    scaler: fp16's GradScaler, or None.
+    """
+    weights = weights or [1.0] * len(batches)
+    counts = torch.tensor([task.count(b) * w for b, w in zip(batches, weights)], dtype=torch.float64)
+    world = accelerator.num_processes
+    items = accelerator.reduce(counts.sum().to(accelerator.device), "sum") if world > 1 else counts.sum()
+    items = max(float(items), 1e-12)
+    total = torch.zeros((), device=accelerator.device)
+    for k, (batch, w) in enumerate(zip(batches, weights)):
+        last = k == len(batches) - 1
+        with accelerator.no_sync(model) if not last and world > 1 else nullcontext():
+            with autocast(accelerator.device, mixed):
+                loss = task.loss(model, batch) * (w * world / items)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+            else:
+                accelerator.backward(loss)
+        total += loss.detach() / world
+    return total
+
+
 @dataclass
 class State:
     step: int = 0              # optimizer steps done
@@ -67,16 +78,21 @@ class State:
     bad_evals: int = 0         # evaluations since the last improvement (early stopping)
 
 
-def fit(task, adapted, train, evalset, recipe, run, accelerator, resume: bool = False) -> State:
-    """Train `adapted.model` on encoded `train` features; evaluate on `evalset`; write into `run`."""
+def fit(task, adapted, train, evalset, recipe, run, accelerator, mixed: str = "no", resume: bool = False) -> State:
+    """Train `adapted.model` on encoded `train` features; evaluate on `evalset`; write into `run`.
+    mixed: "no", "bf16" or "fp16" (tunesmith.device.choose_precision) for autocast."""
+    from accelerate.utils import send_to_device
+
     cfg = recipe.train
     model = adapted.model
+    if cfg.compile:
+        model.compile()                 # in place: parameter names, and so checkpoints, stay as they are
     task.pad_multiple = cfg.pad_multiple or (16 if accelerator.device.type == "cuda" else 1)
     lengths = [task.length(f) for f in train]
     micro = math.ceil(len(train) / cfg.batch_size)            # micro-batches per epoch
     per_epoch = math.ceil(micro / cfg.grad_accum)             # optimizer steps per epoch
     total = cfg.max_steps or math.ceil(cfg.epochs * per_epoch)
-    metric = cfg.metric or task.metric
+    metric, direction = cfg.metric, recipe.direction
     warmup = int(cfg.warmup) if cfg.warmup >= 1 else round(cfg.warmup * total)
     eval_every = cfg.eval_every or per_epoch
     save_every = cfg.save_every or eval_every
@@ -89,6 +105,8 @@ def fit(task, adapted, train, evalset, recipe, run, accelerator, resume: bool = 
                               optimizer, num_warmup_steps=warmup, num_training_steps=total)
     model, optimizer = accelerator.prepare(model, optimizer)
     names = adapted.trainable
+    # fp16 needs loss scaling (its range underflows small gradients); bf16 and fp32 do not
+    scaler = torch.amp.GradScaler(accelerator.device.type) if mixed == "fp16" else None
 
     state = State()
     if resume and (last := checkpoint.newest(run.checkpoints, log=accelerator.print)):
@@ -108,19 +126,18 @@ def fit(task, adapted, train, evalset, recipe, run, accelerator, resume: bool = 
         """Evaluate, keep the best; True when early stopping says stop."""
         t0 = time.perf_counter()
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), autocast(accelerator.device, mixed):
             result = task.evaluate(model, evalset, recipe.eval.batch_size)
         model.train()
-        value = result.get(metric)
-        if value is None:
-            raise KeyError(f"train.metric '{metric}' is not among the metrics: {', '.join(result)}")
+        value = result[metric]                      # the recipe checked it is one of the task's metrics
         run.log({"step": state.step, "epoch": state.epoch, "split": "validation", **task.loggable(result)})
-        if better(metric, value, state.best):
+        if better(direction, value, state.best):
             state.best, state.best_step, state.bad_evals = value, state.step, 0
             save_best(value)
         else:
             state.bad_evals += 1
-        bar.set_postfix_str(f"{metric}={value:.4f} best={state.best:.4f}", refresh=False)
+        best = "-" if state.best is None else f"{state.best:.4f}"
+        bar.set_postfix_str(f"{metric}={value:.4f} best={best}", refresh=False)
         totals["eval_seconds"] += time.perf_counter() - t0
         return cfg.patience is not None and state.bad_evals >= cfg.patience
 
@@ -137,21 +154,26 @@ def fit(task, adapted, train, evalset, recipe, run, accelerator, resume: bool = 
         batches = plan(lengths, cfg.batch_size, cfg.seed, state.epoch, cfg.group_by_length)
         steps = [batches[s:s + cfg.grad_accum] for s in range(0, len(batches), cfg.grad_accum)]
         for group in steps[state.position:]:
-            for k, idx in enumerate(group):
-                idx = idx[rank::world]                               # this process's share
-                batch = {n: t.to(accelerator.device) for n, t in task.collate([train[i] for i in idx]).items()}
-                sync = k == len(group) - 1
-                with accelerator.no_sync(model) if not sync and world > 1 else nullcontext():
-                    loss = task.loss(model, batch) / len(group)
-                    accelerator.backward(loss)
-                window["loss"] += loss.detach()                     # no GPU sync until we log
-                window["samples"] += len(idx)
-                window["tokens"] += sum(lengths[i] for i in idx)
-                totals["samples"] += len(idx) * world
-                totals["tokens"] += sum(lengths[i] for i in idx) * world
+            shares = [idx[rank::world] for idx in group]             # this process's part of each micro-batch
+            weights = [1.0 if mine else 0.0 for mine in shares]      # none left: a stand-in that weighs nothing
+            shares = [mine or idx[:1] for mine, idx in zip(shares, group)]
+            batches = [send_to_device(task.collate([train[i] for i in mine]), accelerator.device) for mine in shares]
+            window["loss"] += accumulate(task, model, batches, accelerator, mixed, weights, scaler)  # no sync until we log
+            for mine, w in zip(shares, weights):
+                n, tokens = len(mine) * w, sum(lengths[i] for i in mine) * w
+                window["samples"] += n
+                window["tokens"] += tokens
+                totals["samples"] += n * world
+                totals["tokens"] += tokens * world
+            if scaler is not None:
+                scaler.unscale_(optimizer)
             if cfg.max_grad_norm:
                 accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
-            optimizer.step()
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
@@ -161,7 +183,8 @@ def fit(task, adapted, train, evalset, recipe, run, accelerator, resume: bool = 
 
             if state.step % cfg.log_every == 0 or state.step == total:
                 dt = time.perf_counter() - window["time"]
-                loss_avg = float(window["loss"]) / window["steps"]
+                loss_sum = accelerator.reduce(window["loss"], "sum") if world > 1 else window["loss"]
+                loss_avg = float(loss_sum) / window["steps"]          # mean over the window's steps
                 run.log({"step": state.step, "epoch": round(state.epoch + state.position / len(steps), 4),
                          "loss": loss_avg, "lr": scheduler.get_last_lr()[0],
                          "samples_per_s": window["samples"] * world / dt, "tokens_per_s": window["tokens"] * world / dt})

@@ -5,14 +5,15 @@ import math
 
 import numpy as np
 
-LOWER_IS_BETTER = ("loss", "perplexity")
 
-
-def better(metric: str, new: float, old: float | None) -> bool:
-    """Whether `new` improves on `old` for this metric (loss-like metrics go down)."""
-    if old is None or (isinstance(old, float) and math.isnan(old)):
+def better(direction: str, new: float, old: float | None) -> bool:
+    """Whether `new` improves on `old` for a metric whose better values are "max" or "min". A non-finite `new`
+    never improves; anything finite improves on nothing (None, NaN)."""
+    if not math.isfinite(new):
+        return False
+    if old is None or not math.isfinite(old):
         return True
-    return new < old if any(k in metric for k in LOWER_IS_BETTER) else new > old
+    return new > old if direction == "max" else new < old
 
 
 def classification(y_true, y_pred, probs, names: list[str]) -> dict:
@@ -51,28 +52,15 @@ def normalize_answer(text: str) -> str:
     return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
 
 
-def rouge_l(reference: str, output: str) -> float:
-    """ROUGE-L F1: longest common subsequence of the normalised words, as precision/recall harmonic mean."""
-    ref, out = normalize_answer(reference).split(), normalize_answer(output).split()
-    if not ref or not out:
-        return float(ref == out)
-    row = [0] * (len(out) + 1)                  # LCS lengths, one row of the DP table at a time
-    for r in ref:
-        prev = 0
-        for j, o in enumerate(out, 1):
-            prev, row[j] = row[j], prev + 1 if r == o else max(row[j], row[j - 1])
-    lcs = row[-1]
-    if lcs == 0:
-        return 0.0
-    precision, recall = lcs / len(out), lcs / len(ref)
-    return 2 * precision * recall / (precision + recall)
-
-
 def generation(references: list[str], outputs: list[str]) -> dict:
-    """exact_match (after normalize_answer) and mean ROUGE-L F1 of generated outputs against references."""
+    """exact_match: SQuAD's (equal after normalize_answer); rouge_l: mean ROUGE-L F1 from rouge-score (its own
+    tokenizer: lower case, alphanumeric words), the figure papers and leaderboards report."""
+    from rouge_score import rouge_scorer
+
     n = len(references)
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
     em = sum(normalize_answer(r) == normalize_answer(o) for r, o in zip(references, outputs))
-    rouge = sum(rouge_l(r, o) for r, o in zip(references, outputs))
+    rouge = sum(scorer.score(r, o)["rougeL"].fmeasure for r, o in zip(references, outputs))
     return {"exact_match": em / n if n else float("nan"), "rouge_l": rouge / n if n else float("nan"),
             "n_examples": n}
 

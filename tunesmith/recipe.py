@@ -1,21 +1,27 @@
 """The recipe: a typed, validated description of one fine-tuning run.
 
-Loading never imports torch and never touches weights, so every mistake in a recipe is reported (all of
-them at once, with a did-you-mean for misspelled keys) before anything slow happens.
+Shared sections live here; each task declares its own recipe class (a subclass of `Recipe` with its task's
+extra keys, metrics and defaults; built-ins in tunesmith/tasks/schema.py) and the table in
+tunesmith/tasks/__init__.py picks it by the `task` key: a union discriminated on `task`. A key that only another
+task uses is an error naming that task; a misspelled key gets a did-you-mean. Loading never imports torch and
+never touches weights, so every mistake is reported, all at once, before anything slow happens.
 """
 from __future__ import annotations
 
+import copy
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from tunesmith.tasks import TASK_NAMES
+from tunesmith.errors import TunesmithError
+
+SCHEMA = 2                      # run folder / recipe layout version; 1: one flat namespace for every task
 
 
-class RecipeError(Exception):
+class RecipeError(TunesmithError):
     """A recipe that cannot run; `errors` holds one line per problem."""
 
     def __init__(self, source: str, errors: list[str]):
@@ -35,24 +41,15 @@ class ModelConfig(Section):
 
 
 class DataConfig(Section):
+    """Keys every task reads; a task's recipe adds its own (columns, lengths, sizes)."""
     train: str                                  # file (.csv .jsonl .parquet, IDX), image folder, bundled alias, HF dataset
-    validation: str | None = None               # None: stratified split from train
-    test: str | None = None                     # None: stratified split from train
-    text_column: str = "text"
-    label_column: str = "label"
-    image_column: str = "image"
-    messages_column: str = "messages"           # chat data: list of {role, content}
-    prompt_column: str = "prompt"
-    response_column: str = "response"
-    labels: list[str | int] | None = None       # label order; None: sorted labels seen in train
+    validation: str | None = None               # None: split from train (stratified where the task has labels)
+    test: str | None = None                     # None: split from train
     validation_size: float = Field(0.1, gt=0)   # fraction (<1) or row count (>=1) split from train
     test_size: float = Field(0.1, gt=0)
     max_rows: int | None = Field(None, gt=0)    # cap on train rows (after the split), for quick runs
     max_eval_rows: int | None = Field(None, gt=0)  # cap on validation and test rows each (stratified subset)
-    image_size: int | None = Field(None, gt=0)  # pixels, square model input; None: the model's image processor
-    max_length: int = Field(128, gt=0)          # tokens; longer inputs are truncated and counted
     bad_rows: Literal["error", "skip"] = "error"
-    chat_template: str | None = None            # Jinja chat template (causal-lm); None: the tokenizer's own
 
 
 class LoraConfig(Section):
@@ -63,7 +60,7 @@ class LoraConfig(Section):
 
 
 class AdaptConfig(Section):
-    method: Literal["full", "freeze", "lora"] | None = None  # None: the task's default (Task.default_method)
+    method: Literal["full", "freeze", "lora"] | None = None  # None: the task's default (Recipe.default_method)
     freeze_embeddings: bool = False
     freeze_layers: int = Field(0, ge=0)         # first N blocks of the backbone
     freeze_patterns: list[str] = []             # fnmatch globs on parameter names
@@ -83,8 +80,6 @@ class TrainConfig(Section):
     warmup: float = Field(0.06, ge=0)           # fraction (<1) of steps, or steps (>=1)
     scheduler: Literal["linear", "cosine", "constant"] = "linear"
     max_grad_norm: float | None = Field(1.0, gt=0)
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-    class_weights: Literal["balanced"] | list[float] | dict[str, float] | None = None
     seed: int = 42
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     group_by_length: bool = True
@@ -93,50 +88,14 @@ class TrainConfig(Section):
     save_every: int | None = Field(None, gt=0)  # optimizer steps; None: at each evaluation
     keep_checkpoints: int = Field(2, ge=1)
     log_every: int = Field(10, gt=0)
-    metric: str | None = None                   # best checkpoint / early stopping; None: the task's
+    metric: str | None = None                   # best checkpoint / early stopping: one of the task's metrics
     patience: int | None = Field(None, gt=0)    # evaluations without improvement; None: no early stop
-    compile: bool = False
-    packing: bool = False                       # causal-lm: several examples per row, none attends across
-    pack_length: int | None = Field(None, gt=0)  # tokens per packed row; None: data.max_length
-
-
-class AugmentConfig(Section):
-    """Training-time image augmentation (image tasks), drawn per image from the run's seeded RNG."""
-    crop_scale: tuple[float, float] | None = None  # random resized crop: area fraction range, e.g. [0.5, 1]; None: off
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # random resized crop: aspect ratio (width / height) range
-    hflip: float = Field(0.0, ge=0, le=1)       # probability of a horizontal flip
-    vflip: float = Field(0.0, ge=0, le=1)       # probability of a vertical flip
-    rotation: float = Field(0.0, ge=0, le=180)  # degrees; uniform in [-rotation, rotation]
-    brightness: float = Field(0.0, ge=0, lt=1)  # factor uniform in [1 - x, 1 + x]
-    contrast: float = Field(0.0, ge=0, lt=1)    # factor uniform in [1 - x, 1 + x]
-    saturation: float = Field(0.0, ge=0, lt=1)  # factor uniform in [1 - x, 1 + x]
-    hue: float = Field(0.0, ge=0, le=0.5)       # shift in turns, uniform in [-x, x]
-    policy: Literal["none", "randaugment", "trivialaugment"] = "none"
-    num_ops: int = Field(2, ge=1)               # randaugment: ops per image
-    magnitude: int = Field(9, ge=0, le=30)      # randaugment: strength on torchvision's 0..30 scale
-    mixup: float = Field(0.0, ge=0)             # MixUp Beta(alpha, alpha); 0: off
-    cutmix: float = Field(0.0, ge=0)            # CutMix Beta(alpha, alpha); 0: off
-    mix_prob: float = Field(1.0, ge=0, le=1)    # probability that a batch is mixed (MixUp or CutMix, 50/50 if both)
-
-    @field_validator("crop_scale", "crop_ratio")
-    @classmethod
-    def _range(cls, v):
-        if v is not None and not 0 < v[0] <= v[1]:
-            raise ValueError("a range [low, high] with 0 < low <= high")
-        return v
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self.crop_scale or self.hflip or self.vflip or self.rotation or self.brightness
-                    or self.contrast or self.saturation or self.hue or self.policy != "none"
-                    or self.mixup or self.cutmix)
+    compile: bool = False                       # torch.compile the model (in place: checkpoints keep their names)
 
 
 class EvalConfig(Section):
     before: bool = False                        # also evaluate the model before fine-tuning
     batch_size: int = Field(64, gt=0)
-    generate: dict[str, Any] | None = None      # generation settings for generative tasks
-                                                # (causal-lm: model.generate kwargs, e.g. max_new_tokens: 8)
 
 
 class DoctorConfig(Section):
@@ -149,36 +108,55 @@ class DoctorConfig(Section):
 
 
 class Recipe(Section):
+    """The sections every task has. A task's recipe subclasses this: `task: Literal["its-name"]`, its own
+    section classes, and the class variables below."""
+    task_class: ClassVar[str] = ""              # "module:Class" of the Task; imported only when training
+    metrics: ClassVar[dict[str, Literal["max", "min"]]] = {"loss": "min"}  # what evaluate() reports, and which way is better
+    default_metric: ClassVar[str] = "loss"      # train.metric when unset
+    default_method: ClassVar[str] = "full"      # adapt.method when unset
+
     task: str
     model: ModelConfig
     data: DataConfig
     name: str | None = None                     # run folder prefix; default: the task
     adapt: AdaptConfig = AdaptConfig()
     train: TrainConfig = TrainConfig()
-    augment: AugmentConfig = AugmentConfig()
     eval: EvalConfig = EvalConfig()
     doctor: DoctorConfig = DoctorConfig()
 
-    @field_validator("model", mode="before")
+    @model_validator(mode="before")
     @classmethod
-    def _model_from_string(cls, v):
-        return {"name": v} if isinstance(v, str) else v
-
-    @field_validator("task")
-    @classmethod
-    def _known_task(cls, v):
-        if v not in TASK_NAMES:
-            close = difflib.get_close_matches(v, TASK_NAMES, n=1)
-            hint = f"did you mean '{close[0]}'? " if close else ""
-            raise ValueError(f"unknown task '{v}': {hint}choose one of {', '.join(TASK_NAMES)}")
-        return v
+    def _model_from_string(cls, data):
+        if isinstance(data, dict) and isinstance(data.get("model"), str):
+            data = {**data, "model": {"name": data["model"]}}
+        return data
 
     @model_validator(mode="after")
-    def _consistent(self):
+    def _resolve(self):
+        """Fill the task's defaults, so the run's recipe.yaml says what ran; reject a metric the task lacks."""
+        if self.adapt.method is None:
+            self.adapt.method = self.default_method
         if self.adapt.method == "freeze" and self.adapt.freeze_backbone is None:
             specs = self.adapt.freeze_embeddings or self.adapt.freeze_layers or self.adapt.freeze_patterns
             self.adapt.freeze_backbone = not specs
+        if self.train.metric is None:
+            self.train.metric = self.default_metric
+        elif self.train.metric not in self.metrics:
+            close = difflib.get_close_matches(self.train.metric, list(self.metrics), n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise ValueError(f"train.metric '{self.train.metric}' is not a metric of task '{self.task}': {hint}"
+                             f"choose one of {', '.join(self.metrics)}")
         return self
+
+    @classmethod
+    def task_name(cls) -> str:
+        """The task name this recipe class is for (its `task: Literal[...]`)."""
+        return cls.model_fields["task"].annotation.__args__[0]
+
+    @property
+    def direction(self) -> Literal["max", "min"]:
+        """Which way train.metric improves."""
+        return self.metrics[self.train.metric]
 
     def dump(self) -> dict:
         return self.model_dump(mode="json")
@@ -186,31 +164,50 @@ class Recipe(Section):
 
 # --- loading, overrides, error messages -------------------------------------------------------------
 
-def _fields_at(loc: tuple) -> list[str]:
-    """Valid key names of the section that `loc` (a pydantic error location) points into."""
-    model: type[BaseModel] | None = Recipe
+def _section(model: type[BaseModel] | None, loc: tuple) -> type[BaseModel] | None:
+    """The section class that `loc` (a pydantic error location, last part the key) points into."""
     for part in loc[:-1]:
         field = model.model_fields.get(part) if model else None
         ann = field.annotation if field else None
-        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
-    return list(model.model_fields) if model else []
+        model = _section_type(ann)
+    return model
 
 
-def _messages(err: ValidationError) -> list[str]:
+def _section_type(ann) -> type[BaseModel] | None:
+    """The section class of a field's annotation (`Section` or `Section | None`), else None."""
+    for t in (ann, *getattr(ann, "__args__", ())):
+        if isinstance(t, type) and issubclass(t, BaseModel):
+            return t
+    return None
+
+
+def _has_key(model: type[BaseModel], loc: tuple) -> bool:
+    section = _section(model, loc)
+    return bool(section and loc[-1] in section.model_fields)
+
+
+def _messages(err: ValidationError, cls: type[Recipe], others: dict[str, type[Recipe]]) -> list[str]:
     out = []
     for e in err.errors():
         loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
         path = ".".join(str(p) for p in loc)
         if e["type"] == "extra_forbidden":
-            valid = _fields_at(loc)
+            users = [name for name, other in others.items() if _has_key(other, loc)]
+            section = _section(cls, loc)
+            valid = list(section.model_fields) if section else []
             close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
-            hint = f" did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?" if close else ""
-            out.append(f"{path}: unknown key;{hint} valid keys here: {', '.join(valid)}")
+            if users:
+                hint = f" (did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?)" if close else ""
+                out.append(f"{path}: does not apply to task '{cls.task_name()}'; "
+                           f"it is a key of {', '.join(users)}{hint}")
+            else:
+                hint = f" did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?" if close else ""
+                out.append(f"{path}: unknown key;{hint} valid keys here: {', '.join(valid)}")
         elif e["type"] == "missing":
             out.append(f"{path}: required key is missing")
         else:
             msg = e["msg"].removeprefix("Value error, ")
-            out.append(f"{path}: {msg} (got {e.get('input')!r})")
+            out.append(f"{path}: {msg} (got {e.get('input')!r})" if path else msg)
     return out
 
 
@@ -227,28 +224,78 @@ def apply_override(data: dict, override: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise RecipeError("command line", [f"override '{override}': '{part}' is not a section"])
-    node[parts[-1]] = yaml.safe_load(raw) if raw != "" else None
+    try:
+        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError as e:
+        raise RecipeError("command line", [f"override '{override}': the value is not valid YAML "
+                                           f"({getattr(e, 'problem', e)}); quote it"]) from None
 
 
-def load(path: str | Path | dict, overrides: list[str] = ()) -> Recipe:
-    """Read, override and validate a recipe; raise RecipeError listing every problem."""
-    if isinstance(path, dict):
-        source, data = "recipe", dict(path)
-    else:
-        source = str(path)
-        try:
-            data = yaml.safe_load(Path(path).read_text())
-        except FileNotFoundError:
-            raise RecipeError(source, [f"file not found: {path}"]) from None
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-            raise RecipeError(source, [f"{where}not valid YAML ({getattr(e, 'problem', e)})"]) from None
+def read(path: str | Path) -> dict:
+    """A recipe file's mapping; RecipeError with line and column for YAML mistakes."""
+    source = str(path)
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise RecipeError(source, [f"file not found: {path}"]) from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise RecipeError(source, [f"{where}not valid YAML ({getattr(e, 'problem', e)})"]) from None
     if not isinstance(data, dict):
         raise RecipeError(source, ["a recipe is a YAML mapping (task:, model:, data:, ...)"])
+    return data
+
+
+def migrate(data: dict, schema: int, cls: type[Recipe]) -> dict:
+    """A resolved recipe written by an older run folder, in today's layout. Schema 1 dumped every task's keys
+    with their defaults into every run: keep only those this task's recipe has."""
+    if schema >= SCHEMA:
+        return data
+
+    def prune(node: dict, model: type[BaseModel]) -> dict:
+        out = {}
+        for key, value in node.items():
+            field = model.model_fields.get(key)
+            if field is None:
+                continue
+            sub = _section_type(field.annotation)
+            out[key] = prune(value, sub) if sub and isinstance(value, dict) else value
+        return out
+
+    return prune(data, cls)
+
+
+def load(path: str | Path | dict, overrides: list[str] | tuple[str, ...] = (), schema: int = SCHEMA) -> Recipe:
+    """Read, override and validate a recipe; raise RecipeError listing every problem. A dict is copied, never
+    changed. schema: the layout version of a run folder's recipe.yaml (older ones are migrated)."""
+    from tunesmith.tasks import recipe_classes
+
+    if isinstance(path, dict):
+        source, data = "recipe", copy.deepcopy(path)
+    else:
+        source, data = str(path), read(path)
     for o in overrides:
         apply_override(data, o)
+    classes = recipe_classes()
+    task, errors = data.get("task"), []
+    if task not in classes:
+        close = difflib.get_close_matches(str(task), list(classes), n=1) if task is not None else []
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        errors.append("task: required key is missing" if task is None else
+                      f"task: unknown task '{task}': {hint}choose one of {', '.join(classes)}")
+        if not close:
+            raise RecipeError(source, errors)
+        task = close[0]                         # report the other sections' mistakes as that task sees them
+        data = {**data, "task": task}
+    cls = classes[task]
+    if schema < SCHEMA:
+        data = migrate(data, schema, cls)
     try:
-        return Recipe.model_validate(data)
+        recipe = cls.model_validate(data)
     except ValidationError as e:
-        raise RecipeError(source, _messages(e)) from None
+        others = {name: c for name, c in classes.items() if name != task}
+        raise RecipeError(source, errors + _messages(e, cls, others)) from None
+    if errors:
+        raise RecipeError(source, errors)
+    return recipe

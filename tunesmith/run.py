@@ -1,9 +1,12 @@
-"""A run is a folder; everything after training (eval, predict, export, serve) takes only that folder.
+"""A run is a folder; everything after training (eval, predict, chat, export, serve) takes only that folder.
 
-  recipe.yaml      the resolved recipe (overrides applied)
+  run.json         {"schema": layout version, "tunesmith": version, "task": name}; absent in schema-1 runs
+  recipe.yaml      the resolved recipe (overrides applied, the task's defaults filled in)
   metrics.jsonl    one JSON object per log or evaluation step
   eval.json        final metrics of the best checkpoint on the test split (+ `before`)
-  data/            the held-out splits as JSONL (validation.jsonl, test.jsonl), with row origins
+  data/            the held-out splits as JSONL (validation.jsonl, test.jsonl), with row origins; files the rows
+                   point to (images) are copied (hard-linked where possible) under data/files/ and named
+                   relative to data/, so a run folder can be moved or copied as a whole
   rejects.jsonl    rows that could not be used, with origin and reason (data.bad_rows: skip)
   model/           HF format (safetensors, tokenizer, label names); LoRA runs add model/adapter/
   checkpoints/     step-NNNNNNNN/ for resume, best/ for the best evaluation so far
@@ -11,31 +14,61 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import threading
 import time
+from functools import cached_property
 from pathlib import Path
 
 import yaml
 
-from tunesmith.recipe import Recipe, load
+from tunesmith.errors import TunesmithError
+from tunesmith.recipe import SCHEMA, Recipe, load
+
+
+class Callback:
+    """Receives what a run records while it trains: `on_log` gets every metrics.jsonl record (training steps,
+    validation, the summary), `on_end` the run once eval.json is written. A plain function is an `on_log`."""
+
+    def on_log(self, record: dict) -> None:
+        pass
+
+    def on_end(self, run: "Run") -> None:
+        pass
+
+
+class _FunctionCallback(Callback):
+    def __init__(self, fn):
+        self.on_log = fn
 
 
 class Run:
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, callbacks: list = (), writer: bool = True):
         self.path = Path(path)
+        self.callbacks = [c if isinstance(c, Callback) else _FunctionCallback(c) for c in callbacks]
+        self.writer = writer        # False on DDP's other processes: they read the folder, rank 0 writes it
+
+    def __repr__(self) -> str:
+        return f"Run('{self.path}')"
 
     @staticmethod
     def default_path(recipe: Recipe) -> Path:
         return Path("runs") / f"{recipe.name or recipe.task}-{time.strftime('%Y%m%d-%H%M%S')}"
 
     @classmethod
-    def create(cls, recipe: Recipe, run_dir: str | Path | None = None) -> "Run":
-        run = cls(run_dir or cls.default_path(recipe))
+    def create(cls, recipe: Recipe, run_dir: str | Path | None = None, callbacks: list = ()) -> "Run":
+        run = cls(run_dir or cls.default_path(recipe), callbacks)
         if (run.path / "recipe.yaml").exists():
-            raise FileExistsError(f"{run.path} already holds a run: use --resume {run.path} or another --run-dir")
+            raise TunesmithError(f"{run.path} already holds a run: use --resume {run.path} or another --run-dir")
         run.path.mkdir(parents=True, exist_ok=True)
+        from importlib.metadata import version
+
+        run.write_json("run.json", {"schema": SCHEMA, "tunesmith": version("tunesmith"), "task": recipe.task})
         (run.path / "recipe.yaml").write_text(yaml.safe_dump(recipe.dump(), sort_keys=False))
         return run
 
+    # --- what a run holds ------------------------------------------------------------------------------
     @property
     def model_dir(self) -> Path:
         return self.path / "model"
@@ -44,20 +77,55 @@ class Run:
     def checkpoints(self) -> Path:
         return self.path / "checkpoints"
 
+    @property
+    def schema(self) -> int:
+        """Layout version of this folder: 1 for runs written before run.json existed."""
+        stamp = self.path / "run.json"
+        return json.loads(stamp.read_text())["schema"] if stamp.exists() else 1
+
+    @cached_property
     def recipe(self) -> Recipe:
         path = self.path / "recipe.yaml"
         if not path.exists():
-            raise FileNotFoundError(f"{self.path} is not a run folder (no recipe.yaml)")
-        return load(path)
+            raise TunesmithError(f"{self.path} is not a run folder (no recipe.yaml)")
+        return load(path, schema=self.schema)
 
+    @property
+    def metrics(self) -> dict:
+        """The final metrics (eval.json: test split, best checkpoint; `before` when eval.before ran); {} while
+        the run has not finished."""
+        path = self.path / "eval.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    @property
+    def history(self) -> list[dict]:
+        """Every metrics.jsonl record, in order (training steps, validations, summaries)."""
+        path = self.path / "metrics.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def load(self, device: str = "auto") -> "Predictor":
+        """The fine-tuned model, ready to predict and evaluate."""
+        return Predictor(self, device)
+
+    # --- writing -----------------------------------------------------------------------------------------
     def log(self, record: dict) -> None:
+        if not self.writer:
+            return
         with open(self.path / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
+        for c in self.callbacks:
+            c.on_log(record)
+
+    def end(self) -> None:
+        for c in self.callbacks:
+            c.on_end(self)
 
     def truncate_log(self, step: int) -> None:
         """Drop log lines after `step` (written by a run that died after its last checkpoint)."""
         path = self.path / "metrics.jsonl"
-        if path.exists():
+        if path.exists() and self.writer:
             lines = [ln for ln in path.read_text().splitlines() if json.loads(ln).get("step", 0) <= step]
             path.write_text("".join(ln + "\n" for ln in lines))
 
@@ -65,9 +133,83 @@ class Run:
         (self.path / name).parent.mkdir(parents=True, exist_ok=True)
         (self.path / name).write_text(json.dumps(obj, indent=2) + "\n")
 
-    def write_rows(self, name: str, rows: list[dict]) -> None:
+    def write_rows(self, name: str, rows: list[dict], path_columns: tuple[str, ...] = ()) -> None:
+        """JSONL rows; values in path_columns that are local files are copied under data/files/ (hard links
+        where the file system allows) and written relative to the JSONL file, so the folder moves as a whole."""
         path = self.path / name
         path.parent.mkdir(parents=True, exist_ok=True)
+        files = path.parent / "files"
         with open(path, "w") as f:
-            for row in rows:
+            for i, row in enumerate(rows):
+                for col in path_columns:
+                    if isinstance(row.get(col), str) and row[col]:
+                        row = {**row, col: _keep_file(row[col], files, f"{path.stem}-{i:07d}", path.parent)}
                 f.write(json.dumps(row, default=str) + "\n")
+
+
+def _keep_file(value: str, folder: Path, stem: str, base: Path) -> str:
+    """`value` (a file path, "FILE#i" in an IDX file, or a data: URI) as a file under `folder`, named relative to
+    `base`; data: URIs stay as they are (they hold their bytes)."""
+    if value.startswith("data:") or "://" in value:
+        return value
+    folder.mkdir(parents=True, exist_ok=True)
+    src = Path(value)
+    if src.is_file():
+        dest = folder / f"{stem}{src.suffix.lower()}"
+        try:
+            os.link(src, dest)
+        except OSError:                                  # another file system, or links not allowed
+            shutil.copyfile(src, dest)
+    else:                                                # a record inside a container file (IDX): decode it once
+        from tunesmith.vision import load_image
+
+        dest = folder / f"{stem}.png"
+        load_image(value).save(dest)
+    return os.path.relpath(dest, base)
+
+
+class Predictor:
+    """A run's fine-tuned model on a device: `predict(inputs)` and `evaluate(data)`. One lock serialises use
+    of the model and processor (fast tokenizers are not safe under concurrent calls), so any number of threads
+    may share one Predictor."""
+
+    def __init__(self, run: Run, device: str = "auto"):
+        from tunesmith.device import choose_device
+        from tunesmith.tasks import get_task
+
+        if not run.model_dir.is_dir():
+            raise TunesmithError(f"{run.path}: no model/ folder (the run has not finished; resume it with "
+                                 f"tunesmith train --resume {run.path})")
+        self.run, self.task = run, get_task(run.recipe)
+        self.device = choose_device(device)
+        self.model = self.task.load_trained(run.model_dir).to(self.device).eval()
+        self._lock = threading.Lock()
+
+    @property
+    def labels(self) -> list[str] | None:
+        return self.task.labels
+
+    def predict(self, inputs):
+        """One JSON-ready dict per input, in order. An input is a string (text, image path, user message) or a
+        row (dict with the recipe's columns); a single input gives a single dict."""
+        import torch
+
+        one = not isinstance(inputs, (list, tuple))
+        items = [inputs] if one else list(inputs)
+        with self._lock, torch.no_grad():
+            out = self.task.predict(self.model, items)
+        return out[0] if one else out
+
+    def evaluate(self, data: str | Path | list[dict] | None = None, out_dir: str | Path | None = None) -> dict:
+        """Metrics on labelled rows: a file (as `data.train` reads them), a list of rows, or None for the run's
+        own test split. out_dir: where per-example files go (samples.jsonl, misclassified.jsonl)."""
+        import torch
+
+        from tunesmith.splits import load_rows, usable_rows
+
+        if data is None:
+            data = self.run.path / "data" / "test.jsonl"
+        rows = usable_rows(self.task, data) if isinstance(data, list) else load_rows(self.task, str(data))
+        with self._lock, torch.no_grad():
+            return self.task.evaluate_final(self.model, rows, self.task.encode(rows),
+                                            self.run.recipe.eval.batch_size, out_dir)

@@ -1,21 +1,56 @@
 """The task table: the one place where a task name becomes code.
 
-Entries are "module:Class" strings so that reading a recipe does not import torch; `get_task` imports
-the task's module on first use. A task subclasses `tunesmith.tasks.base.Task`.
+Each entry names a task's recipe class ("module:Class", torch-free), which names its Task class in turn
+(`Recipe.task_class`), so reading a recipe never imports torch; `get_task` imports the task's module on first
+use. Tasks from outside the package join with one call, `register_task(MyRecipe)`, or through an entry point in
+the group "tunesmith.tasks" whose value is the recipe class ("my_pkg.schema:MyRecipe"); they then validate,
+train, evaluate and predict like the built-in ones.
 """
 from __future__ import annotations
 
 import importlib
+from importlib.metadata import entry_points
 
-TASKS: dict[str, str] = {
-    "text-classification": "tunesmith.tasks.text_classification:TextClassification",
-    "causal-lm": "tunesmith.tasks.causal_lm:CausalLM",
-    "image-classification": "tunesmith.tasks.image_classification:ImageClassification",
+BUILTIN: dict[str, str] = {
+    "text-classification": "tunesmith.tasks.schema:TextClassificationRecipe",
+    "causal-lm": "tunesmith.tasks.schema:CausalLMRecipe",
+    "image-classification": "tunesmith.tasks.schema:ImageClassificationRecipe",
 }
-TASK_NAMES = list(TASKS)
+_registered: dict[str, object] = {}            # name -> recipe class (register_task)
+
+
+def _load(ref):
+    if not isinstance(ref, str):
+        return ref
+    module, _, name = ref.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def register_task(recipe_cls, name: str | None = None) -> None:
+    """Make a task available to recipes: `recipe_cls` subclasses tunesmith.Recipe with `task: Literal[name]`
+    and `task_class` naming (or being) its Task subclass."""
+    from tunesmith.recipe import Recipe
+
+    if not (isinstance(recipe_cls, type) and issubclass(recipe_cls, Recipe)):
+        raise TypeError(f"register_task takes a subclass of tunesmith.Recipe, got {recipe_cls!r}")
+    _registered[name or recipe_cls.task_name()] = recipe_cls
+
+
+def recipe_classes() -> dict[str, type]:
+    """Every known task's recipe class: built-in, then entry points, then registered (later ones win)."""
+    table = {name: _load(ref) for name, ref in BUILTIN.items()}
+    for ep in entry_points(group="tunesmith.tasks"):
+        table[ep.name] = ep.load()
+    table.update(_registered)
+    return table
+
+
+def task_class(recipe) -> type:
+    """The Task class of a validated recipe."""
+    ref = type(recipe).task_class
+    return _load(ref)
 
 
 def get_task(recipe):
-    """A Task instance for this recipe."""
-    module, _, cls = TASKS[recipe.task].partition(":")
-    return getattr(importlib.import_module(module), cls)(recipe)
+    """A Task instance for this recipe (nothing loaded yet: see Task's lifecycle in tunesmith/tasks/base.py)."""
+    return task_class(recipe)(recipe)

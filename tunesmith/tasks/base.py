@@ -1,11 +1,13 @@
 """The Task protocol: what a task supplies so that shared code (loop, commands) never asks its name.
 
-Data:   check(row, split) -> reason or None;  prepare(train_rows);  encode(rows) -> features;
-        length(feature);  collate(features) -> tensors
-Model:  load_model() -> (model, processor) for training;  load_trained(folder);  save(model, processor, folder)
-Train:  loss(model, batch) (default: the HF model's own `.loss`);  evaluate(model, features, batch_size)
+Setup:  setup(source) loads the processor (no weights);  labels;  metrics (name -> "max"/"min")
+Data:   check(row, split) -> reason or None;  prepare(train_rows);  encode(rows) -> Features;
+        length(feature);  collate(features) -> batch
+Model:  load_model() -> model for training;  load_trained(folder) -> model;  save(model, folder)
+Train:  loss(model, batch) -> sum over items;  count(batch) -> items;  evaluate(model, features, batch_size)
         evaluate_final(...) for eval.json (adds slow metrics and per-example files)
-Use:    predict(model, processor, inputs) -> JSON-ready dicts (shared by `predict` and `serve`)
+Use:    predict(model, inputs) -> JSON-ready dicts (shared by `predict`, the Python API and `serve`);
+        generate(...) and prompt_ids(...) where `generative`
 Doctor: key(row); stratify_key(row); length_stats(rows, features); embed(model, features, batch_size)
 """
 from __future__ import annotations
@@ -13,17 +15,81 @@ from __future__ import annotations
 import torch
 
 
+class Features(list):
+    """What `Task.encode` returns: the features (a list), and how many examples were cut at the length limit."""
+
+    def __init__(self, items=(), truncated: int = 0):
+        super().__init__(items)
+        self.truncated = truncated
+
+
 class Task:
+    """Lifecycle, the same for every caller (train, doctor, eval, predict, chat, serve):
+      1. task = TaskClass(recipe)          nothing loaded, nothing read
+      2. task.setup(source=None)           processor (tokenizer, image processor) from a model folder, hub id or a
+                                           run's model/; no weights. Default: the recipe's model. Done on first use
+                                           of `task.processor` if not called.
+      3. task.check(row, split)            per row; then task.prepare(train_rows) learns the label set (training);
+                                           load_trained(folder) restores it from the saved model instead
+      4. task.encode(rows) -> Features;    task.collate(features) -> batch (nested dicts/lists of tensors allowed)
+      5. task.load_model() -> model        pretrained weights + a new head (training); or load_trained(folder)
+      6. loss, count, evaluate, evaluate_final, predict, generate: read-only on the task (no state kept between
+         calls), so one task and model can serve several threads (callers serialise the model's own use).
+    Every capability a caller may use is declared here; a task says what it lacks by its flags
+    (`generative`) and `labels` (None), never by a missing attribute.
+    """
     name = ""
-    metric = "loss"                 # default selection metric (best checkpoint, early stopping)
     peft_task_type: str | None = None
-    default_method = "full"         # adapt.method when the recipe leaves it unset
     input_key = "text"              # what a bare command-line input becomes: {input_key: value}
     near_method = "text"            # doctor.near_method auto: "text" (Task.key strings) or "embedding" (Task.embed)
-    path_columns: tuple[str, ...] = ()  # columns holding file paths, read relative to their CSV/JSONL file
+    generative = False              # True: generate(), prompt_ids() and generation settings work (chat, serve)
 
     def __init__(self, recipe):
         self.recipe = recipe
+        self._processor = None
+
+    @property
+    def metrics(self) -> dict[str, str]:
+        """Metric name -> "max" or "min": what evaluate() reports and which way is better."""
+        return type(self.recipe).metrics
+
+    @property
+    def path_columns(self) -> tuple[str, ...]:
+        """Columns holding file paths: read relative to their data file, stored relative to the run folder."""
+        return ()
+
+    @property
+    def labels(self) -> list[str] | None:
+        """Label names in id order (classification), or None for a task without a label set."""
+        return None
+
+    @property
+    def max_length(self) -> int | None:
+        """Tokens an example is cut at (data.max_length), or None for a task without tokens."""
+        return None
+
+    @property
+    def class_weights(self):
+        """train.class_weights as the recipe gives it, or None (also for tasks without classes)."""
+        return None
+
+    # --- processor ----------------------------------------------------------------------------------
+    def setup(self, source: str | None = None) -> None:
+        """Load the processor from `source` (default: the recipe's model); no weights."""
+        from tunesmith.assets import resolve_model
+
+        self._processor = self.load_processor(source or resolve_model(self.recipe.model.name),
+                                              None if source else self.recipe.model.revision)
+
+    def load_processor(self, source: str, revision: str | None):
+        """The tokenizer or image processor stored at `source`."""
+        raise NotImplementedError
+
+    @property
+    def processor(self):
+        if self._processor is None:
+            self.setup()
+        return self._processor
 
     # --- data ---------------------------------------------------------------------------------------
     def check(self, row: dict, split: str) -> str | None:
@@ -41,7 +107,7 @@ class Task:
     def prepare(self, rows: list[dict]) -> None:
         """Learn what encoding needs from the usable training rows (for example the label set)."""
 
-    def encode(self, rows: list[dict]) -> list[dict]:
+    def encode(self, rows: list[dict]) -> Features:
         raise NotImplementedError
 
     def length(self, feature: dict) -> int:
@@ -53,9 +119,9 @@ class Task:
     def padded(self, width: int) -> int:
         """`width` rounded up to pad_multiple, never past max(width, data.max_length)."""
         rounded = -(-width // self.pad_multiple) * self.pad_multiple
-        return min(rounded, max(width, self.recipe.data.max_length))
+        return min(rounded, max(width, self.max_length or width))
 
-    def collate(self, features: list[dict]) -> dict[str, torch.Tensor]:
+    def collate(self, features: list[dict]) -> dict:
         raise NotImplementedError
 
     # --- data doctor (tunesmith/doctor.py); features = encode(rows) ------------------------------------
@@ -99,20 +165,30 @@ class Task:
 
     # --- model --------------------------------------------------------------------------------------
     def load_model(self):
+        """The model to fine-tune (pretrained weights, a head for this task's labels); processor set up."""
         raise NotImplementedError
 
     def load_trained(self, folder):
+        """A fine-tuned model saved by `save`; sets up the processor and labels from the same folder."""
         raise NotImplementedError
 
-    def save(self, model, processor, folder) -> None:
+    def save(self, model, folder) -> None:
         model.save_pretrained(folder)
-        processor.save_pretrained(folder)
+        self.processor.save_pretrained(folder)
 
     # --- training and evaluation --------------------------------------------------------------------
     def loss(self, model, batch: dict) -> torch.Tensor:
-        return model(**batch).loss
+        """The SUM of the batch's per-item losses (items: examples, or label tokens); the loop divides by the
+        items of the whole optimizer step (all micro-batches, all processes), so gradient accumulation and DDP
+        weigh every item alike. Default: HF's own mean `.loss` times `count`."""
+        return model(**batch).loss * self.count(batch)
+
+    def count(self, batch: dict) -> float:
+        """How many items `loss` sums over (from the batch alone, before any forward pass)."""
+        return float(len(batch["labels"]))
 
     def evaluate(self, model, features: list[dict], batch_size: int) -> dict:
+        """Every metric in `self.metrics` (and any others) on encoded, labelled features."""
         raise NotImplementedError
 
     def evaluate_final(self, model, rows: list[dict], features: list[dict], batch_size: int,
@@ -126,16 +202,31 @@ class Task:
         """The scalar part of `metrics`, for metrics.jsonl."""
         return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
 
-    def predict(self, model, processor, inputs: list) -> list[dict]:
+    def summary(self, metrics: dict) -> str:
+        """One line of the headline metrics, for the terminal."""
+        keys = [k for k in self.metrics if k in metrics][:3]
+        return "  ".join(f"{k} {metrics[k]:.4f}" for k in keys)
+
+    def predict(self, model, inputs: list) -> list[dict]:
+        """One JSON-ready dict per input, in order (shared by `predict`, the Python API and `serve`)."""
         raise NotImplementedError
+
+    # --- generation (generative tasks; see tunesmith/tasks/generation.py) ----------------------------
+    def generate(self, model, prompts: list, batch_size: int, settings=None) -> list[str]:
+        raise NotImplementedError(f"task '{self.name}' does not generate text")
+
+    def prompt_ids(self, messages: list[dict]) -> list[int]:
+        raise NotImplementedError(f"task '{self.name}' does not generate text")
 
 
 def batches(task: Task, features: list[dict], batch_size: int, device):
     """(indices, batch) over `features` sorted by length (less padding); indices map back to order."""
+    from accelerate.utils import send_to_device
+
     order = sorted(range(len(features)), key=lambda i: task.length(features[i]))
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
-        yield idx, {k: v.to(device) for k, v in task.collate([features[i] for i in idx]).items()}
+        yield idx, send_to_device(task.collate([features[i] for i in idx]), device)
 
 
 def model_device(model) -> torch.device:

@@ -20,28 +20,26 @@ import math
 import sys
 
 import torch
-from tqdm.auto import tqdm
 
-from tunesmith import metrics
-from tunesmith.tasks.base import Task, batches, load_hf, model_device
+from tunesmith.errors import TunesmithError
+from tunesmith.tasks.base import Features, batches, load_hf, model_device
+from tunesmith.tasks.generation import Generative
 
 PROBE = [{"role": "user", "content": "Hello?"}, {"role": "assistant", "content": "Hi."}]
-SAMPLES = 20                        # sample generations written to the run folder
 
 
-class CausalLM(Task):
+class CausalLM(Generative):
     name = "causal-lm"
-    metric = "loss"
     peft_task_type = "CAUSAL_LM"
-    default_method = "lora"
     input_key = "prompt"
-    tokenizer = None
-    truncated = 0
-    keep_logits = True              # loss(): LM head only at label positions (False: the model lacks it)
 
-    def __init__(self, recipe):
-        super().__init__(recipe)
-        self._cache: dict[str, tuple[list[int], list[int], bool]] = {}   # conversation -> ids, labels, cut
+    @property
+    def tokenizer(self):
+        return self.processor
+
+    @property
+    def max_length(self) -> int:
+        return self.recipe.data.max_length
 
     # --- rows -> conversations -----------------------------------------------------------------------
     def messages(self, row: dict) -> list[dict]:
@@ -103,37 +101,32 @@ class CausalLM(Task):
         return "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
 
     # --- tokenizer and template ----------------------------------------------------------------------
-    def get_tokenizer(self):
-        if self.tokenizer is None:
-            from tunesmith.assets import resolve_model
-            self.tokenizer = self._setup_tokenizer(resolve_model(self.recipe.model.name), self.recipe.model.revision)
-        return self.tokenizer
-
-    def _setup_tokenizer(self, path, revision=None):
+    def load_processor(self, source, revision=None):
+        """The tokenizer, checked: a chat template (data.chat_template overrides), an EOS token that ends each
+        assistant turn (or the model never learns to stop), a pad token (EOS is safe: padding goes by length)."""
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(path, revision=revision)
+        tok = AutoTokenizer.from_pretrained(source, revision=revision)
         if self.recipe.data.chat_template:
             tok.chat_template = self.recipe.data.chat_template
         if not tok.chat_template:
-            raise ValueError(f"{path}: the tokenizer has no chat template; set data.chat_template to a Jinja "
+            raise TunesmithError(f"{source}: the tokenizer has no chat template; set data.chat_template to a Jinja "
                              "template that ends every assistant turn with {{ eos_token }}")
         if tok.eos_token is None:
-            raise ValueError(f"{path}: the tokenizer has no EOS token; the model could not learn to stop")
+            raise TunesmithError(f"{source}: the tokenizer has no EOS token; the model could not learn to stop")
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token        # safe: padding is masked by length, never by id
-        self.tokenizer = tok
-        text, spans = self.render(PROBE)
+        text, spans = self.render(PROBE, tok)
         if tok.eos_token not in text[spans[0][0]:spans[0][1]]:
-            raise ValueError(f"the chat template does not end an assistant turn with the EOS token "
+            raise TunesmithError(f"the chat template does not end an assistant turn with the EOS token "
                              f"{tok.eos_token!r}, so the model would never learn to stop: add {{{{ eos_token }}}} "
                              f"after the assistant's content in data.chat_template")
         return tok
 
-    def render(self, msgs: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    def render(self, msgs: list[dict], tok=None) -> tuple[str, list[tuple[int, int]]]:
         """The conversation as text, and the character spans [start, end) of the assistant turns, each from
         its first content character through its EOS token (template text after EOS is not a label)."""
-        tok = self.tokenizer
+        tok = tok or self.tokenizer
 
         def text(part, prompt=False):
             try:
@@ -157,35 +150,32 @@ class CausalLM(Task):
         return len(self.tokenizer(self.render(msgs)[0], add_special_tokens=False)["input_ids"])
 
     def encode_one(self, msgs: list[dict]) -> tuple[list[int], list[int], bool]:
-        """(input_ids, labels, truncated) of one conversation, cut at data.max_length; cached."""
-        key = json.dumps(msgs)
-        if key not in self._cache:
-            self.get_tokenizer()
-            text, spans = self.render(msgs)
-            enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
-            ids = enc["input_ids"]
-            labels = [t if any(a <= s < b for a, b in spans) else -100 for t, (s, _) in zip(ids, enc["offset_mapping"])]
-            limit = self.recipe.data.max_length
-            self._cache[key] = (ids[:limit], labels[:limit], len(ids) > limit)
-        return self._cache[key]
+        """(input_ids, labels, truncated) of one conversation, cut at data.max_length."""
+        tok = self.tokenizer
+        text, spans = self.render(msgs)
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+        ids = enc["input_ids"]
+        labels = [t if any(a <= s < b for a, b in spans) else -100 for t, (s, _) in zip(ids, enc["offset_mapping"])]
+        limit = self.recipe.data.max_length
+        return ids[:limit], labels[:limit], len(ids) > limit
 
     def prompt_ids(self, msgs: list[dict]) -> list[int]:
         """Token ids of the conversation followed by the template's assistant header (a generation prompt)."""
-        text = self.get_tokenizer().apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        text = self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         return self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
 
     # --- features ------------------------------------------------------------------------------------
     def encode(self, rows: list[dict]) -> list[dict]:
         """One feature per conversation, or packed rows of several (train.packing)."""
         out = [self.encode_one(self.messages(r)) for r in rows]
-        self.truncated = sum(cut for _, _, cut in out)
         features = [{"input_ids": ids, "labels": labels} for ids, labels, _ in out]
-        return self.pack(features) if self.recipe.train.packing else features
+        return Features(self.pack(features) if self.recipe.train.packing else features,
+                        truncated=sum(cut for _, _, cut in out))
 
     def length_stats(self, rows: list[dict], features: list[dict]) -> dict:
         """Per conversation (features may be packed, so computed from rows): tokens kept and before the cut,
         trained tokens, and which conversations train nothing or lost their final EOS to the cut."""
-        eos = self.get_tokenizer().eos_token_id
+        eos = self.tokenizer.eos_token_id
         stats = {"kept": [], "lengths": [], "trained": [], "all_masked": [], "missing_end": []}
         for i, row in enumerate(rows):
             msgs = self.messages(row)
@@ -231,7 +221,7 @@ class CausalLM(Task):
         # input_ids, labels: [B, T] right-padded to the longest; labels -100 on padding.
         # unpacked: attention_mask [B, T]; packed: position_ids [B, T] (padding forms its own block)
         width = self.padded(max(len(f["input_ids"]) for f in features))      # train.pad_multiple
-        ids = torch.full((len(features), width), self.get_tokenizer().pad_token_id, dtype=torch.long)
+        ids = torch.full((len(features), width), self.tokenizer.pad_token_id, dtype=torch.long)
         labels = torch.full((len(features), width), -100, dtype=torch.long)
         packed = "position_ids" in features[0]
         extra = torch.zeros((len(features), width), dtype=torch.long)
@@ -250,104 +240,59 @@ class CausalLM(Task):
     def load_model(self):
         from transformers import AutoModelForCausalLM
 
-        model, _ = load_hf(AutoModelForCausalLM, self.recipe.model)
-        return model, self.get_tokenizer()
+        return load_hf(AutoModelForCausalLM, self.recipe.model)[0]
 
     def load_trained(self, folder):
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(folder)
-        return model, self._setup_tokenizer(folder)
+        self.setup(str(folder))
+        return model
 
-    def save(self, model, processor, folder) -> None:
+    def save(self, model, folder) -> None:
         # pipeline("text-generation") and generate() stop at the EOS the template ends each turn with
-        model.generation_config.eos_token_id = processor.eos_token_id
-        model.generation_config.pad_token_id = processor.pad_token_id
-        super().save(model, processor, folder)
+        model.generation_config.eos_token_id = self.tokenizer.eos_token_id
+        model.generation_config.pad_token_id = self.tokenizer.pad_token_id
+        super().save(model, folder)
 
     # --- training and evaluation ---------------------------------------------------------------------
     def loss(self, model, batch: dict) -> torch.Tensor:
-        """HF's causal-LM loss (mean cross-entropy over the batch's label tokens: token-weighted), with the LM
-        head applied only where a label follows: the head over the vocabulary is a large share of a small
-        model's compute, and most positions are prompt. No KV cache while training."""
-        if not self.keep_logits:
-            return model(**batch, use_cache=False).loss
+        """Summed cross-entropy over the batch's label tokens, with the LM head applied only where a label
+        follows: the head over the vocabulary is a large share of a small model's compute, and most positions
+        are prompt. No KV cache while training."""
         target = batch["labels"][:, 1:]                          # [B, T-1]: position t predicts token t+1
         keep = torch.nn.functional.pad(target != -100, (0, 1))   # [B, T] bool: positions followed by a label
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         try:
             logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits   # [N, V], N label tokens
-        except TypeError:                                         # a model without logits_to_keep
-            self.keep_logits = False
-            return self.loss(model, batch)
-        return torch.nn.functional.cross_entropy(logits.float(), target[keep[:, :-1]])
+        except TypeError:                    # a model without logits_to_keep: fails before computing anything
+            logits = model(**inputs, use_cache=False).logits[:, :-1][keep[:, :-1]]
+        return torch.nn.functional.cross_entropy(logits.float(), target[keep[:, :-1]], reduction="sum")
+
+    def count(self, batch: dict) -> float:
+        """Label tokens (what HF's shifted causal-LM loss averages over)."""
+        return float((batch["labels"][:, 1:] != -100).sum())
 
     def evaluate(self, model, features: list[dict], batch_size: int) -> dict:
         """Token-weighted loss over the assistant tokens, and its perplexity."""
-        total, count = 0.0, 0
+        total, count = 0.0, 0.0
         for _, batch in batches(self, features, batch_size, model_device(model)):
-            n = int((batch["labels"][:, 1:] != -100).sum())      # what HF's shifted loss averages over
-            total += float(self.loss(model, batch)) * n
-            count += n
+            total += float(self.loss(model, batch))
+            count += self.count(batch)
         loss = total / count if count else float("nan")
-        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "label_tokens": count}
-
-    def autocast(self, model):
-        """Inference in the recipe's training precision (bf16 where the hardware computes it natively: about
-        twice the fp32 speed on such CPUs), so eval.json, predict and chat match what validation saw."""
-        from tunesmith.loop import choose_precision
-
-        device = model_device(model)
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(choose_precision(self.recipe.train.precision,
-                                                                                      device)[0])
-        return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-
-    def generation_settings(self) -> dict:
-        return {"max_new_tokens": 32, "do_sample": False, **(self.recipe.eval.generate or {})}
-
-    def generate(self, model, prompts: list[list[dict]], batch_size: int, settings: dict | None = None) -> list[str]:
-        """Greedy (or as eval.generate says) completions of each conversation, left-padded in batches."""
-        tok, device = self.get_tokenizer(), model_device(model)
-        settings = settings or self.generation_settings()
-        ids = [self.prompt_ids(p) for p in prompts]
-        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-        out = [""] * len(ids)
-        bar = tqdm(total=len(ids), desc="generate", unit="example", disable=len(ids) <= batch_size)
-        for s in range(0, len(order), batch_size):
-            idx = order[s:s + batch_size]
-            width = max(len(ids[i]) for i in idx)
-            x = torch.full((len(idx), width), tok.pad_token_id, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):
-                x[row, width - len(ids[i]):] = torch.tensor(ids[i])
-                mask[row, width - len(ids[i]):] = 1
-            with torch.no_grad(), self.autocast(model):
-                gen = model.generate(input_ids=x.to(device), attention_mask=mask.to(device),
-                                     pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **settings)
-            for row, i in enumerate(idx):
-                out[i] = tok.decode(gen[row, width:], skip_special_tokens=True).strip()
-            bar.update(len(idx))
-        bar.close()
-        return out
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "label_tokens": int(count)}
 
     def evaluate_final(self, model, rows: list[dict], features: list[dict], batch_size: int, out_dir=None) -> dict:
         """Loss and perplexity; with eval.generate also exact match and ROUGE-L of generated answers against
-        each row's last assistant turn, and the first SAMPLES generations in out_dir/samples.jsonl."""
+        each row's last assistant turn, and the first samples in out_dir/samples.jsonl."""
         with self.autocast(model):
             result = self.evaluate(model, features, batch_size)
         if self.recipe.eval.generate is None:
             return result
         prompts, refs = zip(*(self.split_answer(self.messages(r)) for r in rows)) if rows else ((), ())
-        outputs = self.generate(model, list(prompts), batch_size)
-        result |= metrics.generation(list(refs), outputs)
-        if out_dir is not None:
-            from pathlib import Path
-            with open(Path(out_dir) / "samples.jsonl", "w") as f:
-                for p, r, o in list(zip(prompts, refs, outputs))[:SAMPLES]:
-                    f.write(json.dumps({"prompt": p, "reference": r, "output": o}) + "\n")
-        return result
+        return result | self.generation_metrics(model, list(prompts), list(refs), batch_size, out_dir)
 
-    def predict(self, model, processor, inputs: list) -> list[dict]:
+    def predict(self, model, inputs: list) -> list[dict]:
         """A bare string is one user message; a row gives its conversation up to its last assistant turn."""
         prompts = []
         for x in inputs:

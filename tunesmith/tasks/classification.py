@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from tunesmith import metrics
+from tunesmith.errors import TunesmithError
 from tunesmith.tasks.base import Task, batches, model_device
 
 
@@ -27,9 +28,16 @@ def label_name(value) -> str | None:
 
 
 class Classification(Task):
-    metric = "accuracy"
-    names: list[str] = []           # label names in id order
+    names: list[str] = []           # label names in id order (set by prepare or load_trained)
     weights: torch.Tensor | None = None
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.names)
+
+    @property
+    def class_weights(self):
+        return self.recipe.train.class_weights
 
     # --- labels -------------------------------------------------------------------------------------
     def check_label(self, row: dict, split: str) -> str | None:
@@ -52,7 +60,7 @@ class Classification(Task):
             names = [str(x) for x in self.recipe.data.labels]
             unknown = seen - set(names)
             if unknown:
-                raise ValueError(f"train has labels not in data.labels: {sorted(unknown)}")
+                raise TunesmithError(f"train has labels not in data.labels: {sorted(unknown)}")
         elif all(s.lstrip("-").isdigit() for s in seen):
             names = sorted(seen, key=int)
         else:
@@ -78,11 +86,11 @@ class Classification(Task):
         elif isinstance(spec, dict):
             unknown = set(spec) - set(self.names)
             if unknown:
-                raise ValueError(f"train.class_weights names unknown labels {sorted(unknown)}; labels: {self.names}")
+                raise TunesmithError(f"train.class_weights names unknown labels {sorted(unknown)}; labels: {self.names}")
             w = np.array([spec.get(n, 1.0) for n in self.names])
         else:
             if len(spec) != len(self.names):
-                raise ValueError(f"train.class_weights has {len(spec)} values for {len(self.names)} labels {self.names}")
+                raise TunesmithError(f"train.class_weights has {len(spec)} values for {len(self.names)} labels {self.names}")
             w = np.array(spec)
         return torch.tensor(w, dtype=torch.float32)
 
@@ -93,13 +101,18 @@ class Classification(Task):
 
     # --- training and evaluation --------------------------------------------------------------------
     def loss(self, model, batch: dict) -> torch.Tensor:
-        smoothing = self.recipe.train.label_smoothing
-        if self.weights is None and not smoothing:
-            return model(**batch).loss
+        """Sum over the batch of each example's cross-entropy, times its class weight (train.class_weights)."""
         labels = batch["labels"]
         logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits   # [B, C]
         weight = self.weights.to(logits.device) if self.weights is not None else None
-        return F.cross_entropy(logits.float(), labels, weight=weight, label_smoothing=smoothing)
+        return F.cross_entropy(logits.float(), labels, weight=weight, reduction="sum",
+                               label_smoothing=self.recipe.train.label_smoothing)
+
+    def count(self, batch: dict) -> float:
+        """Examples, or the sum of their class weights: cross_entropy's weighted mean divides by the same."""
+        if self.weights is None:
+            return float(len(batch["labels"]))
+        return float(self.weights[batch["labels"].cpu()].sum())
 
     def logits(self, model, features: list[dict], batch_size: int) -> torch.Tensor:
         """[N, C] float logits in the order of `features`."""

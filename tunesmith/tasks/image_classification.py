@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from tunesmith import metrics, vision
-from tunesmith.tasks.base import load_hf
+from tunesmith.errors import TunesmithError
+from tunesmith.tasks.base import Features, load_hf
 from tunesmith.tasks.classification import Classification
 
 CHUNK = 256                 # images per image-processor call
@@ -29,7 +30,6 @@ class ImageClassification(Classification):
     name = "image-classification"
     input_key = "image"
     near_method = "embedding"       # Task.key is a pixel hash: near duplicates need the model's embeddings
-    processor = None
 
     @property
     def path_columns(self) -> tuple[str, ...]:
@@ -51,14 +51,14 @@ class ImageClassification(Classification):
     def encode(self, rows: list[dict]) -> list[dict]:
         """uint8 pixels [3, H, W] as the image processor resizes and crops them, and the label id if any."""
         col, label_col = self.recipe.data.image_column, self.recipe.data.label_column
-        out = []
+        out = Features()
         for s in tqdm(range(0, len(rows), CHUNK), desc="images", unit="chunk", mininterval=1.0,
                       disable=len(rows) <= 4 * CHUNK, leave=False):
             chunk = rows[s:s + CHUNK]
             try:
                 images = [vision.load_image(r[col]) for r in chunk]
             except Exception as e:                  # check() decoded these already: the files changed since
-                raise ValueError(f"image became unreadable after the data check: {e}") from None
+                raise TunesmithError(f"image became unreadable after the data check: {e}") from None
             pixels = self.processor(images, do_rescale=False, do_normalize=False, return_tensors="np")
             pixels = torch.from_numpy(np.asarray(pixels["pixel_values"]).round().clip(0, 255).astype(np.uint8))
             for p, r in zip(pixels, chunk):
@@ -69,47 +69,50 @@ class ImageClassification(Classification):
     def collate(self, features: list[dict]) -> dict[str, torch.Tensor]:
         # pixel_values: [B, 3, H, W] normalized as the processor does; labels: [B]
         pixels = torch.stack([f["pixels"] for f in features]).float()
-        batch = {"pixel_values": pixels * self.scale + self.shift}
+        scale, shift = self.normalization
+        batch = {"pixel_values": pixels * scale + shift}
         if "labels" in features[0]:
             batch["labels"] = torch.tensor([f["labels"] for f in features])
         return batch
 
     # --- model --------------------------------------------------------------------------------------
-    def _use(self, processor) -> None:
-        self.processor = processor
-        self.scale, self.shift = vision.normalization(processor)       # [3, 1, 1] each
-
-    def _processor(self, path):
+    def load_processor(self, source, revision):
         from transformers import AutoImageProcessor
 
         try:
-            return AutoImageProcessor.from_pretrained(path, revision=self.recipe.model.revision)
+            return AutoImageProcessor.from_pretrained(source, revision=revision)
         except (OSError, ValueError) as e:
-            raise ValueError(f"{path}: no usable image processor ({e}); save one beside the model, e.g. ViTImage"
+            raise TunesmithError(f"{source}: no usable image processor ({e}); save one beside the model, e.g. ViTImage"
                              "ProcessorPil(size=..., image_mean=..., image_std=...).save_pretrained(path)") from None
+
+    @property
+    def normalization(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, shift), each [3, 1, 1]: uint8 pixels * scale + shift = the processor's normalised input."""
+        return vision.normalization(self.processor)
+
+    def setup(self, source=None) -> None:
+        super().setup(source)
+        if source is None and self.recipe.data.image_size:     # training: the recipe's size (saved with the model)
+            vision.set_input_size(self._processor, self.recipe.data.image_size)
 
     def load_model(self):
         from transformers import AutoModelForImageClassification
 
-        model, path = load_hf(AutoModelForImageClassification, self.recipe.model, **self.label_config)
-        processor = self._processor(path)
-        if self.recipe.data.image_size:
-            vision.set_input_size(processor, self.recipe.data.image_size)
+        model, _ = load_hf(AutoModelForImageClassification, self.recipe.model, **self.label_config)
         for m in model.modules():
             # transformers' MobileNetV2 keeps TensorFlow's BatchNorm momentum (0.997, the share of the old running
             # statistics); in PyTorch's convention that would keep only the latest batch: use PyTorch's 0.1
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and (m.momentum or 0) > 0.5:
                 m.momentum = 0.1
-        self._use(processor)
-        return model, processor
+        return model
 
     def load_trained(self, folder):
         from transformers import AutoModelForImageClassification
 
         model = AutoModelForImageClassification.from_pretrained(folder)
-        self._use(self._processor(folder))
+        self.setup(str(folder))
         self.set_labels([model.config.id2label[i] for i in range(model.config.num_labels)])
-        return model, self.processor
+        return model
 
     # --- training and evaluation --------------------------------------------------------------------
     def loss(self, model, batch: dict) -> torch.Tensor:
@@ -119,7 +122,7 @@ class ImageClassification(Classification):
         # one draw from the global RNG per batch: a checkpoint restores that RNG, so resume replays these
         g = torch.Generator().manual_seed(int(torch.randint(2**62, (1,))))
         pv = batch["pixel_values"]
-        scale, shift = self.scale.to(pv), self.shift.to(pv)
+        scale, shift = (t.to(pv) for t in self.normalization)
         x = ((pv - shift) / scale / 255).clamp(0, 1)                   # back to [0, 1] pixels
         x = vision.augment(x, aug, g)
         targets = F.one_hot(batch["labels"], len(self.names)).float()  # [B, C]; MixUp/CutMix mix them
@@ -127,9 +130,8 @@ class ImageClassification(Classification):
         logits = model(pixel_values=x * 255 * scale + shift).logits
         weight = self.weights.to(logits.device) if self.weights is not None else None
         smoothing = self.recipe.train.label_smoothing
-        loss = F.cross_entropy(logits.float(), targets, weight=weight, label_smoothing=smoothing, reduction="sum")
-        # weighted mean as for class ids (sum of the examples' weights), so class weights keep their scale
-        return loss / ((targets @ weight).sum() if weight is not None else len(targets))
+        # a sum, divided by count() (the examples' class weights before mixing: equal to the mixed ones in expectation)
+        return F.cross_entropy(logits.float(), targets, weight=weight, label_smoothing=smoothing, reduction="sum")
 
     def evaluate_final(self, model, rows: list[dict], features: list[dict], batch_size: int, out_dir=None) -> dict:
         """Metrics (as `evaluate`) plus top-k accuracy; out_dir: write misclassified.jsonl there, the most
@@ -154,13 +156,13 @@ class ImageClassification(Classification):
             result["misclassified"] = len(wrong)
         return result
 
-    def predict(self, model, processor, inputs: list) -> list[dict]:
+    def predict(self, model, inputs: list) -> list[dict]:
         col = self.recipe.data.image_column
         rows = [{col: x[col] if isinstance(x, dict) else x} for x in inputs]
         for r in rows:
             reason = vision.check_image(r[col])
             if reason:
-                raise ValueError(reason)
+                raise TunesmithError(reason)
         features = [{"pixels": f["pixels"]} for f in self.encode(rows)]
         with torch.no_grad():
             return self.predictions(self.logits(model, features, self.recipe.eval.batch_size))

@@ -3,15 +3,22 @@ from __future__ import annotations
 
 import torch
 
+from tunesmith.tasks.base import Features, load_hf
 from tunesmith.tasks.classification import Classification
-from tunesmith.tasks.base import load_hf
 
 
 class TextClassification(Classification):
     name = "text-classification"
     peft_task_type = "SEQ_CLS"
     input_key = "text"
-    tokenizer = None
+
+    @property
+    def tokenizer(self):
+        return self.processor
+
+    @property
+    def max_length(self) -> int:
+        return self.recipe.data.max_length
 
     def check(self, row: dict, split: str) -> str | None:
         col = self.recipe.data.text_column
@@ -27,25 +34,32 @@ class TextClassification(Classification):
     def key(self, row: dict) -> str:
         return row[self.recipe.data.text_column]
 
+    def load_processor(self, source, revision):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(source, revision=revision)
+
     def load_model(self):
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoModelForSequenceClassification
 
-        model, path = load_hf(AutoModelForSequenceClassification, self.recipe.model, **self.label_config)
-        self.tokenizer = AutoTokenizer.from_pretrained(path, revision=self.recipe.model.revision)
-        return model, self.tokenizer
+        return load_hf(AutoModelForSequenceClassification, self.recipe.model, **self.label_config)[0]
 
-    def save(self, model, processor, folder) -> None:
-        # pipeline(..., truncation=True) then cuts where training did
-        processor.model_max_length = self.recipe.data.max_length
-        super().save(model, processor, folder)
+    def save(self, model, folder) -> None:
+        # pipeline(..., truncation=True) then cuts where training did; a copy: the task's tokenizer is shared
+        import copy
+
+        tokenizer = copy.copy(self.tokenizer)
+        tokenizer.model_max_length = self.recipe.data.max_length
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
 
     def load_trained(self, folder):
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoModelForSequenceClassification
 
         model = AutoModelForSequenceClassification.from_pretrained(folder)
-        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        self.setup(str(folder))
         self.set_labels([model.config.id2label[i] for i in range(model.config.num_labels)])
-        return model, self.tokenizer
+        return model
 
     def encode(self, rows: list[dict]) -> list[dict]:
         """Token ids per row (truncated to data.max_length) and the label id when the row has one."""
@@ -57,10 +71,9 @@ class TextClassification(Classification):
             cut = self.tokenizer([texts[i] for i in long], truncation=True, max_length=limit)["input_ids"]
             for i, x in zip(long, cut):
                 ids[i] = x
-        self.truncated = len(long)
         label_col = self.recipe.data.label_column
-        return [{"input_ids": x, **({"labels": self.label_id(r)} if r.get(label_col) not in (None, "") else {})}
-                for x, r in zip(ids, rows)]
+        return Features(({"input_ids": x, **({"labels": self.label_id(r)} if r.get(label_col) not in (None, "") else {})}
+                         for x, r in zip(ids, rows)), truncated=len(long))
 
     def length_stats(self, rows: list[dict], features: list[dict]) -> dict:
         texts = [r[self.recipe.data.text_column] for r in rows]
@@ -81,7 +94,7 @@ class TextClassification(Classification):
             batch["labels"] = torch.tensor([f["labels"] for f in features])
         return batch
 
-    def predict(self, model, processor, inputs: list) -> list[dict]:
+    def predict(self, model, inputs: list) -> list[dict]:
         col = self.recipe.data.text_column
         rows = [{col: x[col] if isinstance(x, dict) else x} for x in inputs]
         features = [{"input_ids": f["input_ids"]} for f in self.encode(rows)]

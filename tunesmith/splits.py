@@ -1,0 +1,115 @@
+"""The rows a run uses: every split read, unusable rows rejected with origin and reason, missing splits cut from
+train. `train`, `doctor`, `eval` and the Python API all read through here, so they see the same rows."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+from tunesmith import data as datalib
+
+SPLITS = ("train", "validation", "test")
+
+
+@dataclass
+class Loaded:
+    """The data as train uses it: usable rows per split, every rejected row, and counts per file."""
+    tables: dict[str, datalib.Table]
+    rejects: list[datalib.Reject]
+    files: list[dict]           # per split file: file, split, read, usable, rejected, columns; read = usable + rejected
+    unused: int = 0             # usable train rows left out by data.max_rows
+
+
+def load_splits(task, recipe) -> tuple[dict[str, datalib.Table], list[datalib.Reject]]:
+    """(usable rows per split, rejected rows); see `load_data`."""
+    loaded = load_data(task, recipe)
+    return loaded.tables, loaded.rejects
+
+
+def load_data(task, recipe) -> Loaded:
+    """Read every split, reject unusable rows (with origin and reason), split off what is missing.
+    `train` and `tunesmith doctor` both read through here, so they see the same rows."""
+    cfg = recipe.data
+    tables = {s: datalib.read(getattr(cfg, s), s, task.path_columns) for s in SPLITS if getattr(cfg, s)}
+    rejects, files = [], []
+
+    def usable(table: datalib.Table, split: str) -> datalib.Table:
+        keep, bad = [], list(table.rejects)
+        for i, row in enumerate(table.rows):
+            reason = task.check(row, split)
+            if reason:
+                bad.append(datalib.Reject(table.origins[i], reason, split))
+            else:
+                keep.append(i)
+        bad.sort(key=lambda r: datalib.position(r.origin))        # file order: reader and task rejects merged
+        rejects.extend(bad)
+        files.append({"file": table.source, "split": split, "read": len(table.rows) + len(table.rejects),
+                      "usable": len(keep), "rejected": len(bad),
+                      "columns": sorted({k for row in table.rows[:1000] for k in row})})
+        return table.subset(keep)
+
+    train = usable(tables["train"], "train")
+    if not train.rows:
+        raise datalib.DataError(f"{cfg.train}: no usable training rows\n" + report(rejects))
+    task.prepare(train.rows)
+    out, total = {"train": train}, len(train)
+    for split in ("validation", "test"):
+        if split in tables:
+            out[split] = usable(tables[split], split)
+        else:
+            keys = [task.stratify_key(r) for r in out["train"].rows]
+            size = cfg.validation_size if split == "validation" else cfg.test_size
+            size = size if size >= 1 else round(size * total)         # fractions of the whole file
+            out["train"], out[split] = datalib.split_off(out["train"], size, keys if keys[0] is not None else None,
+                                                         recipe.train.seed)
+    unused = 0
+    if cfg.max_rows and len(out["train"]) > cfg.max_rows:
+        keys = [task.stratify_key(r) for r in out["train"].rows]
+        unused = len(out["train"]) - cfg.max_rows
+        out["train"] = datalib.split_off(out["train"], cfg.max_rows, keys if keys[0] is not None else None,
+                                         recipe.train.seed)[1]
+    for split in ("validation", "test"):
+        if cfg.max_eval_rows and len(out[split]) > cfg.max_eval_rows:
+            keys = [task.stratify_key(r) for r in out[split].rows]
+            out[split] = datalib.split_off(out[split], cfg.max_eval_rows, keys if keys[0] is not None else None,
+                                           recipe.train.seed)[1]
+    return Loaded(out, rejects, files, unused)
+
+
+def report(rejects: list[datalib.Reject], limit: int = 20) -> str:
+    lines = [f"  {r.origin}: {r.reason}" for r in rejects[:limit]]
+    if len(rejects) > limit:
+        lines.append(f"  ... and {len(rejects) - limit} more")
+    return "\n".join(lines)
+
+
+def fingerprint(tables: dict[str, datalib.Table]) -> str:
+    h = hashlib.sha256()
+    for split in SPLITS:
+        if split in tables:
+            h.update(json.dumps([split, tables[split].rows], sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+def load_rows(task, path: str) -> list[dict]:
+    """Usable rows of a file (eval); unusable ones are a DataError listing each with its origin."""
+    table = datalib.read(path, "test", task.path_columns)
+    return _usable(task, table.rows, table.origins, list(table.rejects))
+
+
+def usable_rows(task, rows: list[dict]) -> list[dict]:
+    """The same check for rows given in memory (origin: their position, from 1)."""
+    return _usable(task, rows, [f"row {i}" for i in range(1, len(rows) + 1)], [])
+
+
+def _usable(task, rows, origins, rejects) -> list[dict]:
+    out = []
+    for row, origin in zip(rows, origins):
+        reason = task.check(row, "test")
+        if reason:
+            rejects.append(datalib.Reject(origin, reason, "test"))
+        else:
+            out.append(row)
+    if rejects:
+        raise datalib.DataError(f"{len(rejects)} unusable row(s):\n" + report(rejects))
+    return out
