@@ -72,11 +72,12 @@ def run_torch(recipe, task, features: dict) -> dict:
     with PeakRSS() as mem:
         t = time.perf_counter()
         step = 0
+        scale, shift = task.normalization                     # [3, 1, 1] each
         while step < total:
             order = torch.randperm(len(x), generator=g)
             for s in range(0, len(x), cfg.batch_size):
                 idx = order[s:s + cfg.batch_size]
-                pixel_values = x[idx].float() * task.scale + task.shift
+                pixel_values = x[idx].float() * scale + shift
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                     loss = model(pixel_values=pixel_values, labels=y[idx]).loss
                 loss.backward()

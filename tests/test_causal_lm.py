@@ -236,6 +236,78 @@ def test_eval_command_matches_eval_json(trained):
     assert got["exact_match"] == saved["exact_match"] and got["loss"] == pytest.approx(saved["loss"], rel=1e-5)
 
 
+def test_rouge_l_is_rouge_scores_and_exact_match_is_squads(trained):
+    """eval.json's rouge_l is rouge-score's ROUGE-L F1 averaged over the test rows (samples.jsonl holds them
+    all here); exact_match compares SQuAD-normalised answers."""
+    from rouge_score import rouge_scorer
+
+    from tunesmith.metrics import normalize_answer
+
+    saved = trained.metrics
+    rows = [json.loads(x) for x in (trained.path / "data" / "test.jsonl").read_text().splitlines()]
+    outputs = [p["output"] for p in trained.load(device="cpu").predict(rows)]
+    references = [r.get("response") or r["messages"][-1]["content"] for r in rows]
+    samples = [{"reference": r, "output": o} for r, o in zip(references, outputs)]
+    assert len(samples) == saved["n_examples"] and len(set(outputs)) > 1
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    rouge = sum(scorer.score(s["reference"], s["output"])["rougeL"].fmeasure for s in samples) / len(samples)
+    em = sum(normalize_answer(s["reference"]) == normalize_answer(s["output"]) for s in samples) / len(samples)
+    assert saved["rouge_l"] == pytest.approx(rouge, abs=1e-12) and saved["exact_match"] == pytest.approx(em)
+
+
+def test_grad_accumulation_equals_one_big_batch_on_tokens(tiny_llama, tmp_path):
+    """Answers of different lengths: 4 micro-batches of 4 give the loss and gradient of one batch of 16 (each
+    label token weighs the same), within 1e-6; the mean of micro-batch means would not."""
+    from accelerate import Accelerator
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.loop import accumulate
+
+    data = tmp_path / "c.jsonl"
+    with open(data, "w") as f:
+        for i in range(16):
+            answer = " ".join(["pos", "good", "fine", "great", "nice"][: 1 + i % 5])
+            f.write(json.dumps({"prompt": f"review {'the ' * (i % 3)}film verdict", "response": answer}) + "\n")
+    task = get_task(load(lm_recipe(tiny_llama, data)))
+    features = task.encode([json.loads(x) for x in data.read_text().splitlines()])
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    acc = Accelerator(cpu=True)
+
+    def step(groups):
+        model.zero_grad()
+        loss = accumulate(task, model, [task.collate([features[i] for i in g]) for g in groups], acc)
+        return float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    big, big_grads = step([list(range(16))])
+    small, small_grads = step([list(range(k, k + 4)) for k in range(0, 16, 4)])
+    assert small == pytest.approx(big, abs=1e-6)
+    for name, g in big_grads.items():
+        assert torch.allclose(small_grads[name], g, rtol=1e-4, atol=1e-7), name
+    with torch.no_grad():
+        means = [float(task.loss(model, b)) / task.count(b) for b in
+                 (task.collate([features[i] for i in range(k, k + 4)]) for k in range(0, 16, 4))]
+    assert abs(sum(means) / 4 - big) > 1e-3                          # what equal weights per micro-batch gave
+
+
+def test_moved_chat_run_still_evaluates_predicts_and_chats(trained, tmp_path):
+    import shutil
+
+    moved = tmp_path / "moved"
+    shutil.copytree(trained.path, moved)
+    saved = trained.metrics
+    hidden = trained.path.with_name("hidden-run")
+    trained.path.rename(hidden)
+    try:
+        out = tunesmith("eval", moved)
+        assert out.returncode == 0 and json.loads(out.stdout)["loss"] == pytest.approx(saved["loss"], rel=1e-5), out.stderr
+        out = tunesmith("predict", moved, "review the film was superb verdict")
+        assert out.returncode == 0 and json.loads(out.stdout)["output"] == "pos", out.stderr
+        out = tunesmith("chat", moved, "--max-new-tokens", "3", input="review awful acting verdict\n", timeout=120)
+        assert out.returncode == 0 and "bot> neg" in out.stdout, out.stderr
+    finally:
+        hidden.rename(trained.path)
+
+
 def test_chat_streams_multi_turn_and_trims_history(trained):
     script = "review the film was superb verdict\nreview a dull and clumsy plot verdict\n" \
              "review lovely cast verdict\n/reset\nreview awful acting verdict\n"

@@ -384,3 +384,26 @@ def test_bundled_mobilenet_v2_matches_torchvision_forward():
     assert int(reference.argmax()) == int(ours.argmax()) == 698            # ImageNet class 698: "palace"
     assert sum(1 for k in state if not k.endswith("num_batches_tracked")) == \
         sum(1 for k in model.state_dict() if not k.endswith("num_batches_tracked"))
+
+
+def test_run_folder_keeps_its_test_images_and_moves_as_a_whole(trained, tmp_path):
+    """data/test.jsonl names images inside the run folder (copied or hard-linked at train time), relative to
+    itself: a moved run evaluates with the original run folder gone."""
+    import shutil
+
+    path, images = trained
+    rows = [json.loads(x) for x in (path / "data" / "test.jsonl").read_text().splitlines()]
+    assert rows and all(not os.path.isabs(r["image"]) and r["image"].startswith("files/") for r in rows)
+    moved = tmp_path / "moved"
+    shutil.copytree(path, moved)
+    saved = json.loads((path / "eval.json").read_text())
+    hidden, elsewhere = path.with_name("hidden-run"), images.with_name("hidden-images")
+    path.rename(hidden)
+    images.rename(elsewhere)                        # the user's image folder is gone too
+    try:
+        out = tunesmith("eval", moved)
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout)["accuracy"] == pytest.approx(saved["accuracy"])
+    finally:
+        hidden.rename(path)
+        elsewhere.rename(images)

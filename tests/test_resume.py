@@ -44,7 +44,10 @@ def test_sigkill_and_resume_is_bitwise_equal(tiny_bert, tmp_path):
     assert last_step(whole) == total
 
     killed = tmp_path / "killed"
-    kill_at = random.randint(5, total - 8)
+    # a new kill point each run, from a seed that is printed (and shown on failure): KILL_SEED=N replays it
+    seed = int(os.environ.get("KILL_SEED", time.time_ns() % 1_000_000))
+    kill_at = random.Random(seed).randint(5, total - 8)
+    print(f"KILL_SEED={seed}: SIGKILL after step {kill_at}")
     proc = subprocess.Popen([sys.executable, "-m", "tunesmith", "train", str(recipe), "--run-dir", str(killed)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
@@ -53,7 +56,7 @@ def test_sigkill_and_resume_is_bitwise_equal(tiny_bert, tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     reached = last_step(killed)
-    assert reached < total, f"run finished before the kill (kill_at={kill_at})"
+    assert reached < total, f"run finished before the kill (KILL_SEED={seed}, kill_at={kill_at})"
 
     # a checkpoint folder that never got its marker must be skipped, with a reason
     fake = killed / "checkpoints" / "step-99999999"

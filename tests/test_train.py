@@ -134,20 +134,24 @@ def test_bad_rows_fail_with_file_and_line(tiny_bert, tmp_path):
 
 
 def test_two_process_ddp_through_accelerate(tiny_bert, tmp_path):
-    """Distribution is torchrun's and accelerate's: two CPU processes (gloo) train one run into one folder."""
+    """Distribution is torchrun's and accelerate's: two CPU processes (gloo) train one run into one folder.
+    161 train rows in batches of 16: the last batch holds one example, so one process has none of it and must
+    still join the gradient reduction (a stand-in that weighs nothing) instead of crashing or hanging."""
     import os
     import subprocess
     import sys
 
-    data = write_reviews(tmp_path / "r.csv", n=300)
+    recipe = recipe_dict(tiny_bert, write_reviews(tmp_path / "r.csv", n=201))
+    recipe["data"] |= {"validation_size": 20, "test_size": 20}
     path = tmp_path / "r.yaml"
-    path.write_text(yaml.safe_dump(recipe_dict(tiny_bert, data)))
+    path.write_text(yaml.safe_dump(recipe))
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                           "-m", "tunesmith", "train", str(path), "--run-dir", str(tmp_path / "run")],
                          capture_output=True, text=True, timeout=600, cwd=tmp_path,
                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})   # gloo on CPU even where GPUs exist
     assert out.returncode == 0, out.stderr[-3000:]
     assert "x 2 processes" in out.stdout and out.stdout.count("after fine-tuning") == 1
+    assert json.loads((tmp_path / "run" / "data" / "splits.json").read_text())["rows"]["train"] == 161
     assert json.loads((tmp_path / "run" / "eval.json").read_text())["accuracy"] > 0.9
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tunesmith.errors import TunesmithError
 
@@ -141,12 +141,18 @@ class Recipe(Section):
             self.adapt.freeze_backbone = not specs
         if self.train.metric is None:
             self.train.metric = self.default_metric
-        elif self.train.metric not in self.metrics:
-            close = difflib.get_close_matches(self.train.metric, list(self.metrics), n=1)
-            hint = f"did you mean '{close[0]}'? " if close else ""
-            raise ValueError(f"train.metric '{self.train.metric}' is not a metric of task '{self.task}': {hint}"
-                             f"choose one of {', '.join(self.metrics)}")
         return self
+
+    @field_validator("train")
+    @classmethod
+    def _known_metric(cls, train):
+        """train.metric must be one the task reports (checked with the other fields: every error at once)."""
+        if train.metric is not None and train.metric not in cls.metrics:
+            close = difflib.get_close_matches(train.metric, list(cls.metrics), n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise ValueError(f"train.metric '{train.metric}' is not a metric of task '{cls.task_name()}': {hint}"
+                             f"choose one of {', '.join(cls.metrics)}")
+        return train
 
     @classmethod
     def task_name(cls) -> str:
@@ -207,7 +213,7 @@ def _messages(err: ValidationError, cls: type[Recipe], others: dict[str, type[Re
             out.append(f"{path}: required key is missing")
         else:
             msg = e["msg"].removeprefix("Value error, ")
-            out.append(f"{path}: {msg} (got {e.get('input')!r})" if path else msg)
+            out.append(msg if not path or msg.startswith(f"{path}.") else f"{path}: {msg} (got {e.get('input')!r})")
     return out
 
 

@@ -177,10 +177,11 @@ class Predictor:
         from tunesmith.device import choose_device
         from tunesmith.tasks import get_task
 
+        recipe = run.recipe                                  # first: "not a run folder" before "not finished"
         if not run.model_dir.is_dir():
             raise TunesmithError(f"{run.path}: no model/ folder (the run has not finished; resume it with "
                                  f"tunesmith train --resume {run.path})")
-        self.run, self.task = run, get_task(run.recipe)
+        self.run, self.task = run, get_task(recipe)
         self.device = choose_device(device)
         self.model = self.task.load_trained(run.model_dir).to(self.device).eval()
         self._lock = threading.Lock()
