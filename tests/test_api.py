@@ -79,8 +79,28 @@ def test_load_recipe_is_pure_and_train_leaves_the_recipe_alone(tiny_bert, tmp_pa
     assert given == snapshot                                        # nested dicts untouched
     assert recipe.adapt.method == "full" and recipe.train.metric == "accuracy"   # the task's defaults, filled in
     before = recipe.model_dump()
-    ts.train(recipe, run_dir=tmp_path / "run")
+    records, ended = [], []
+
+    class End(ts.Callback):
+        def on_end(self, run):
+            ended.append(run.metrics)
+
+    run = ts.train(recipe, run_dir=tmp_path / "run", callbacks=[records.append, End()])
     assert recipe.model_dump() == before
+    assert records == run.history and records[-1]["summary"]     # every metrics.jsonl record, in order
+    assert ended == [run.metrics] and run.metrics["n_examples"] > 0
+
+
+def test_doctor_reads_the_processor_without_loading_weights(tiny_bert, tmp_path):
+    """Checks that need no embeddings (label_noise off, text near-duplicates) load the tokenizer alone."""
+    from tunesmith.doctor import diagnose
+
+    given = recipe_dict(tiny_bert, write_reviews(tmp_path / "r.csv", n=120))
+    given["doctor"] = {"label_noise": False, "near_method": "text"}
+    report = diagnose(ts.load_recipe(given))
+    assert "model" not in report["seconds"] and report["lengths"]["available"]
+    given["doctor"] = {"label_noise": True}
+    assert "model" in diagnose(ts.load_recipe(given))["seconds"]     # embeddings: the weights load
 
 
 def test_metric_with_lower_is_better_keeps_the_best_calibrated_checkpoint(tiny_bert, tmp_path):

@@ -23,7 +23,7 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: str | Path 
     from transformers import set_seed
 
     from tunesmith.adapt import adapt
-    from tunesmith.device import autocast, choose_device, choose_precision
+    from tunesmith.device import choose_device, choose_precision
     from tunesmith.doctor_report import rejects_report
     from tunesmith.loop import fit
 
@@ -81,7 +81,7 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: str | Path 
     before = None
     if recipe.eval.before and not resume:
         model.eval()
-        with torch.no_grad(), autocast(accelerator.device, mixed):
+        with torch.no_grad():             # as `tunesmith eval` and the API score it (a task sets its own autocast)
             before = task.evaluate_final(model, tables["test"].rows, features["test"], recipe.eval.batch_size)
         if main:
             run.write_json("before.json", before)
@@ -96,7 +96,7 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: str | Path 
     if main:
         save_model(task, model, run.model_dir, recipe.adapt.method == "lora")
         final = task.load_trained(run.model_dir).to(accelerator.device).eval()
-        with torch.no_grad(), autocast(accelerator.device, mixed):
+        with torch.no_grad():
             result = task.evaluate_final(final, tables["test"].rows, features["test"], recipe.eval.batch_size,
                                          run.path)
         if before is None and (run.path / "before.json").exists():     # resumed run
