@@ -23,6 +23,7 @@ _API = {
     "Run": "tunesmith.run:Run",
     "Predictor": "tunesmith.run:Predictor",
     "Callback": "tunesmith.run:Callback",
+    "StopTraining": "tunesmith.run:StopTraining",
     "Task": "tunesmith.tasks.base:Task",
     "register_task": "tunesmith.tasks:register_task",
 }

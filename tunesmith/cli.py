@@ -116,8 +116,18 @@ def cmd_chat(args) -> int:
     return chat(args.run_dir, args.max_new_tokens, args.context, args.system)
 
 
+def cmd_search(args) -> int:
+    """Optuna search over the recipe's search space; trials are run folders under the study folder."""
+    from tunesmith.search import search
+
+    recipe = load(args.recipe, args.overrides)
+    folder = args.dir or Path("runs") / f"search-{args.study or recipe.name or recipe.task}"
+    out = search(recipe, folder, trials=args.trials, budget=args.budget, storage=args.storage, study=args.study)
+    return 0 if "best" in out else 1
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "demo": cmd_demo, "doctor": cmd_doctor,
-            "compare": cmd_compare, "chat": cmd_chat}
+            "compare": cmd_compare, "chat": cmd_chat, "search": cmd_search}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -154,6 +164,15 @@ def parser() -> argparse.ArgumentParser:
     ch.add_argument("--max-new-tokens", type=int, help="tokens per reply (default: eval.generate's, else 256)")
     ch.add_argument("--context", type=int, help="tokens of history kept (default: the model's context length)")
     ch.add_argument("--system", help="a system message to start the conversation with")
+    se = sub.add_parser("search", help="hyperparameter search (Optuna TPE + pruning); resumes an interrupted study")
+    se.add_argument("recipe", help="recipe YAML file (its search: section, or the default space)")
+    se.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. search.trials=10")
+    se.add_argument("--trials", type=int, help="trials to finish (default search.trials)")
+    se.add_argument("--budget", help="wall time, e.g. 20m; no trial starts after it")
+    se.add_argument("--storage", help="Optuna storage URL (default: study.db in the study folder); "
+                                      "postgresql://... shares one study between workers")
+    se.add_argument("--study", help="study name (default: the recipe's name or task)")
+    se.add_argument("--dir", help="study folder (default runs/search-<study>)")
     p.commands = sub.choices                        # name -> its parser, for parse()
     return p
 

@@ -195,6 +195,7 @@ def fit(task, adapted, train, evalset, recipe, run, accelerator, mixed: str = "n
                 stop = evaluate()
             if at_end and state.position == len(steps):
                 state.epoch, state.position = state.epoch + 1, 0
+            stop = stop or run.stop_reason is not None            # a callback raised StopTraining
             if state.step % save_every == 0 or state.step == total or stop:
                 t0 = time.perf_counter()
                 if accelerator.is_main_process:
@@ -208,8 +209,11 @@ def fit(task, adapted, train, evalset, recipe, run, accelerator, mixed: str = "n
                 break
     bar.close()
     totals["train_seconds"] = time.perf_counter() - totals["train_seconds"]   # this session, evals included
-    run.log({"step": state.step, "summary": True, **totals})
-    if stop:
+    run.log({"step": state.step, "summary": True, **totals,
+             **({"stopped": run.stop_reason} if run.stop_reason else {})})
+    if run.stop_reason:
+        accelerator.print(f"stopped by a callback: {run.stop_reason}")
+    elif stop:
         accelerator.print(f"early stopping: no improvement in {metric} for {cfg.patience} evaluations")
     best = run.checkpoints / "best" / "model.safetensors"
     if best.exists():

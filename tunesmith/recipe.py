@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tunesmith.errors import TunesmithError
+from tunesmith.searchspace import SearchConfig
 
 SCHEMA = 2                      # run folder / recipe layout version; 1: one flat namespace for every task
 
@@ -50,6 +51,7 @@ class DataConfig(Section):
     max_rows: int | None = Field(None, gt=0)    # cap on train rows (after the split), for quick runs
     max_eval_rows: int | None = Field(None, gt=0)  # cap on validation and test rows each (stratified subset)
     bad_rows: Literal["error", "skip"] = "error"
+    group_column: str | None = None             # cv folds keep rows sharing this value (speaker, patient) together
 
 
 class LoraConfig(Section):
@@ -123,6 +125,7 @@ class Recipe(Section):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     doctor: DoctorConfig = DoctorConfig()
+    search: SearchConfig | None = None          # `tunesmith search` / `tune` (tunesmith/searchspace.py); None: defaults
 
     @model_validator(mode="before")
     @classmethod

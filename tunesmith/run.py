@@ -27,9 +27,16 @@ from tunesmith.errors import TunesmithError
 from tunesmith.recipe import SCHEMA, Recipe, load
 
 
+class StopTraining(Exception):
+    """Raised by a callback's `on_log` to end training early and cleanly: the loop finishes the current step,
+    checkpoints, restores the best weights and the run ends as after early stopping (eval.json written).
+    The message is the reason, recorded in the summary record as `stopped`."""
+
+
 class Callback:
     """Receives what a run records while it trains: `on_log` gets every metrics.jsonl record (training steps,
-    validation, the summary), `on_end` the run once eval.json is written. A plain function is an `on_log`."""
+    validation, the summary), `on_end` the run once eval.json is written. A plain function is an `on_log`.
+    `on_log` may raise StopTraining to end training early (pruning, a time budget)."""
 
     def on_log(self, record: dict) -> None:
         pass
@@ -48,6 +55,7 @@ class Run:
         self.path = Path(path)
         self.callbacks = [c if isinstance(c, Callback) else _FunctionCallback(c) for c in callbacks]
         self.writer = writer        # False on DDP's other processes: they read the folder, rank 0 writes it
+        self.stop_reason: str | None = None   # set when a callback raised StopTraining; the loop then ends
 
     def __repr__(self) -> str:
         return f"Run('{self.path}')"
@@ -116,7 +124,10 @@ class Run:
         with open(self.path / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         for c in self.callbacks:
-            c.on_log(record)
+            try:
+                c.on_log(record)
+            except StopTraining as e:
+                self.stop_reason = str(e) or type(c).__name__
 
     def end(self) -> None:
         for c in self.callbacks:

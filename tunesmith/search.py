@@ -1,0 +1,249 @@
+"""`tunesmith search`: Optuna TPE over the recipe's `search.space`, pruning on the validation metric.
+
+A study is a folder:
+  study.db          Optuna's SQLite storage (default; --storage postgresql://... shares a study across machines)
+  trial-NNNN/       one run folder per trial (tunesmith.train through the public API), or a cv folder (search.cv)
+  best.yaml         the best trial's resolved recipe: `tunesmith train best.yaml` trains that trial again
+  trials.json       every trial: number, state, score, params, run folder
+A trial is scored on its best checkpoint (the best validation value; with search.cv the mean held-out fold
+metric). Workers share a study through its storage: each trial is taken by one worker; a worker that dies
+stops its heartbeat, and the next worker to start a trial marks it failed and runs a retry with its parameters.
+Re-running the same command resumes the study (finished trials are kept; the target counts them).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+from tunesmith.errors import TunesmithError
+from tunesmith.recipe import Recipe, RecipeError, load
+from tunesmith.run import Callback, StopTraining
+from tunesmith.searchspace import Param, SearchConfig, default_space, seconds
+
+
+def optuna_module():
+    try:
+        import optuna
+    except ImportError:
+        raise TunesmithError("tunesmith search needs optuna: pip install 'tunesmith[search]'") from None
+    import warnings
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)   # heartbeat API
+    return optuna
+
+
+def settings(recipe: Recipe) -> SearchConfig:
+    return recipe.search or SearchConfig()
+
+
+def space(recipe: Recipe) -> dict[str, Param]:
+    return settings(recipe).space or default_space(recipe)
+
+
+def with_values(recipe: Recipe, values: dict) -> Recipe:
+    """The recipe with dotted keys set to `values` (validated; the search section dropped)."""
+    data = {**recipe.dump(), "search": None}
+    for key, value in values.items():
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {"name": node[part]} if part == "model" and isinstance(node.get(part), str) else {}
+            node = node[part]
+        node[parts[-1]] = value
+    return load(data)
+
+
+def check_space(recipe: Recipe) -> None:
+    """Every key of the space exists and both ends of every range validate: all errors before any trial."""
+    errors = []
+    for key, p in space(recipe).items():
+        for value in (p.choices if p.choices is not None else [p.low, p.high]):
+            try:
+                with_values(recipe, {key: value})
+            except RecipeError as e:
+                errors += [f"search.space.{key}={value!r}: {m}" for m in e.errors]
+    if errors:
+        raise RecipeError("search", list(dict.fromkeys(errors)))
+
+
+def suggest(trial, key: str, p: Param):
+    if p.choices is not None:
+        return trial.suggest_categorical(key, p.choices)
+    if p.integer:
+        return trial.suggest_int(key, p.low, p.high, log=p.log)
+    return trial.suggest_float(key, float(p.low), float(p.high), log=p.log)
+
+
+def best_validation(history: list[dict], metric: str, direction: str) -> float | None:
+    """The best checkpoint's score: the best validation value of `metric` in a run's history."""
+    values = [r[metric] for r in history if r.get("split") == "validation" and metric in r]
+    if not values:
+        return None
+    return max(values) if direction == "max" else min(values)
+
+
+class Report(Callback):
+    """Reports each validation value to the trial (resource: evaluations so far); stops a pruned trial."""
+
+    def __init__(self, trial, metric: str, prune: bool):
+        self.trial, self.metric, self.prune = trial, metric, prune
+        self.evals, self.pruned = 0, False
+
+    def on_log(self, record: dict) -> None:
+        if record.get("split") != "validation" or self.metric not in record:
+            return
+        self.evals += 1
+        self.trial.report(record[self.metric], self.evals)
+        if self.prune and self.trial.should_prune():
+            self.pruned = True
+            raise StopTraining(f"pruned by the search after {self.evals} evaluations")
+
+
+def storage_url(storage: str | None, folder: Path) -> str:
+    if storage is None:
+        return f"sqlite:///{(folder / 'study.db').resolve()}"
+    if storage.startswith(("postgresql://", "postgres://")):      # psycopg 3, the driver the extra installs
+        return "postgresql+psycopg://" + storage.split("://", 1)[1]
+    return storage
+
+
+def open_study(recipe: Recipe, folder: Path, storage: str | None, name: str):
+    optuna = optuna_module()
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+
+    cfg = settings(recipe)
+    rdb = RDBStorage(storage_url(storage, folder), heartbeat_interval=cfg.heartbeat, grace_period=2 * cfg.heartbeat,
+                     heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=cfg.max_retry))
+    pruner = {"hyperband": optuna.pruners.HyperbandPruner(min_resource=1, reduction_factor=3),
+              "halving": optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3),
+              "none": optuna.pruners.NopPruner()}[cfg.pruner]
+    direction = "maximize" if recipe.direction == "max" else "minimize"
+    return optuna.create_study(study_name=name, storage=rdb, load_if_exists=True, direction=direction,
+                               sampler=optuna.samplers.TPESampler(seed=cfg.seed), pruner=pruner)
+
+
+def objective(recipe: Recipe, folder: Path, say=print):
+    optuna = optuna_module()
+    import tunesmith as ts
+
+    cfg, metric = settings(recipe), recipe.train.metric
+
+    def run_trial(trial) -> float:
+        values = {key: suggest(trial, key, p) for key, p in space(recipe).items()}
+        trial_recipe = with_values(recipe, values)
+        run_dir = folder / f"trial-{trial.number:04d}"
+        trial.set_user_attr("run_dir", run_dir.name)
+        say(f"trial {trial.number}: {values}")
+        if cfg.cv:
+            from tunesmith.cv import cross_validate
+
+            result = cross_validate(trial_recipe, run_dir, folds=cfg.cv)
+            score = result["metrics"][metric]["mean"]
+            trial.set_user_attr("test", score)
+            return score
+        report = Report(trial, metric, prune=cfg.pruner != "none")
+        run = ts.train(trial_recipe, run_dir=run_dir, callbacks=[report])
+        score = best_validation(run.history, metric, recipe.direction)
+        trial.set_user_attr("test", run.metrics.get(metric))
+        if score is None:
+            raise TunesmithError(f"{run_dir}: no validation record of {metric}")
+        if report.pruned:
+            raise optuna.TrialPruned(report.pruned)
+        return score
+
+    return run_trial
+
+
+def search(recipe: Recipe, folder: str | Path, trials: int | None = None, budget: str | None = None,
+           storage: str | None = None, study: str | None = None, say=print) -> dict:
+    """Run (or resume, or join) a study until `trials` trials are complete or pruned, or `budget` has passed
+    (no trial starts after it). Returns the summary written to trials.json, with `best` (trial, run, score)."""
+    optuna = optuna_module()
+    from optuna.trial import TrialState
+
+    cfg = settings(recipe)
+    trials = trials if trials is not None else (None if budget else cfg.trials)
+    budget = budget or cfg.budget
+    deadline = time.monotonic() + seconds(budget) if budget else None
+    if trials is None and deadline is None:
+        raise RecipeError("search", ["give search.trials or a budget"])
+    check_space(recipe)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    name = study or recipe.name or recipe.task
+    st = open_study(recipe, folder, storage, name)
+    run_trial = objective(recipe, folder, say)
+    finished = (TrialState.COMPLETE, TrialState.PRUNED)
+    failures = 0
+    while True:
+        optuna.storages.fail_stale_trials(st)          # a dead worker's trial: failed, and a retry queued
+        now = st.get_trials(deepcopy=False)
+        done = sum(t.state in finished for t in now)
+        waiting = sum(t.state == TrialState.WAITING for t in now)
+        if (trials is not None and done >= trials and not waiting) or \
+                (deadline is not None and time.monotonic() >= deadline):
+            break
+        say(f"search: {done} of {trials or '-'} trials finished in study '{name}'")
+        try:
+            st.optimize(run_trial, n_trials=1, catch=(TunesmithError,))
+        except KeyboardInterrupt:                      # optuna marked the trial failed: queue it again for resume
+            from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+            last = [t for t in st.get_trials(deepcopy=False) if t.state == TrialState.FAIL][-1:]
+            for t in last:
+                RetryHeartbeatStaleTrialCallback(max_retry=cfg.max_retry)(st, t)
+            raise
+        mine = st.get_trials(deepcopy=False)[-1:]
+        failures = failures + 1 if mine and mine[0].state == TrialState.FAIL else 0
+        if failures >= 3:
+            raise TunesmithError(f"search: 3 trials in a row failed; see {folder}")
+    return summarize(st, recipe, folder, say)
+
+
+def summarize(st, recipe: Recipe, folder: Path, say=print) -> dict:
+    from optuna.trial import TrialState
+
+    rows = [{"number": t.number, "state": t.state.name, "score": t.value,
+             "test": t.user_attrs.get("test"), "params": t.params, "run_dir": t.user_attrs.get("run_dir"),
+             "seconds": (t.datetime_complete - t.datetime_start).total_seconds()
+             if t.datetime_complete and t.datetime_start else None}
+            for t in st.get_trials(deepcopy=False)]
+    complete = [t for t in st.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    out = {"study": st.study_name, "metric": recipe.train.metric, "direction": recipe.direction, "trials": rows}
+    if complete:
+        best = st.best_trial
+        run_dir = folder / best.user_attrs["run_dir"]
+        shutil.copyfile(run_dir / "recipe.yaml", folder / "best.yaml")
+        out["best"] = {"number": best.number, "score": best.value, "run_dir": str(run_dir),
+                       "test": best.user_attrs.get("test"), "params": best.params}
+    (folder / "trials.json").write_text(json.dumps(out, indent=2, default=str) + "\n")
+    table(out, say)
+    if complete:
+        say(f"best trial {out['best']['number']}: {recipe.train.metric} {out['best']['score']:.4f} "
+            f"(validation, best checkpoint); run {out['best']['run_dir']}; recipe {folder / 'best.yaml'}")
+    return out
+
+
+def table(summary: dict, say=print) -> None:
+    """The trials as a rich table (plain text when rich is missing)."""
+    keys = list(dict.fromkeys(k for t in summary["trials"] for k in t["params"]))
+    head = ["trial", "state", f"{summary['metric']} (val)", "test", "s", *[k.split(".")[-1] for k in keys]]
+    fmt = lambda v: "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    rows = [[str(t["number"]), t["state"], fmt(t["score"]), fmt(t["test"]), fmt(t["seconds"]),
+             *[fmt(t["params"].get(k)) for k in keys]] for t in summary["trials"]]
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        say("  ".join(head))
+        for r in rows:
+            say("  ".join(r))
+        return
+    t = Table(*head, title=f"study {summary['study']}")
+    for r in rows:
+        t.add_row(*r)
+    Console().print(t)
