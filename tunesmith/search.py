@@ -13,7 +13,9 @@ Re-running the same command resumes the study (finished trials are kept; the tar
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
 import time
 from pathlib import Path
 
@@ -137,6 +139,7 @@ def objective(recipe: Recipe, folder: Path, say=print):
         trial_recipe = with_values(recipe, values)
         run_dir = folder / f"trial-{trial.number:04d}"
         trial.set_user_attr("run_dir", run_dir.name)
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         say(f"trial {trial.number}: {values}")
         if cfg.cv:
             from tunesmith.cv import cross_validate
@@ -184,9 +187,13 @@ def search(recipe: Recipe, folder: str | Path, trials: int | None = None, budget
         now = st.get_trials(deepcopy=False)
         done = sum(t.state in finished for t in now)
         waiting = sum(t.state == TrialState.WAITING for t in now)
-        if (trials is not None and done >= trials and not waiting) or \
-                (deadline is not None and time.monotonic() >= deadline):
+        if deadline is not None and time.monotonic() >= deadline:
             break
+        if trials is not None and done >= trials and not waiting:
+            if not any(t.state == TrialState.RUNNING for t in now):
+                break
+            time.sleep(cfg.heartbeat)                  # another worker's trial: wait until it ends or goes stale
+            continue
         say(f"search: {done} of {trials or '-'} trials finished in study '{name}'")
         try:
             st.optimize(run_trial, n_trials=1, catch=(TunesmithError,))
