@@ -22,6 +22,7 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: str | Path 
     from accelerate.utils import broadcast_object_list
     from transformers import set_seed
 
+    from tunesmith import featcache
     from tunesmith.adapt import adapt
     from tunesmith.device import choose_device, choose_precision
     from tunesmith.doctor_report import rejects_report
@@ -89,8 +90,16 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: str | Path 
 
     adapted = adapt(model, recipe.adapt, task.peft_task_type)
     say(f"adapt: {recipe.adapt.method}; {adapted.summary()}")
+    cache = featcache.plan(task, adapted, recipe)
+    if cache.k:
+        for split in ("train", "validation"):
+            features[split] = cache.attach(model, features[split], recipe.eval.batch_size, task.collate,
+                                           accelerator.device)
+    if cache.k or recipe.adapt.method == "freeze" or recipe.adapt.freeze_layers:
+        say(f"feature cache: {'on' if cache.k else 'off'}: {cache.reason}")
     set_seed(recipe.train.seed)
-    fit(task, adapted, features["train"], features["validation"], recipe, run, accelerator, mixed, bool(resume))
+    with cache.active(adapted.model):
+        fit(task, adapted, features["train"], features["validation"], recipe, run, accelerator, mixed, bool(resume))
 
     model = adapted.model
     if main:

@@ -93,6 +93,7 @@ class TrainConfig(Section):
     metric: str | None = None                   # best checkpoint / early stopping: one of the task's metrics
     patience: int | None = Field(None, gt=0)    # evaluations without improvement; None: no early stop
     compile: bool = False                       # torch.compile the model (in place: checkpoints keep their names)
+    feature_cache: bool = True                  # frozen bottom blocks, no dropout there: compute their output once
 
 
 class EvalConfig(Section):

@@ -43,6 +43,8 @@ class Task:
     input_key = "text"              # what a bare command-line input becomes: {input_key: value}
     near_method = "text"            # doctor.near_method auto: "text" (Task.key strings) or "embedding" (Task.embed)
     generative = False              # True: generate(), prompt_ids() and generation settings work (chat, serve)
+    feature_cache = False           # True: collate takes features carrying `hidden` ([T, H], the cached input of
+                                    # block k, tunesmith/featcache.py) and passes it as the model's inputs_embeds
 
     def __init__(self, recipe):
         self.recipe = recipe

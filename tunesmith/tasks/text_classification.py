@@ -11,6 +11,7 @@ class TextClassification(Classification):
     name = "text-classification"
     peft_task_type = "SEQ_CLS"
     input_key = "text"
+    feature_cache = True
 
     @property
     def tokenizer(self):
@@ -90,6 +91,11 @@ class TextClassification(Classification):
             ids[i, :len(f["input_ids"])] = torch.tensor(f["input_ids"])
             mask[i, :len(f["input_ids"])] = 1
         batch = {"input_ids": ids, "attention_mask": mask}
+        if "hidden" in features[0]:                 # cached input of block k: [B, T, H] instead of token ids
+            hidden = torch.zeros((len(features), width, features[0]["hidden"].shape[-1]))
+            for i, f in enumerate(features):
+                hidden[i, :len(f["hidden"])] = f["hidden"]
+            batch = {"inputs_embeds": hidden, "attention_mask": mask}
         if "labels" in features[0]:
             batch["labels"] = torch.tensor([f["labels"] for f in features])
         return batch
