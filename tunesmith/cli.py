@@ -136,6 +136,16 @@ def cmd_cv(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    """Automated fine-tuning in a wall-time budget: plan, successive halving, table against the plain recipe."""
+    from tunesmith.tune import tune
+
+    recipe = load(args.recipe, args.overrides)
+    folder = args.dir or Path("runs") / f"tune-{recipe.name or recipe.task}"
+    out = tune(recipe, folder, args.budget)
+    return 0 if out["best"] else 1
+
+
 def cmd_chat(args) -> int:
     """Interactive chat with a causal-lm run's model: streaming, multi-turn (tunesmith/chat.py)."""
     from tunesmith.chat import chat
@@ -155,7 +165,7 @@ def cmd_search(args) -> int:
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "demo": cmd_demo, "doctor": cmd_doctor,
             "compare": cmd_compare, "chat": cmd_chat, "search": cmd_search,
-            "cv": cmd_cv}
+            "cv": cmd_cv, "tune": cmd_tune}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -207,6 +217,11 @@ def parser() -> argparse.ArgumentParser:
     cv.add_argument("--folds", type=int, default=5, help="K (default 5)")
     cv.add_argument("--repeats", type=int, default=1, help="repeat K-fold with other shuffles (default 1)")
     cv.add_argument("--dir", help="cv folder (default runs/cv-<name>)")
+    tu = sub.add_parser("tune", help="automated fine-tuning within a time budget (successive halving)")
+    tu.add_argument("recipe", help="recipe YAML file")
+    tu.add_argument("overrides", nargs="*", help="key.path=value overrides")
+    tu.add_argument("--budget", required=True, help="wall time, e.g. 15m")
+    tu.add_argument("--dir", help="tune folder (default runs/tune-<name>)")
     p.commands = sub.choices                        # name -> its parser, for parse()
     return p
 
