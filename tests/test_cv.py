@@ -6,7 +6,7 @@ import random
 import pytest
 
 import tunesmith as ts
-from conftest import recipe_dict, tunesmith, write_reviews
+from conftest import recipe_dict, write_reviews
 
 
 def test_folds_are_stratified_and_keep_groups_together(tiny_bert, tmp_path):
@@ -29,15 +29,16 @@ def test_folds_are_stratified_and_keep_groups_together(tiny_bert, tmp_path):
     assert assignments(plain, rows, keys, 4, 1) == assignments(plain, rows, keys, 4, 1)   # seeded
 
 
-def test_cv_command_and_paired_compare(tiny_bert, tmp_path):
-    data = write_reviews(tmp_path / "r.csv", n=90)
+def test_cv_command_and_paired_compare(tiny_bert, tmp_path, capsys):
     import yaml
 
+    from tunesmith.cli import main
+
+    data = write_reviews(tmp_path / "r.csv", n=90)
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe_dict(tiny_bert, data, train={"epochs": 3, "log_every": 5})))
-    res = tunesmith("cv", path, "--folds", "3", "--dir", tmp_path / "good")
-    assert res.returncode == 0, res.stderr
-    assert "95% interval" in res.stdout
+    assert main(["cv", str(path), "--folds", "3", "--dir", str(tmp_path / "good")]) == 0      # the CLI, in process
+    assert "95% interval" in capsys.readouterr().out
     cv = json.loads((tmp_path / "good" / "cv.json").read_text())
     acc = cv["metrics"]["accuracy"]
     assert len(acc["values"]) == 3 and acc["low"] <= acc["mean"] <= acc["high"]
@@ -45,11 +46,15 @@ def test_cv_command_and_paired_compare(tiny_bert, tmp_path):
         assert ts.Run(tmp_path / "good" / name).metrics["accuracy"] == value
     oof = [json.loads(x) for x in (tmp_path / "good" / "oof.jsonl").read_text().splitlines()]
     assert sorted(r["row"] for r in oof) == list(range(90)) and {"label", "target", "fold"} <= set(oof[0])
-    res = tunesmith("cv", path, "--folds", "3", "--dir", tmp_path / "bad", "train.learning_rate=1e-7")
-    assert res.returncode == 0, res.stderr
-    res = tunesmith("compare", tmp_path / "good", tmp_path / "bad")
-    assert res.returncode == 0, res.stderr
-    assert "p (paired)" in res.stdout and "accuracy" in res.stdout
+    assert main(["cv", str(path), "--folds", "3", "--dir", str(tmp_path / "bad"), "train.learning_rate=1e-7"]) == 0
+    capsys.readouterr()
+    assert main(["compare", str(tmp_path / "good"), str(tmp_path / "bad")]) == 0
+    out = capsys.readouterr().out
+    assert "p (paired)" in out and "accuracy" in out
+    assert main(["cv", str(path), "--folds", "2", "--dir", str(tmp_path / "two")]) == 0
+    capsys.readouterr()
+    assert main(["compare", str(tmp_path / "good"), str(tmp_path / "two")]) == 1               # other folds
+    assert "different folds" in capsys.readouterr().err
 
 
 def test_paired_test_tells_a_real_gap_from_noise():

@@ -159,7 +159,12 @@ def cmd_search(args) -> int:
 
     recipe = load(args.recipe, args.overrides)
     folder = args.dir or Path("runs") / f"search-{args.study or recipe.name or recipe.task}"
-    out = search(recipe, folder, trials=args.trials, budget=args.budget, storage=args.storage, study=args.study)
+    try:
+        out = search(recipe, folder, trials=args.trials, budget=args.budget, storage=args.storage, study=args.study)
+    except KeyboardInterrupt:
+        print(f"interrupted: the trial that was running will run again; resume with the same command "
+              f"(study folder {folder})", file=sys.stderr)
+        return 130
     return 0 if "best" in out else 1
 
 
