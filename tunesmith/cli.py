@@ -207,28 +207,28 @@ def parser() -> argparse.ArgumentParser:
     ch.add_argument("--max-new-tokens", type=int, help="tokens per reply (default: eval.generate's, else 256)")
     ch.add_argument("--context", type=int, help="tokens of history kept (default: the model's context length)")
     ch.add_argument("--system", help="a system message to start the conversation with")
-    se = sub.add_parser("search", help="hyperparameter search (Optuna TPE + pruning); resumes an interrupted study")
-    se.add_argument("recipe", help="recipe YAML file (its search: section, or the default space)")
-    se.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. search.trials=10")
+    se = _with_recipe(sub, "search", "hyperparameter search (Optuna TPE + pruning); resumes an interrupted study")
     se.add_argument("--trials", type=int, help="trials to finish (default search.trials)")
     se.add_argument("--budget", help="wall time, e.g. 20m; no trial starts after it")
     se.add_argument("--storage", help="Optuna storage URL (default: study.db in the study folder); "
                                       "postgresql://... shares one study between workers")
     se.add_argument("--study", help="study name (default: the recipe's name or task)")
-    se.add_argument("--dir", help="study folder (default runs/search-<study>)")
-    cv = sub.add_parser("cv", help="K-fold cross-validation (stratified; grouped by data.group_column)")
-    cv.add_argument("recipe", help="recipe YAML file")
-    cv.add_argument("overrides", nargs="*", help="key.path=value overrides")
+    cv = _with_recipe(sub, "cv", "K-fold cross-validation (stratified; grouped by data.group_column)")
     cv.add_argument("--folds", type=int, default=5, help="K (default 5)")
     cv.add_argument("--repeats", type=int, default=1, help="repeat K-fold with other shuffles (default 1)")
-    cv.add_argument("--dir", help="cv folder (default runs/cv-<name>)")
-    tu = sub.add_parser("tune", help="automated fine-tuning within a time budget (successive halving)")
-    tu.add_argument("recipe", help="recipe YAML file")
-    tu.add_argument("overrides", nargs="*", help="key.path=value overrides")
+    tu = _with_recipe(sub, "tune", "automated fine-tuning within a time budget (successive halving)")
     tu.add_argument("--budget", required=True, help="wall time, e.g. 15m")
-    tu.add_argument("--dir", help="tune folder (default runs/tune-<name>)")
     p.commands = sub.choices                        # name -> its parser, for parse()
     return p
+
+
+def _with_recipe(sub, name: str, help: str) -> argparse.ArgumentParser:
+    """A command taking RECIPE, key=value overrides and --dir (its folder, default runs/NAME-<recipe name>)."""
+    x = sub.add_parser(name, help=help)
+    x.add_argument("recipe", help="recipe YAML file")
+    x.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. train.epochs=2")
+    x.add_argument("--dir", help=f"{name} folder (default runs/{name}-<recipe name or task>)")
+    return x
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
