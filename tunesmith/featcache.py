@@ -23,6 +23,7 @@ from tunesmith.adapt import find_blocks
 from tunesmith.tasks.base import Features
 
 _STORE: dict[str, dict[tuple, torch.Tensor]] = {}   # weights key -> token ids -> [T, H] float32 input of block k
+KEEP = 2                                            # frozen parts (models, k) whose states are kept
 STATS = {"computed": 0, "reused": 0}               # examples, this process (for tests and the run's message)
 
 
@@ -47,6 +48,8 @@ class Cache:
     def attach(self, model, features: Features, batch_size: int, collate, device) -> Features:
         """`features` with `hidden`: the input of block k per example ([T, H] float32, CPU)."""
         key = weights_key(model, self.blocks, self.k)
+        if key not in _STORE and len(_STORE) >= KEEP:
+            del _STORE[next(iter(_STORE))]          # the oldest frozen part's states: memory stays bounded
         store = _STORE.setdefault(key, {})
         todo = [f for f in features if tuple(f["input_ids"]) not in store]
         STATS["reused"] += len(features) - len(todo)

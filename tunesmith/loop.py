@@ -196,6 +196,8 @@ def fit(task, adapted, train, evalset, recipe, run, accelerator, mixed: str = "n
             if at_end and state.position == len(steps):
                 state.epoch, state.position = state.epoch + 1, 0
             stop = stop or run.stop_reason is not None            # a callback raised StopTraining
+            if world > 1:                                # callbacks run on the main process: all stop together
+                stop = bool(accelerator.reduce(torch.tensor(float(stop), device=accelerator.device), "sum") > 0)
             if state.step % save_every == 0 or state.step == total or stop:
                 t0 = time.perf_counter()
                 if accelerator.is_main_process:

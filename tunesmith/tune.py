@@ -58,15 +58,18 @@ def profile(recipe: Recipe) -> dict:
 def candidates(recipe: Recipe, prof: dict) -> list[tuple[str, dict]]:
     """(name, recipe keys) to race; head-only first (cheapest, on cached features)."""
     blocks = prof["blocks"] or 6
-    out = [("head-only", {"adapt.method": "freeze", "model.dropout": 0.0, "train.learning_rate": 2e-3,
-                          "train.scheduler": "constant"}),
-           (f"top-2 of {blocks}", {"adapt.method": "full", "adapt.freeze_embeddings": True,
+    out = [("head-only", {"adapt.method": "freeze", "adapt.freeze_backbone": True, "model.dropout": 0.0,
+                          "train.learning_rate": 2e-3, "train.scheduler": "constant"}),
+           (f"top-2 of {blocks}", {"adapt.method": "full", "adapt.freeze_backbone": False,
+                                   "adapt.freeze_embeddings": True,
                                    "adapt.freeze_layers": max(blocks - 2, 0), "model.dropout": 0.0,
                                    "train.learning_rate": 2e-4}),
            ("full lr 5e-5", {"adapt.method": "full", "train.learning_rate": 5e-5}),
            ("full lr 1.5e-4", {"adapt.method": "full", "train.learning_rate": 1.5e-4}),
            ("lora r16", {"adapt.method": "lora", "adapt.lora.r": 16, "adapt.lora.alpha": 32,
                          "train.learning_rate": 1e-3})]
+    for name, values in out[2:]:                    # not frozen: whatever the plain recipe froze is released
+        values.update({"adapt.freeze_backbone": False, "adapt.freeze_layers": 0, "adapt.freeze_embeddings": False})
     if recipe.adapt.method == "lora":               # a task whose default is LoRA: keep its method family
         out = [c for c in out if c[1]["adapt.method"] != "full"]
     return out
@@ -90,8 +93,7 @@ def tune(recipe: Recipe, folder: str | Path, budget: str, say=print) -> dict:
     summary = [r for r in probe.history if r.get("summary")][-1]
     step_s = max(summary["train_seconds"] - summary["eval_seconds"] - summary["checkpoint_seconds"], 1e-3) / 3
     overhead -= step_s * 3
-    per_epoch = math.ceil(prof["rows"] * (1 - recipe.data.validation_size if recipe.data.validation_size < 1 else 1)
-                          / recipe.train.batch_size)
+    per_epoch = math.ceil(prof["rows"] / recipe.train.batch_size)      # train rows, validation already cut
 
     def estimate(epochs: float) -> float:
         return overhead + epochs * per_epoch * step_s
