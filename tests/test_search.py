@@ -114,3 +114,14 @@ def test_default_space_follows_the_task_and_method(tiny_bert, tmp_path):
     assert {"adapt.lora.r", "adapt.lora.alpha"} <= set(lora) and "adapt.freeze_layers" not in lora
     chat = default_space(ts.load_recipe({"task": "causal-lm", "model": "x", "data": {"train": "c.jsonl"}}))
     assert "train.label_smoothing" not in chat and "adapt.lora.r" in chat
+
+
+def test_search_scores_trials_by_cross_validation(tiny_bert, tmp_path):
+    from tunesmith.search import search
+
+    data = write_reviews(tmp_path / "r.csv", n=60)
+    recipe = ts.load_recipe(search_recipe(tiny_bert, data, trials=1, cv=2))
+    out = search(recipe, tmp_path / "study")
+    cv = json.loads((tmp_path / "study" / "trial-0000" / "cv.json").read_text())
+    assert out["best"]["score"] == cv["metrics"]["loss"]["mean"] and len(cv["runs"]) == 2
+    assert ts.load_recipe(tmp_path / "study" / "best.yaml").train.metric == "loss"
