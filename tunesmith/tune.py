@@ -1,6 +1,6 @@
 """`tunesmith tune RECIPE --budget 15m`: automated fine-tuning within a wall-time budget.
 
-1. profile the data (rows, classes, balance, tokens) and measure a step (a 3-step probe run);
+1. profile the data (rows, classes, balance, tokens) and measure a step (a 5-step probe run);
 2. plan: the plain recipe, then candidates (head only on cached features, top blocks, full at two learning
    rates, LoRA) raced by successive halving: every candidate trains r epochs, the best third 3r, and so on;
    the plan (runs x epochs, estimated seconds) is printed before anything else trains;
@@ -86,13 +86,15 @@ def tune(recipe: Recipe, folder: str | Path, budget: str, say=print) -> dict:
     say(f"data: {prof['rows']} train rows, {prof['classes'] or '-'} classes (largest/smallest {prof['balance']}), "
         f"median {prof['tokens']} tokens; model: {prof['blocks']} blocks")
     stop = Deadline(deadline)
-    t0 = time.monotonic()                           # probe: load + 3 steps + one evaluation
-    probe = ts.train(with_values(recipe, {"train.max_steps": 3, "train.log_every": 1}), folder / "probe",
+    t0 = time.monotonic()                           # probe: load + 5 steps + one evaluation + final test
+    probe = ts.train(with_values(recipe, {"train.max_steps": 5, "train.log_every": 1}), folder / "probe",
                      callbacks=[stop])
     overhead = time.monotonic() - t0
-    summary = [r for r in probe.history if r.get("summary")][-1]
-    step_s = max(summary["train_seconds"] - summary["eval_seconds"] - summary["checkpoint_seconds"], 1e-3) / 3
-    overhead -= step_s * 3
+    steps = [r for r in probe.history if "samples_per_s" in r]
+    # one step per record; the first carries one-time costs (allocation, kernel choice): the median of the rest
+    step_s = statistics.median(recipe.train.batch_size * recipe.train.grad_accum / r["samples_per_s"]
+                               for r in steps[1:] or steps)
+    overhead = max(overhead - step_s * len(steps), 0.0)
     per_epoch = math.ceil(prof["rows"] / recipe.train.batch_size)      # train rows, validation already cut
 
     def estimate(epochs: float) -> float:
