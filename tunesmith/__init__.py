@@ -25,6 +25,10 @@ _API = {
     "Callback": "tunesmith.run:Callback",
     "Task": "tunesmith.tasks.base:Task",
     "register_task": "tunesmith.tasks:register_task",
+    "export": "tunesmith.exporting:export",
+    "distill": "tunesmith.distilling:distill",
+    "serve": "tunesmith.serving:serve",
+    "create_app": "tunesmith.serving:create_app",
 }
 __all__ = [*_API, "__version__"]
 

@@ -116,8 +116,39 @@ def cmd_chat(args) -> int:
     return chat(args.run_dir, args.max_new_tokens, args.context, args.system)
 
 
+def cmd_export(args) -> int:
+    """ONNX (and int8) files checked against the run's test split; 1 when a file fails the --max-drop gate."""
+    import tunesmith as ts
+    from tunesmith.exporting import render
+
+    report = ts.export(args.run_dir, args.format, args.quantize, args.out, args.max_drop)
+    print(render(report))
+    return 0 if report.get("passed", True) else 1
+
+
+def cmd_distill(args) -> int:
+    """A smaller student trained on a classifier run's soft labels; prints size, speed and metric vs the teacher."""
+    import tunesmith as ts
+    from tunesmith.distilling import render
+
+    print(render(ts.distill(args.run_dir, args.student, run_dir=args.run_dir_out, overrides=args.overrides,
+                            temperature=args.temperature, alpha=args.alpha)))
+    return 0
+
+
+def cmd_serve(args) -> int:
+    """REST (+ OpenAI-compatible chat for generative runs) and a web page, until Ctrl-C."""
+    import tunesmith as ts
+
+    ts.serve(args.run_dir, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("TUNESMITH_API_KEY"),
+             onnx=args.onnx, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+             timeout_s=args.timeout, max_body=args.max_body, device=args.device)
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "demo": cmd_demo, "doctor": cmd_doctor,
-            "compare": cmd_compare, "chat": cmd_chat}
+            "compare": cmd_compare, "chat": cmd_chat, "export": cmd_export, "distill": cmd_distill,
+            "serve": cmd_serve}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -154,6 +185,35 @@ def parser() -> argparse.ArgumentParser:
     ch.add_argument("--max-new-tokens", type=int, help="tokens per reply (default: eval.generate's, else 256)")
     ch.add_argument("--context", type=int, help="tokens of history kept (default: the model's context length)")
     ch.add_argument("--system", help="a system message to start the conversation with")
+    ex = sub.add_parser("export", help="ONNX (+ int8) checked on the run's test split against eval.json")
+    ex.add_argument("run_dir")
+    ex.add_argument("--format", default="onnx", choices=["onnx", "hf"], help="onnx, or hf (the merged HF folder)")
+    ex.add_argument("--quantize", choices=["int8"], help="also write onnxruntime's dynamic int8 quantization")
+    ex.add_argument("--out", help="folder (default RUN_DIR/export)")
+    ex.add_argument("--max-drop", type=float, default=0.01,
+                    help="fail when the test metric falls more than this below eval.json (default 0.01 = 1 point)")
+    di = sub.add_parser("distill", help="train a smaller student on a classifier run's soft labels")
+    di.add_argument("run_dir", help="the teacher run")
+    di.add_argument("overrides", nargs="*", help="key.path=value overrides of the student's recipe, e.g. train.epochs=2")
+    di.add_argument("--student", default="half", help="half (the teacher's bottom half of blocks), layers=N, or a "
+                                                      "model (alias, folder) with the same tokenizer")
+    di.add_argument("--run-dir", dest="run_dir_out", help="the student's run folder (default runs/<teacher>-student)")
+    di.add_argument("--temperature", type=float, default=2.0, help="softmax temperature of the soft labels")
+    di.add_argument("--alpha", type=float, default=0.5, help="weight of the soft-label loss (the rest: true labels)")
+    sv = sub.add_parser("serve", help="REST API, OpenAI-compatible chat (generative runs) and a web page")
+    sv.add_argument("run_dir")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health "
+                                      "(or set TUNESMITH_API_KEY)")
+    sv.add_argument("--onnx", nargs="?", const="fp32", choices=["fp32", "int8"],
+                    help="serve the checked ONNX file from tunesmith export (classification)")
+    sv.add_argument("--max-batch", type=int, default=32, help="inputs per forward pass")
+    sv.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more inputs")
+    sv.add_argument("--max-queue", type=int, default=256, help="inputs waiting before requests get 503")
+    sv.add_argument("--timeout", type=float, default=30.0, help="seconds before a request gets 504")
+    sv.add_argument("--max-body", type=int, default=4_000_000, help="bytes a request body may have (413 above)")
+    sv.add_argument("--device", default="auto", help="auto (GPU if any), cpu, cuda, ...")
     p.commands = sub.choices                        # name -> its parser, for parse()
     return p
 

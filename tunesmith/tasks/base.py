@@ -7,7 +7,7 @@ Model:  load_model() -> model for training;  load_trained(folder) -> model;  sav
 Train:  loss(model, batch) -> sum over items;  count(batch) -> items;  evaluate(model, features, batch_size)
         evaluate_final(...) for eval.json (adds slow metrics and per-example files)
 Use:    predict(model, inputs) -> JSON-ready dicts (shared by `predict`, the Python API and `serve`);
-        generate(...) and prompt_ids(...) where `generative`
+        generate(...) and prompt_ids(...) where `generative`; export_inputs() where `exportable` (ONNX)
 Doctor: key(row); stratify_key(row); length_stats(rows, features); embed(model, features, batch_size)
 """
 from __future__ import annotations
@@ -43,6 +43,7 @@ class Task:
     input_key = "text"              # what a bare command-line input becomes: {input_key: value}
     near_method = "text"            # doctor.near_method auto: "text" (Task.key strings) or "embedding" (Task.embed)
     generative = False              # True: generate(), prompt_ids() and generation settings work (chat, serve)
+    exportable = False              # True: export_inputs() works and the model returns `.logits` (tunesmith export)
 
     def __init__(self, recipe):
         self.recipe = recipe
@@ -210,6 +211,11 @@ class Task:
     def predict(self, model, inputs: list) -> list[dict]:
         """One JSON-ready dict per input, in order (shared by `predict`, the Python API and `serve`)."""
         raise NotImplementedError
+
+    def export_inputs(self) -> dict[str, tuple[torch.Tensor, dict[int, str]]]:
+        """ONNX export: the model's inputs by name (what `collate` gives, without labels), each as a small example
+        tensor and its dynamic axes ({0: "batch", 1: "sequence"}); the graph's one output is `logits`."""
+        raise NotImplementedError(f"task '{self.name}' cannot be exported to ONNX")
 
     # --- generation (generative tasks; see tunesmith/tasks/generation.py) ----------------------------
     def generate(self, model, prompts: list, batch_size: int, settings=None) -> list[str]:

@@ -30,6 +30,7 @@ class ImageClassification(Classification):
     name = "image-classification"
     input_key = "image"
     near_method = "embedding"       # Task.key is a pixel hash: near duplicates need the model's embeddings
+    exportable = True
 
     @property
     def path_columns(self) -> tuple[str, ...]:
@@ -155,6 +156,11 @@ class ImageClassification(Classification):
                                         "label_probability": round(float(probs[i, labels[i]]), 4)}) + "\n")
             result["misclassified"] = len(wrong)
         return result
+
+    def export_inputs(self) -> dict[str, tuple[torch.Tensor, dict[int, str]]]:
+        side = vision.input_size(self.processor)
+        pixels = torch.zeros((2, 3, side, side), dtype=torch.uint8)
+        return {"pixel_values": (self.collate([{"pixels": p} for p in pixels])["pixel_values"], {0: "batch"})}
 
     def predict(self, model, inputs: list) -> list[dict]:
         col = self.recipe.data.image_column

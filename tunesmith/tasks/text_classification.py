@@ -11,6 +11,7 @@ class TextClassification(Classification):
     name = "text-classification"
     peft_task_type = "SEQ_CLS"
     input_key = "text"
+    exportable = True
 
     @property
     def tokenizer(self):
@@ -93,6 +94,11 @@ class TextClassification(Classification):
         if "labels" in features[0]:
             batch["labels"] = torch.tensor([f["labels"] for f in features])
         return batch
+
+    def export_inputs(self) -> dict[str, tuple[torch.Tensor, dict[int, str]]]:
+        col = self.recipe.data.text_column
+        batch = self.collate(self.encode([{col: "a short text"}, {col: "and a somewhat longer text than that"}]))
+        return {name: (x, {0: "batch", 1: "sequence"}) for name, x in batch.items()}      # [B, T] each
 
     def predict(self, model, inputs: list) -> list[dict]:
         col = self.recipe.data.text_column

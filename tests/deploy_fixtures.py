@@ -1,0 +1,57 @@
+"""Runs the deploy tests (export, distill, serve) share: a tiny BERT classifier trained on separable reviews and a
+tiny Llama chat run, each trained in seconds through the real `ts.train`."""
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import tunesmith as ts
+from conftest import recipe_dict, write_reviews
+
+
+@pytest.fixture(scope="module")
+def text_run(tiny_bert, tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("deploy")
+    data = write_reviews(tmp / "reviews.csv", n=200)
+    return ts.train(ts.load_recipe(recipe_dict(tiny_bert, data, train={"epochs": 4})), run_dir=tmp / "run").path
+
+
+@pytest.fixture(scope="module")
+def chat_run(tmp_path_factory) -> Path:
+    from test_causal_lm import build_tiny_llama, lm_recipe, write_chats
+
+    tmp = tmp_path_factory.mktemp("deploy-chat")
+    model = build_tiny_llama(tmp / "llama")
+    recipe = lm_recipe(model, write_chats(tmp / "chats.jsonl", n=60), train={"max_steps": 2},
+                       eval={"generate": {"max_new_tokens": 4}})
+    return ts.train(ts.load_recipe(recipe), run_dir=tmp / "run").path
+
+
+class Server:
+    """A uvicorn server for an app, in a thread, on 127.0.0.1 and a free port; stopped on exit (bounded waits)."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> "Server":
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline, "server did not start in 30 s"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.sock.close()
