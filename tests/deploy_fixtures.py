@@ -13,8 +13,24 @@ import tunesmith as ts
 from conftest import recipe_dict, write_reviews
 
 
-@pytest.fixture(scope="module")
+_RUNS: dict[str, Path] = {}         # one training per test session, whichever module asks first
+
+
+@pytest.fixture
 def text_run(tiny_bert, tmp_path_factory) -> Path:
+    if "text" not in _RUNS:
+        _RUNS["text"] = _train_text(tiny_bert, tmp_path_factory)
+    return _RUNS["text"]
+
+
+@pytest.fixture
+def chat_run(tmp_path_factory) -> Path:
+    if "chat" not in _RUNS:
+        _RUNS["chat"] = _train_chat(tmp_path_factory)
+    return _RUNS["chat"]
+
+
+def _train_text(tiny_bert, tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("deploy")
     data = write_reviews(tmp / "reviews.csv", n=240)
     run = ts.train(ts.load_recipe(recipe_dict(tiny_bert, data)), run_dir=tmp / "run")
@@ -22,8 +38,7 @@ def text_run(tiny_bert, tmp_path_factory) -> Path:
     return run.path
 
 
-@pytest.fixture(scope="module")
-def chat_run(tmp_path_factory) -> Path:
+def _train_chat(tmp_path_factory) -> Path:
     from test_causal_lm import build_tiny_llama, lm_recipe, write_chats
 
     tmp = tmp_path_factory.mktemp("deploy-chat")

@@ -33,7 +33,7 @@ def test_distillation_loss_matches_its_definition(text_run):
 
 def test_distill_half_depth_student(text_run, tmp_path):
     out = tmp_path / "student"
-    r = tunesmith("distill", text_run, "--student", "half", "--run-dir", out, "train.epochs=4")
+    r = tunesmith("distill", text_run, "--student", "half", "--run-dir", out, "train.epochs=3")
     assert r.returncode == 0, r.stderr
     assert "teacher" in r.stdout and "student" in r.stdout and "accuracy (test)" in r.stdout
     report = json.loads((out / "distill.json").read_text())

@@ -52,8 +52,8 @@ def test_export_gate_fails_when_the_metric_drops(text_run, tmp_path):
 
 
 def test_causal_lm_exports_its_merged_folder_not_onnx(chat_run, tmp_path):
-    r = tunesmith("export", chat_run, "--format", "onnx")
-    assert r.returncode == 1 and "--format hf" in r.stderr and "causal-lm" in r.stderr
+    with pytest.raises(ts.TunesmithError, match="causal-lm.*--format hf"):
+        ts.export(chat_run, format="onnx")
     report = ts.export(chat_run, format="hf", out=tmp_path / "hf")
     from transformers import AutoModelForCausalLM
 

@@ -14,14 +14,13 @@ import httpx
 import pytest
 
 import tunesmith as ts
-from conftest import tunesmith
 from deploy_fixtures import Server, chat_run, text_run  # noqa: F401  (fixtures)
 from tunesmith.serving import Limits
 
 TEXTS = ["a great and lovely film", "dull boring plot and weak acting", "the cast was superb", "awful"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def predictor(text_run):
     return ts.Run(text_run).load("cpu")
 
@@ -37,6 +36,8 @@ def test_served_answers_equal_tunesmith_predict(text_run):
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "tunesmith", "serve", str(text_run), "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cli = subprocess.Popen([sys.executable, "-m", "tunesmith", "predict", str(text_run), *TEXTS],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)       # meanwhile
     try:
         url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 90
         while True:
@@ -53,9 +54,9 @@ def test_served_answers_equal_tunesmith_predict(text_run):
     finally:
         proc.terminate()
         proc.wait(timeout=20)
-    r = tunesmith("predict", text_run, *TEXTS)
-    assert r.returncode == 0, r.stderr
-    assert served == [json.loads(line) for line in r.stdout.splitlines()]
+    out, err = cli.communicate(timeout=120)
+    assert cli.returncode == 0, err
+    assert served == [json.loads(line) for line in out.splitlines()]
     assert "http://127.0.0.1:" in proc.stderr.read()
 
 
