@@ -25,6 +25,14 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from pydantic import BaseModel
+
+
+class Body(BaseModel):
+    """The baseline's request: the same JSON as tunesmith serve's /v1/predict."""
+    inputs: list[str]
+
+
 FLAGS = ("avx", "avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8", "fma", "f16c")
 
 
@@ -43,15 +51,11 @@ def baseline_server(model_dir: str, port: int) -> None:
 
     import uvicorn
     from fastapi import FastAPI
-    from pydantic import BaseModel
     from transformers import pipeline
 
     classify = pipeline("text-classification", model=model_dir, device="cpu", truncation=True)
     lock = threading.Lock()
     app = FastAPI()
-
-    class Body(BaseModel):
-        inputs: list[str]
 
     @app.post("/v1/predict")
     def predict(body: Body):
@@ -110,6 +114,8 @@ async def load(url: str, texts: list[str], clients: int, requests: int, seconds:
         t0 = time.perf_counter()
         await asyncio.gather(*(loop() for _ in range(clients)))
         elapsed = time.perf_counter() - t0
+    if not latencies:
+        raise SystemExit(f"{url}: every request failed")
     latencies.sort()
     pick = lambda q: 1000 * latencies[min(len(latencies) - 1, int(q * len(latencies)))]  # noqa: E731
     return {"clients": clients, "answers": len(latencies), "errors": errors, "seconds": round(elapsed, 2),

@@ -129,6 +129,13 @@ def export(run_dir, format: str = "onnx", quantize: str | None = None, out=None,
     from tunesmith.run import Run
     from tunesmith.splits import load_rows
 
+    if format == "onnx":
+        try:
+            import onnx  # noqa: F401  (torch.onnx.export writes through it)
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            raise TunesmithError("tunesmith export --format onnx needs onnx and onnxruntime: "
+                                 "pip install 'tunesmith[export]'") from None
     run = Run(run_dir)
     out = Path(out) if out else run.path / "export"
     if format == "hf":
