@@ -9,7 +9,8 @@ and calls it for each request under a lock (HF pipelines and fast tokenizers are
 Clients: an asyncio load generator in this process, one text per request (the run's test snippets), at 1, 8 and
 32 concurrent clients; each level stops after --requests answers or --seconds, whichever comes first. Prints the
 CPU model, flags and load average before and after (other people may be using the machine), requests/s,
-p50/p99 latency and the ratio. --export also prints `tunesmith export --quantize int8`'s table for the run.
+p50/p99 latency and the ratios (req/s, p99). A third server, `tunesmith serve --onnx int8`, joins when the run
+has a checked int8 export. --export also prints `tunesmith export --quantize int8`'s table for the run.
 """
 from __future__ import annotations
 
@@ -157,10 +158,15 @@ def main() -> None:
         print(render(ts.export(run, quantize="int8")))
     levels = [int(x) for x in args.levels.split(",")]
     results = {}
-    for name, command in [("tunesmith serve", [sys.executable, "-m", "tunesmith", "serve", str(run)]),
-                          ("FastAPI + pipeline", [sys.executable, __file__, "--baseline", str(run / "model")])]:
+    serve = [sys.executable, "-m", "tunesmith", "serve", str(run)]
+    servers = {"tunesmith serve": serve}
+    record = run / "export" / "export.json"
+    if record.exists() and "int8" in json.loads(record.read_text())["files"]:
+        servers["serve --onnx int8"] = serve + ["--onnx", "int8"]
+    servers["FastAPI + pipeline"] = [sys.executable, __file__, "--baseline", str(run / "model")]
+    for name, command in servers.items():
         port = free_port()
-        args_ = command + (["--port", str(port)] if name.startswith("tunesmith") else [str(port)])
+        args_ = command + (["--port", str(port)] if command[:3] == serve[:3] else [str(port)])
         proc = start(args_, port)
         try:
             url = f"http://127.0.0.1:{port}"
@@ -175,9 +181,11 @@ def main() -> None:
             r = rows[i]
             print(f"{c:>8}{name:>22}{r['rps']:>10.1f}{r['p50_ms']:>10.1f}{r['p99_ms']:>10.1f}{r['answers']:>9}"
                   f"{r['errors']:>8}")
-        a, b = results["tunesmith serve"][i], results["FastAPI + pipeline"][i]
-        print(f"{'':>8}{'ratio':>22}{a['rps'] / max(b['rps'], 1e-9):>9.2f}x{'':>10}"
-              f"{a['p99_ms'] / max(b['p99_ms'], 1e-9):>9.2f}x")
+        b = results["FastAPI + pipeline"][i]
+        for name in [n for n in results if n != "FastAPI + pipeline"]:
+            a = results[name][i]
+            print(f"{'':>8}{'ratio ' + name.removeprefix('tunesmith '):>22}{a['rps'] / max(b['rps'], 1e-9):>9.2f}x"
+                  f"{'':>10}{a['p99_ms'] / max(b['p99_ms'], 1e-9):>9.2f}x")
     print(machine().splitlines()[1] + " (after)")
     Path(args.out).write_text(json.dumps({"run": str(run), "results": results}, indent=2) + "\n")
 

@@ -30,6 +30,19 @@ def chat_run(tmp_path_factory) -> Path:
     return _RUNS["chat"]
 
 
+@pytest.fixture
+def image_run(tmp_path_factory) -> Path:
+    if "image" not in _RUNS:
+        from test_image_classification import image_folder, recipe_dict as image_recipe, save_processor, tiny_model
+
+        tmp = tmp_path_factory.mktemp("deploy-image")
+        tiny_model("resnet").save_pretrained(tmp / "resnet")
+        save_processor(tmp / "resnet")
+        recipe = image_recipe(tmp / "resnet", image_folder(tmp / "pictures", per_class=12), train={"epochs": 2})
+        _RUNS["image"] = ts.train(ts.load_recipe(recipe), run_dir=tmp / "run").path
+    return _RUNS["image"]
+
+
 def _train_text(tiny_bert, tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("deploy")
     data = write_reviews(tmp / "reviews.csv", n=240)

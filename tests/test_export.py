@@ -7,7 +7,7 @@ import pytest
 
 import tunesmith as ts
 from conftest import tunesmith
-from deploy_fixtures import chat_run, text_run  # noqa: F401  (fixtures)
+from deploy_fixtures import chat_run, image_run, text_run  # noqa: F401  (fixtures)
 
 
 def test_export_fp32_and_int8_match_the_run(text_run, tmp_path):
@@ -58,3 +58,12 @@ def test_causal_lm_exports_its_merged_folder_not_onnx(chat_run, tmp_path):
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(report["out"]).config.num_hidden_layers == 2
+
+
+def test_image_classifier_exports_with_parity(image_run, tmp_path):
+    report = ts.export(image_run, quantize="int8", out=tmp_path / "export", max_drop=1.0, repeats=3)
+    fp32 = report["results"]["fp32"]
+    assert report["files"] == {"fp32": "model.onnx", "int8": "model.int8.onnx"}
+    assert fp32["max_abs_logit_diff"] < 1e-4
+    assert fp32["accuracy"] == pytest.approx(ts.Run(image_run).metrics["accuracy"], abs=1e-9)
+    assert (tmp_path / "export" / "preprocessor_config.json").exists()

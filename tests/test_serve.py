@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 import tunesmith as ts
-from deploy_fixtures import Server, chat_run, text_run  # noqa: F401  (fixtures)
+from deploy_fixtures import Server, chat_run, image_run, text_run  # noqa: F401  (fixtures)
 from tunesmith.serving import Limits
 
 TEXTS = ["a great and lovely film", "dull boring plot and weak acting", "the cast was superb", "awful"]
@@ -114,6 +114,22 @@ def test_body_limit_malformed_input_queue_full_and_timeout(predictor):
         time.sleep(1.0)                                               # the dropped input's batch ends
     with serve_app(predictor) as srv:
         assert httpx.post(f"{srv.url}/v1/predict", json={"inputs": ["x"]}, timeout=10).status_code == 200
+
+
+def test_images_come_as_data_uris_never_as_server_paths(image_run):
+    import base64
+
+    predictor = ts.Run(image_run).load("cpu")
+    rows = [json.loads(line) for line in (image_run / "data" / "test.jsonl").read_text().splitlines()[:2]]
+    files = [str(image_run / "data" / r["image"]) for r in rows]
+    uris = ["data:image/png;base64," + base64.b64encode(open(f, "rb").read()).decode() for f in files]
+    with serve_app(predictor) as srv:
+        ok = httpx.post(f"{srv.url}/v1/predict", json={"inputs": uris}, timeout=30)
+        assert ok.status_code == 200 and ok.json()["predictions"] == predictor.predict(files)
+        for bad in [files[0], {"image": files[0]}, "data:image/png;base64,AAAA"]:
+            r = httpx.post(f"{srv.url}/v1/predict", json={"inputs": [bad]}, timeout=30)
+            assert r.status_code == 422, bad
+        assert "data: URI" in httpx.post(f"{srv.url}/v1/predict", json={"inputs": [files[0]]}, timeout=30).text
 
 
 def test_openai_client_chat_and_streaming(chat_run):

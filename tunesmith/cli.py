@@ -208,8 +208,9 @@ def parser() -> argparse.ArgumentParser:
                                       "(or set TUNESMITH_API_KEY)")
     sv.add_argument("--onnx", nargs="?", const="fp32", choices=["fp32", "int8"],
                     help="serve the checked ONNX file from tunesmith export (classification)")
-    sv.add_argument("--max-batch", type=int, default=32, help="inputs per forward pass")
-    sv.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more inputs")
+    sv.add_argument("--max-batch", type=int, default=8, help="inputs per forward pass (default 8)")
+    sv.add_argument("--max-wait-ms", type=float, default=0.0,
+                    help="how long a batch waits for more inputs (default 0: what queued while the last batch ran)")
     sv.add_argument("--max-queue", type=int, default=256, help="inputs waiting before requests get 503")
     sv.add_argument("--timeout", type=float, default=30.0, help="seconds before a request gets 504")
     sv.add_argument("--max-body", type=int, default=4_000_000, help="bytes a request body may have (413 above)")

@@ -28,15 +28,16 @@ from pydantic import BaseModel, ConfigDict, Field
 from tunesmith.errors import TunesmithError
 
 PAGE = Path(__file__).parent / "static" / "index.html"
-MAX_TEXT = 100_000                  # characters of one text input
+MAX_TEXT = 100_000                  # characters of one text input (images: only --max-body bounds them)
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)     # seconds, request latency histogram
 OPEN_PATHS = ("/health", "/")       # no key needed: liveness, and the page (static; it asks for the key)
 
 
 @dataclass
 class Limits:
-    max_batch: int = 32             # inputs per forward pass
-    max_wait_ms: float = 5.0        # how long the first input of a batch waits for company
+    max_batch: int = 8              # inputs per forward pass (CPU: padding to the longest makes big batches cost)
+    max_wait_ms: float = 0.0        # how long the first input of a batch waits for company; 0: a batch is what
+                                    # queued while the previous one ran
     max_queue: int = 256            # inputs waiting; more: 503
     timeout_s: float = 30.0         # per request; past it: 504
     max_body: int = 4_000_000       # bytes per request body; more: 413
@@ -178,30 +179,52 @@ class Batcher:
 
 def _checked(task, item):
     """The input as the task takes it; ValueError when it names a file (path columns take data: URIs only)."""
-    value = {task.input_key: item} if isinstance(item, str) else item
     for col in task.path_columns:
-        v = value.get(col)
+        v = item if isinstance(item, str) else item.get(col)        # a bare input is the path column's value
         if v is not None and not (isinstance(v, str) and v.startswith("data:")):
             raise ValueError(f"'{col}' must be a data: URI (base64 image bytes); the server reads no files")
-    if isinstance(item, str) and len(item) > MAX_TEXT:
+    if isinstance(item, str) and not task.path_columns and len(item) > MAX_TEXT:
         raise ValueError(f"longer than {MAX_TEXT:,} characters")
     return item
 
 
-class BodyLimit:
-    """ASGI middleware: 413 for a body over `limit` bytes, by Content-Length or, without one (chunked), as it
-    arrives; the body is read here (at most `limit` bytes) and handed on whole."""
+class Guard:
+    """ASGI middleware, outermost: the API key (401), the body size (413, by Content-Length or, without one, as the
+    body arrives: it is read here, at most `limit` bytes, and handed on whole), and each request's status and
+    latency for /metrics. Plain ASGI: no per-request task or copy beyond the body."""
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int, api_key: str | None, metrics: Metrics, paths: set[str]):
+        self.app, self.limit, self.key, self.metrics, self.paths = app, limit, api_key, metrics, paths
 
     async def __call__(self, scope, receive, send):
         from starlette.responses import JSONResponse
 
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        t0, status = time.perf_counter(), 500
+
+        async def tracked(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self._guarded(scope, receive, tracked, JSONResponse)
+        finally:
+            path = scope["path"] if scope["path"] in self.paths else "other"
+            self.metrics.observe(path, status, time.perf_counter() - t0)
+
+    async def _guarded(self, scope, receive, send, JSONResponse):
+        headers = dict(scope["headers"])
+        if self.key and scope["path"] not in OPEN_PATHS:
+            auth = headers.get(b"authorization", b"").decode("latin-1")
+            given = auth.removeprefix("Bearer ").strip() or headers.get(b"x-api-key", b"").decode("latin-1")
+            if not hmac.compare_digest(given.encode(), self.key.encode()):
+                return await JSONResponse({"detail": "missing or wrong API key (Authorization: Bearer KEY)"},
+                                          status_code=401, headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
         too_large = JSONResponse({"detail": f"request body over {self.limit:,} bytes"}, status_code=413)
-        length = dict(scope["headers"]).get(b"content-length", b"0")
+        length = headers.get(b"content-length", b"0")
         if not length.isdigit() or int(length) > self.limit:
             return await too_large(scope, receive, send)
         body, more = b"", True
@@ -230,7 +253,7 @@ def create_app(run, api_key: str | None = None, onnx: str | None = None, device:
     """The FastAPI app for a run folder (or a loaded Predictor); see the module docstring. onnx: "fp32" or
     "int8" to serve the checked export (tunesmith export) instead of the PyTorch model."""
     try:
-        from fastapi import FastAPI, HTTPException, Request
+        from fastapi import FastAPI, HTTPException
         from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
     except ImportError:
         raise TunesmithError("tunesmith serve needs FastAPI and uvicorn: pip install 'tunesmith[serve]'") from None
@@ -261,23 +284,6 @@ def create_app(run, api_key: str | None = None, onnx: str | None = None, device:
     app = FastAPI(title="tunesmith", version="1", lifespan=lifespan,
                   description=f"{task.name} model from run {name}")
     app.state.batcher, app.state.predictor, app.state.limits, app.state.model_name = batcher, predictor, limits, name
-
-    @app.middleware("http")
-    async def key_and_metrics(request: Request, call_next):
-        t0 = time.perf_counter()
-        path = request.url.path
-        if api_key and path not in OPEN_PATHS:
-            given = request.headers.get("authorization", "").removeprefix("Bearer ").strip() \
-                or request.headers.get("x-api-key", "")
-            if not hmac.compare_digest(given.encode(), api_key.encode()):
-                response = JSONResponse({"detail": "missing or wrong API key (Authorization: Bearer KEY)"},
-                                        status_code=401, headers={"WWW-Authenticate": "Bearer"})
-                metrics.observe(path, 401, time.perf_counter() - t0)
-                return response
-        response = await call_next(request)
-        known = any(getattr(r, "path", None) == path for r in app.routes)
-        metrics.observe(path if known else "other", response.status_code, time.perf_counter() - t0)
-        return response
 
     async def wait(futures, what: str):
         try:
@@ -331,7 +337,8 @@ def create_app(run, api_key: str | None = None, onnx: str | None = None, device:
         from tunesmith.serving_chat import add_chat_routes
 
         add_chat_routes(app, predictor, batcher, limits, name, wait)
-    app.add_middleware(BodyLimit, limit=limits.max_body)
+    app.add_middleware(Guard, limit=limits.max_body, api_key=api_key, metrics=metrics,
+                       paths={r.path for r in app.routes if hasattr(r, "path")})
     return app
 
 
