@@ -254,7 +254,7 @@ def create_app(run, api_key: str | None = None, onnx: str | None = None, device:
     "int8" to serve the checked export (tunesmith export) instead of the PyTorch model."""
     try:
         from fastapi import FastAPI, HTTPException
-        from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+        from fastapi.responses import HTMLResponse, PlainTextResponse
     except ImportError:
         raise TunesmithError("tunesmith serve needs FastAPI and uvicorn: pip install 'tunesmith[serve]'") from None
     from contextlib import asynccontextmanager
@@ -338,7 +338,7 @@ def create_app(run, api_key: str | None = None, onnx: str | None = None, device:
 
         add_chat_routes(app, predictor, batcher, limits, name, wait)
     app.add_middleware(Guard, limit=limits.max_body, api_key=api_key, metrics=metrics,
-                       paths={r.path for r in app.routes if hasattr(r, "path")})
+                       paths={r.path for r in app.routes})
     return app
 
 
