@@ -25,6 +25,8 @@ _API = {
     "Callback": "tunesmith.run:Callback",
     "Task": "tunesmith.tasks.base:Task",
     "register_task": "tunesmith.tasks:register_task",
+    "report": "tunesmith.run_report:write_report",
+    "explain": "tunesmith.explanations:explain",
 }
 __all__ = [*_API, "__version__"]
 

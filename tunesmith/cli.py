@@ -116,8 +116,33 @@ def cmd_chat(args) -> int:
     return chat(args.run_dir, args.max_new_tokens, args.context, args.system)
 
 
+def cmd_report(args) -> int:
+    """One self-contained HTML page about one or several runs (tunesmith/run_report.py)."""
+    import tunesmith as ts
+
+    print(f"report: {ts.report(args.run_dirs, args.out, explain=not args.no_explain)}")
+    return 0
+
+
+def cmd_explain(args) -> int:
+    """Token attributions / saliency for inputs and the most confident mistakes (tunesmith/explanations.py)."""
+    import tunesmith as ts
+    from tunesmith.explanations import write_html
+
+    result = ts.explain(args.run_dir, args.inputs, mistakes=args.mistakes, device=args.device)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for e in result["inputs"] + result["mistakes"]:
+            ranked = sorted(zip(e.get("tokens", []), e.get("attributions", [])), key=lambda x: -x[1])[:5]
+            print(f"{e['predicted']} ({e['probability']:.3f})" + (f" label {e['label']}" if "label" in e else "")
+                  + f": {e['input']}" + (f"  <- {', '.join(t for t, _ in ranked)}" if ranked else ""))
+    print(f"explain: {write_html(result, args.out)}", file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "demo": cmd_demo, "doctor": cmd_doctor,
-            "compare": cmd_compare, "chat": cmd_chat}
+            "compare": cmd_compare, "chat": cmd_chat, "report": cmd_report, "explain": cmd_explain}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -154,6 +179,17 @@ def parser() -> argparse.ArgumentParser:
     ch.add_argument("--max-new-tokens", type=int, help="tokens per reply (default: eval.generate's, else 256)")
     ch.add_argument("--context", type=int, help="tokens of history kept (default: the model's context length)")
     ch.add_argument("--system", help="a system message to start the conversation with")
+    rp = sub.add_parser("report", help="an HTML report of one or several runs (curves, confusion, slices, ...)")
+    rp.add_argument("run_dirs", nargs="+")
+    rp.add_argument("--out", default="report.html", help="where to write the HTML (default ./report.html)")
+    rp.add_argument("--no-explain", action="store_true", help="skip the explanations (they load each model)")
+    ex = sub.add_parser("explain", help="why a run's model predicts what it does (attributions, saliency)")
+    ex.add_argument("run_dir")
+    ex.add_argument("inputs", nargs="*", help="texts or image paths to explain")
+    ex.add_argument("--out", default="explain.html", help="where to write the HTML (default ./explain.html)")
+    ex.add_argument("--json", action="store_true", help="print the explanations as one JSON object")
+    ex.add_argument("--mistakes", type=int, default=5, help="most confident test mistakes to explain (default 5)")
+    ex.add_argument("--device", default="auto", help="auto (GPU if any), cpu, cuda, cuda:1, ...")
     p.commands = sub.choices                        # name -> its parser, for parse()
     return p
 

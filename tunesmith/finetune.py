@@ -47,6 +47,10 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: str | Path 
         path = broadcast_object_list([str(run_dir or Run.default_path(recipe))])[0]
         run = Run.create(recipe, path, callbacks) if main else Run(path, writer=False)
         accelerator.wait_for_everyone()
+    if main and recipe.train.report_to:                           # TensorBoard / MLflow mirror the run folder
+        from tunesmith.tracking import callbacks_for
+
+        run.callbacks += callbacks_for(recipe.train, run.path)
     stamp = {"rows": {s: len(t) for s, t in tables.items()}, "rejected": len(rejects),
              "labels": task.labels, "fingerprint": fingerprint(tables),
              "files": loaded.files, "unused_rows": loaded.unused}  # per file: read = usable + rejected

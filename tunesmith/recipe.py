@@ -91,6 +91,9 @@ class TrainConfig(Section):
     metric: str | None = None                   # best checkpoint / early stopping: one of the task's metrics
     patience: int | None = Field(None, gt=0)    # evaluations without improvement; None: no early stop
     compile: bool = False                       # torch.compile the model (in place: checkpoints keep their names)
+    report_to: list[Literal["tensorboard", "mlflow"]] = []  # trackers that get every metrics.jsonl record,
+                                                # the recipe and eval.json (tunesmith/tracking.py)
+    mlflow_uri: str | None = None               # MLflow tracking URI; None: sqlite:///<run>/mlflow.db
 
 
 class EvalConfig(Section):

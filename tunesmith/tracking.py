@@ -1,6 +1,7 @@
-"""Experiment-tracking callbacks: the training loop calls `on_log(record)` for every metrics.jsonl record and
-`on_end(run)` once the run folder holds eval.json. Both mirror what the run folder already has; the run
-folder stays the source of truth.
+"""Experiment-tracking callbacks (`train.report_to: [tensorboard, mlflow]`; `ts.train` adds them through
+`callbacks_for`): the run calls `on_log(record)` for every metrics.jsonl record and `on_end(run)` once the
+run folder holds eval.json. Both mirror what the run folder already has; the run folder stays the source of
+truth.
 
 Tags (the same in both trackers), from a metrics.jsonl record at record["step"]:
   train/<key>         training records (loss, lr, epoch, samples_per_s, tokens_per_s)
@@ -18,6 +19,9 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+
+from tunesmith.errors import TunesmithError
+from tunesmith.run import Callback
 
 SKIP = {"step", "split", "summary"}          # record keys that say where a record belongs, not values
 MLFLOW_BATCH = 100                            # params/metrics per log_batch call (MLflow caps a batch at 1000)
@@ -63,7 +67,13 @@ def _eval_and_recipe(run_path: Path) -> tuple[dict, str | None]:
     return (json.loads(ev.read_text()) if ev.exists() else {}), (recipe.read_text() if recipe.exists() else None)
 
 
-class TensorBoard:
+def callbacks_for(train, run_path: Path) -> list[Callback]:
+    """The trackers `train.report_to` names, writing for the run folder `run_path`."""
+    make = {"tensorboard": lambda: TensorBoard(run_path), "mlflow": lambda: MLflow(run_path, train.mlflow_uri)}
+    return [make[name]() for name in train.report_to]
+
+
+class TensorBoard(Callback):
     """Event files in <run>/tensorboard/; `tensorboard --logdir runs/` compares runs."""
 
     def __init__(self, run_path: Path):
@@ -73,8 +83,8 @@ class TensorBoard:
             try:
                 from tensorboardX import SummaryWriter
             except ImportError as e:
-                raise ImportError("the TensorBoard callback needs the tensorboard package: "
-                                  "pip install 'tunesmith[tracking]' (or pip install tensorboard)") from e
+                raise TunesmithError("train.report_to: tensorboard needs the tensorboard package: "
+                                     "pip install 'tunesmith[tracking]' (or pip install tensorboard)") from e
         self.path = Path(run_path)
         self.writer = SummaryWriter(log_dir=str(self.path / "tensorboard"))
         self.last_step = 0
@@ -101,7 +111,7 @@ class TensorBoard:
         self.writer.close()
 
 
-class MLflow:
+class MLflow(Callback):
     """One MLflow run per tunesmith run. Default store: sqlite:///<run>/mlflow.db (a file store at
     <run>/mlruns if SQLite is unavailable); artifacts (recipe.yaml, eval.json) under <run>/mlartifacts."""
 
@@ -109,8 +119,8 @@ class MLflow:
         try:
             from mlflow.tracking import MlflowClient
         except ImportError as e:
-            raise ImportError("the MLflow callback needs mlflow: pip install 'tunesmith[tracking]' "
-                              "(or pip install mlflow)") from e
+            raise TunesmithError("train.report_to: mlflow needs the mlflow package: "
+                                 "pip install 'tunesmith[tracking]' (or pip install mlflow)") from e
         self.path = Path(run_path).resolve()
         self.last_step = 0
         name = experiment or "tunesmith"
@@ -127,9 +137,11 @@ class MLflow:
             except Exception as e:            # noqa: BLE001  sqlite driver/migration missing: try the file store
                 error = e
         else:
-            raise RuntimeError(f"MLflow: could not open a tracking store ({', '.join(uris)}): {error}") from error
+            raise TunesmithError(f"MLflow: could not open a tracking store ({', '.join(uris)}): {error}") from error
         self.tracking_uri = uri
-        self.run_id = self.client.create_run(exp_id, run_name=self.path.name).info.run_id
+        found = self.client.search_runs([exp_id], f"tags.mlflow.runName = '{self.path.name}'", max_results=1)
+        # a resumed run continues its MLflow run
+        self.run_id = found[0].info.run_id if found else self.client.create_run(exp_id, run_name=self.path.name).info.run_id
         self._params_logged = False
         self._log_params()
 

@@ -7,7 +7,7 @@ Model:  load_model() -> model for training;  load_trained(folder) -> model;  sav
 Train:  loss(model, batch) -> sum over items;  count(batch) -> items;  evaluate(model, features, batch_size)
         evaluate_final(...) for eval.json (adds slow metrics and per-example files)
 Use:    predict(model, inputs) -> JSON-ready dicts (shared by `predict`, the Python API and `serve`);
-        generate(...) and prompt_ids(...) where `generative`
+        generate(...) and prompt_ids(...) where `generative`; explain(model, inputs) where `explainable`
 Doctor: key(row); stratify_key(row); length_stats(rows, features); embed(model, features, batch_size)
 """
 from __future__ import annotations
@@ -43,6 +43,7 @@ class Task:
     input_key = "text"              # what a bare command-line input becomes: {input_key: value}
     near_method = "text"            # doctor.near_method auto: "text" (Task.key strings) or "embedding" (Task.embed)
     generative = False              # True: generate(), prompt_ids() and generation settings work (chat, serve)
+    explainable = False             # True: explain() works (tunesmith explain, the report's explanations)
 
     def __init__(self, recipe):
         self.recipe = recipe
@@ -210,6 +211,13 @@ class Task:
     def predict(self, model, inputs: list) -> list[dict]:
         """One JSON-ready dict per input, in order (shared by `predict`, the Python API and `serve`)."""
         raise NotImplementedError
+
+    def explain(self, model, inputs: list) -> list[dict]:
+        """Why the model predicts what it does: one JSON-ready dict per input (as `predict` takes them), with
+        the prediction ("predicted", "probability") and the attributions toward it: text {"tokens",
+        "attributions"} (one per token), images {"saliency" (rows of [0, 1] values), "overlay" (PNG data URI)}.
+        Needs captum (the `explain` extra)."""
+        raise NotImplementedError(f"task '{self.name}' has no explanations")
 
     # --- generation (generative tasks; see tunesmith/tasks/generation.py) ----------------------------
     def generate(self, model, prompts: list, batch_size: int, settings=None) -> list[str]:

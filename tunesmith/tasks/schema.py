@@ -24,6 +24,13 @@ class ClassificationData(DataConfig):
     labels: list[str | int] | None = None       # label order; None: sorted labels seen in train
 
 
+class ClassificationEval(EvalConfig):
+    slices: list[str] = []                      # test-data columns to score per value (speaker, gender, source)
+    min_slice_size: int = Field(30, gt=0)       # rows; smaller slices are "too small to judge", not a number
+    positive_label: str | int | None = None     # fairness gaps' positive class; None: the second label of two,
+                                                # with more labels the largest gap over classes (one-vs-rest)
+
+
 class ClassificationTrain(TrainConfig):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     class_weights: Literal["balanced"] | list[float] | dict[str, float] | None = None
@@ -44,6 +51,7 @@ class TextClassificationRecipe(Recipe):
     task: Literal["text-classification"]
     data: TextClassificationData
     train: ClassificationTrain = ClassificationTrain()
+    eval: ClassificationEval = ClassificationEval()
 
 
 # --- image classification ---------------------------------------------------------------------------
@@ -93,6 +101,7 @@ class ImageClassificationRecipe(Recipe):
     task: Literal["image-classification"]
     data: ImageClassificationData
     train: ClassificationTrain = ClassificationTrain()
+    eval: ClassificationEval = ClassificationEval()
     augment: AugmentConfig = AugmentConfig()
 
 

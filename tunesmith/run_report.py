@@ -1,6 +1,6 @@
 """`write_report(run_dirs, out)`: one self-contained HTML page about one or several run folders.
 
-It only reads files in the run folders (recipe.yaml, metrics.jsonl, eval.json, checkpoints/best/state.json,
+Apart from the explanations section it only reads files in the run folders (recipe.yaml, metrics.jsonl, eval.json, checkpoints/best/state.json,
 and when present predictions.jsonl, samples.jsonl, doctor.json); it imports neither torch nor the training
 code, so it works on a laptop that holds nothing but copied run folders. Plots are matplotlib PNGs (Agg
 backend) embedded as base64 data URIs; there is no script and no external URL, so the page opens offline.
@@ -14,6 +14,9 @@ Sections (every one is always present, with a note where it does not apply, so t
   reliability     reliability diagram + ECE from per-example probabilities (eval.json "predictions" or
                   predictions.jsonl: one {"label", "probabilities": {name: p}} per test row)
   before-after    eval.json `before` against the fine-tuned metrics
+  slices          per-slice metrics (eval.slices), gaps, parity differences; the largest gap flagged
+  explanations    token attributions / saliency for the most confident mistakes (tunesmith/explanations.py: loads
+                  the model, so this section alone needs torch and captum; write_report(explain=False) skips it)
   doctor          doctor.json status, blocking problems, warnings
   samples         generations of chat runs (samples.jsonl: prompt, reference, output)
   recipe-diff     recipe keys whose values differ between the runs
@@ -29,6 +32,9 @@ from pathlib import Path
 
 import yaml
 
+from tunesmith.errors import TunesmithError
+from tunesmith.fairness import GAP_METRICS, largest_gap
+
 COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
           "#bcbd22", "#17becf"]                       # matplotlib tab10, one per run (cycled past 10 runs)
 STATE_KEYS = {"step", "rng", "scheduler", "optimizer", "epoch"}   # non-metric keys of checkpoints/best/state.json
@@ -43,6 +49,8 @@ table{border-collapse:collapse;margin:8px 0} td,th{border:1px solid #ddd;padding
 th{background:#f3f3f3} td.l,th.l{text-align:left} img{max-width:100%} .note{color:#666;font-style:italic}
 .swatch{display:inline-block;width:12px;height:12px;margin-right:6px;vertical-align:middle}
 .clean{color:#2a7d2a;font-weight:bold} .warnings{color:#b07000;font-weight:bold} .blocking{color:#c00;font-weight:bold}
+.flag{background:#fde2e1;border-left:4px solid #c00;padding:6px 10px} .tok{padding:1px 2px;border-radius:3px}
+img.saliency{width:224px;image-rendering:pixelated} .explained{border-bottom:1px solid #eee;padding:4px 0}
 pre{white-space:pre-wrap;background:#f7f7f7;padding:6px;margin:0;font-size:.9em}
 """
 
@@ -63,7 +71,7 @@ def load_run(path: str | Path) -> dict:
     """Everything the report shows about one run folder, read from disk only."""
     p = Path(path)
     if not (p / "recipe.yaml").exists() and not (p / "metrics.jsonl").exists():
-        raise FileNotFoundError(f"{p} is not a run folder (no recipe.yaml or metrics.jsonl)")
+        raise TunesmithError(f"{p} is not a run folder (no recipe.yaml or metrics.jsonl)")
     recipe = yaml.safe_load((p / "recipe.yaml").read_text()) if (p / "recipe.yaml").exists() else {}
     records = _json_lines(p / "metrics.jsonl")
     ev = _json(p / "eval.json") or {}
@@ -305,6 +313,54 @@ def _before_after(run: dict) -> str:
     return _table(["metric", "before fine-tuning", "after", "change"], rows)
 
 
+def _slices(run: dict) -> str:
+    slices, fairness = run["eval"].get("slices"), run["eval"].get("fairness") or {}
+    if not slices:
+        return _note("no per-slice metrics in eval.json (set eval.slices: [column, ...] in a classification recipe)")
+    out = ""
+    top = largest_gap(fairness)
+    if top:
+        col, metric, gap = top
+        out += (f'<p class="flag">largest gap: <b>{_e(metric)}</b> over <b>{_e(col)}</b>: {_fmt(gap["best"])} '
+                f'({_e(gap["best_value"])}) vs {_fmt(gap["worst"])} ({_e(gap["worst_value"])}), a difference of '
+                f'<b class="gap">{gap["difference"]:.4f}</b></p>')
+    for col, table in slices.items():
+        f = fairness.get(col, {})
+        rows = [[_e(v)] + ([_e(m["too_small"])] + [""] * (len(GAP_METRICS) - 1) if "too_small" in m
+                           else [m[k] for k in GAP_METRICS]) + [m["n"]] for v, m in table.items()]
+        out += f"<h4>{_e(col)}</h4>" + _table(["value", *GAP_METRICS, "n"], rows, left=1)
+        if "gaps" in f:
+            out += _table(["gap (best - worst)", *GAP_METRICS, "demographic parity", "equal opportunity"],
+                          [[_e(f"positive label {f['positive_label']}")]
+                           + [f["gaps"][k]["difference"] for k in GAP_METRICS]
+                           + [f["demographic_parity_difference"], f["equal_opportunity_difference"]]])
+        else:
+            out += _note(f.get("note", ""))
+    return out
+
+
+def _explanations(run: dict) -> str:
+    from tunesmith import explanations as explain
+
+    if not run.get("explained"):
+        return _note(run.get("explain_note") or "no explanations")
+    return explain.render(run["explained"])
+
+
+def explain_runs(runs: list[dict]) -> None:
+    """Each run's most confident mistakes, explained (needs its model/, torch and captum); else a note why not."""
+    from tunesmith import explanations as explain
+
+    for r in runs:
+        if not (r["path"] / "model").is_dir() or not (r["path"] / "predictions.jsonl").exists():
+            r["explain_note"] = "no model/ or predictions.jsonl in the run folder (a classification run writes both)"
+            continue
+        try:
+            r["explained"] = explain.explain(r["path"])
+        except TunesmithError as e:         # no captum, a task without explanations
+            r["explain_note"] = f"no explanations: {e}"
+
+
 def _doctor(run: dict) -> str:
     d = run["doctor"]
     if not d:
@@ -378,6 +434,9 @@ def render(runs: list[dict]) -> str:
         _section("per-class", "Per-class precision / recall / F1", _per_run(runs, "per-class", _per_class)),
         _section("reliability", "Reliability diagram (calibration)", _per_run(runs, "reliability", _reliability)),
         _section("before-after", "Before and after fine-tuning", _per_run(runs, "before-after", _before_after)),
+        _section("slices", "Slices (fairness)", _per_run(runs, "slices", _slices)),
+        _section("explanations", "Why the model decided (explanations)",
+                 _per_run(runs, "explanations", _explanations)),
         _section("doctor", "Data doctor", _per_run(runs, "doctor", _doctor)),
         _section("samples", "Sample generations",
                  _per_run(chat, "samples", _samples) if chat else _note("no chat runs: no generations")),
@@ -387,15 +446,20 @@ def render(runs: list[dict]) -> str:
             f"<style>{CSS}</style></head><body>\n<h1>{_e(title)}</h1>\n" + "".join(parts) + "</body></html>\n")
 
 
-def write_report(run_dirs: list[Path], out: Path) -> Path:
-    """Render one self-contained HTML report of `run_dirs` (one or several run folders) to `out`; return it."""
+def write_report(run_dirs: list[Path], out: Path = Path("report.html"), explain: bool = True) -> Path:
+    """Render one self-contained HTML report of `run_dirs` (one or several run folders) to `out`; return it.
+    explain: add each run's most confident mistakes, explained (loads its model)."""
     try:
         import matplotlib  # noqa: F401   figures are built without pyplot, so no backend is switched
-    except ImportError as e:
-        raise ImportError("tunesmith report needs matplotlib: pip install 'tunesmith[report]'") from e
+    except ImportError:
+        raise TunesmithError("tunesmith report needs matplotlib: pip install 'tunesmith[report]'") from None
+    if isinstance(run_dirs, (str, Path)):
+        run_dirs = [run_dirs]
     if not run_dirs:
-        raise ValueError("write_report: give at least one run folder")
+        raise TunesmithError("report: give at least one run folder")
     runs = [load_run(p) for p in run_dirs]
+    if explain:
+        explain_runs(runs)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(render(runs), encoding="utf-8")
