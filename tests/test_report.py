@@ -364,3 +364,14 @@ def test_slice_column_missing_is_a_recipe_mistake_before_training(tiny_bert, rev
 def test_slices_are_a_key_of_classification_only():
     with pytest.raises(ts.RecipeError, match="eval.slices: does not apply to task 'causal-lm'"):
         ts.load_recipe({"task": "causal-lm", "model": "m", "data": {"train": "x.jsonl"}, "eval": {"slices": ["a"]}})
+
+
+def test_cli_report_and_its_one_line_error(runs, tmp_path):
+    from conftest import tunesmith
+
+    out = tunesmith("report", runs.a, runs.b, "--out", tmp_path / "r.html", "--no-explain")
+    assert out.returncode == 0, out.stderr[-2000:]
+    html = (tmp_path / "r.html").read_text()
+    assert "not computed (--no-explain)" in section(html, "explanations") and 'id="confusion-1"' in html
+    bad = tunesmith("report", tmp_path / "nowhere", "--out", tmp_path / "x.html")
+    assert bad.returncode == 1 and bad.stderr.strip().count("\n") == 0 and "is not a run folder" in bad.stderr

@@ -1,8 +1,9 @@
 """`write_report(run_dirs, out)`: one self-contained HTML page about one or several run folders.
 
-Apart from the explanations section it only reads files in the run folders (recipe.yaml, metrics.jsonl, eval.json, checkpoints/best/state.json,
-and when present predictions.jsonl, samples.jsonl, doctor.json); it imports neither torch nor the training
-code, so it works on a laptop that holds nothing but copied run folders. Plots are matplotlib PNGs (Agg
+Apart from the explanations section it only reads files in the run folders (recipe.yaml, metrics.jsonl,
+eval.json, checkpoints/best/state.json, and when present predictions.jsonl, samples.jsonl, doctor.json); with
+explain=False it imports neither torch nor the training code, so it works on a laptop that holds nothing but
+copied run folders. Plots are matplotlib PNGs (Agg
 backend) embedded as base64 data URIs; there is no script and no external URL, so the page opens offline.
 
 Sections (every one is always present, with a note where it does not apply, so tools can find them by id):
@@ -343,7 +344,7 @@ def _explanations(run: dict) -> str:
     from tunesmith import explanations as explain
 
     if not run.get("explained"):
-        return _note(run.get("explain_note") or "no explanations")
+        return _note(run.get("explain_note") or "explanations not computed (--no-explain)")
     return explain.render(run["explained"])
 
 

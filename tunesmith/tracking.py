@@ -140,8 +140,8 @@ class MLflow(Callback):
             raise TunesmithError(f"MLflow: could not open a tracking store ({', '.join(uris)}): {error}") from error
         self.tracking_uri = uri
         found = self.client.search_runs([exp_id], f"tags.mlflow.runName = '{self.path.name}'", max_results=1)
-        # a resumed run continues its MLflow run
-        self.run_id = found[0].info.run_id if found else self.client.create_run(exp_id, run_name=self.path.name).info.run_id
+        # a resumed run continues its own MLflow run
+        self.run_id = (found[0] if found else self.client.create_run(exp_id, run_name=self.path.name)).info.run_id
         self._params_logged = False
         self._log_params()
 

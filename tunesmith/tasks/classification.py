@@ -39,7 +39,8 @@ def captum_attr():
     try:
         import captum.attr
     except ImportError:
-        raise TunesmithError("explanations need captum: pip install 'tunesmith[explain]' (or pip install captum)") from None
+        raise TunesmithError("explanations need captum: pip install 'tunesmith[explain]' (or: pip install captum)"
+                             ) from None
     return captum.attr
 
 

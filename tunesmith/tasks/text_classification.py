@@ -126,7 +126,8 @@ class TextClassification(Classification):
             with torch.enable_grad():
                 scores, delta = ig.attribute(ids, baselines=base, additional_forward_args=(mask,), target=target,
                                              n_steps=EXPLAIN_STEPS, return_convergence_delta=True)
-            out.append({"input": row[col], "predicted": self.names[target], "probability": round(float(probs[target]), 6),
+            out.append({"input": row[col], "predicted": self.names[target],
+                        "probability": round(float(probs[target]), 6),
                         "tokens": self.tokenizer.convert_ids_to_tokens(f["input_ids"]),
                         "attributions": [round(float(a), 6) for a in scores.sum(-1)[0]],   # [T]
                         "convergence_delta": round(float(delta), 6)})
