@@ -16,7 +16,27 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: str | Path 
           callbacks: list = ()) -> Run:
     """Fine-tune as the recipe says; return the finished run (`run.metrics`: eval.json). `resume`: continue
     that run folder from its newest complete checkpoint. callbacks: tunesmith.Callback objects or functions,
-    each called with every metrics.jsonl record. The recipe is not changed."""
+    each called with every metrics.jsonl record. The recipe is not changed. On a CPU, torch's thread count is
+    set for the run (train.threads, or the free cores) and restored afterwards."""
+    import os
+
+    import torch
+
+    from tunesmith.device import choose_device, choose_threads
+
+    threads = torch.get_num_threads()
+    if choose_device().type == "cpu":
+        n, why = choose_threads(recipe.train.threads, int(os.environ.get("WORLD_SIZE", "1")))
+        torch.set_num_threads(n)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"threads: {why}")
+    try:
+        return _train(recipe, run_dir, resume, callbacks)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(recipe: Recipe, run_dir, resume, callbacks) -> Run:
     import torch
     from accelerate import Accelerator
     from accelerate.utils import broadcast_object_list

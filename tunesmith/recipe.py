@@ -91,6 +91,7 @@ class TrainConfig(Section):
     metric: str | None = None                   # best checkpoint / early stopping: one of the task's metrics
     patience: int | None = Field(None, gt=0)    # evaluations without improvement; None: no early stop
     compile: bool = False                       # torch.compile the model (in place: checkpoints keep their names)
+    threads: int | None = Field(None, gt=0)     # torch threads on CPU; None: free cores (affinity, quota, load)
     report_to: list[Literal["tensorboard", "mlflow"]] = []  # trackers that get every metrics.jsonl record,
                                                 # the recipe and eval.json (tunesmith/tracking.py)
     mlflow_uri: str | None = None               # MLflow tracking URI; None: sqlite:///<run>/mlflow.db
