@@ -63,6 +63,7 @@ def _read_csv(path: Path, table: Table) -> None:
             header = next(reader)
         except StopIteration:
             raise DataError(f"{path}: empty file, expected a header row") from None
+        _unique_columns(path, header)
         while True:
             start = reader.line_num + 1             # a quoted field may span lines: report the first
             try:
@@ -88,14 +89,30 @@ def _read_csv(path: Path, table: Table) -> None:
             table.origins.append(f"{path}:{start}")
 
 
+def _unique_columns(path, columns: list[str]) -> None:
+    """A column name given twice: which value is meant is unknown (readers keep the last); refuse the file."""
+    twice = sorted({c for c in columns if columns.count(c) > 1})
+    if twice:
+        raise DataError(f"{path}: column(s) {twice} appear more than once in the header {columns}; rename or "
+                        f"remove the duplicates")
+
+
+def _object(pairs: list) -> dict:
+    keys = [k for k, _ in pairs]
+    twice = sorted({k for k in keys if keys.count(k) > 1})
+    if twice:
+        raise ValueError(f"key(s) {twice} appear more than once in the object")
+    return dict(pairs)
+
+
 def _read_jsonl(path: Path, table: Table) -> None:
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
             if not raw.strip():
                 continue
             try:
-                row = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                row = json.loads(raw, object_pairs_hook=_object)
+            except (ValueError, UnicodeDecodeError) as e:           # JSONDecodeError is a ValueError
                 table.rejects.append(Reject(f"{path}:{n}", f"malformed JSON: {e}"))
                 continue
             if not isinstance(row, dict):
@@ -108,7 +125,9 @@ def _read_jsonl(path: Path, table: Table) -> None:
 def _read_parquet(path: Path, table: Table) -> None:
     import pyarrow.parquet as pq
 
-    for i, row in enumerate(pq.read_table(path).to_pylist()):
+    data = pq.read_table(path)
+    _unique_columns(path, data.column_names)
+    for i, row in enumerate(data.to_pylist()):
         table.rows.append(row)
         table.origins.append(f"{path}#{i}")
 
