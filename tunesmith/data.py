@@ -137,7 +137,15 @@ def _read_hf(name: str, split: str, table: Table) -> None:
         import datasets
     except ImportError:
         raise DataError(f"'{name}' is not a file; reading HF datasets needs: pip install 'tunesmith[datasets]'") from None
-    ds = datasets.load_from_disk(name) if Path(name).is_dir() else datasets.load_dataset(name)
+    try:
+        ds = datasets.load_from_disk(name) if Path(name).is_dir() else datasets.load_dataset(name)
+    except (OSError, ValueError, ConnectionError) as e:     # not found, offline (DatasetNotFoundError: OSError)
+        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") and not Path(name).exists()
+        raise DataError(f"{name}: not a data file or folder, " + (
+            "and the hub is offline (HF_HUB_OFFLINE=1): save the dataset where there is a network "
+            "(datasets.load_dataset(...).save_to_disk(DIR)) and give that folder, or a .csv/.jsonl/.parquet file"
+            if offline else f"and not a dataset that loads ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+                        ) from None
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
             raise DataError(f"{name}: no split '{split}' (has {', '.join(ds)})")

@@ -72,29 +72,30 @@ def accumulate(task, model, batches: list[dict], accelerator, mixed: str = "no",
     return total
 
 
-def split_micro(shares: list[list[int]], weights: list[float], parts: int) -> tuple[list[list[int]], list[float]]:
-    """Each micro-batch cut into up to `parts` pieces (out-of-memory back-off): the same examples, so the same
-    gradient, in smaller forward passes."""
+def split_micro(shares: list[list[int]], weights: list[float], cap: int) -> tuple[list[list[int]], list[float]]:
+    """Each micro-batch cut into pieces of at most `cap` examples (out-of-memory back-off): the same examples,
+    so the same gradient, in smaller forward passes."""
     out, ws = [], []
     for idx, w in zip(shares, weights):
-        size = math.ceil(len(idx) / parts)
-        for s in range(0, len(idx), size):
-            out.append(idx[s:s + size])
+        for s in range(0, len(idx), cap):
+            out.append(idx[s:s + cap])
             ws.append(w)
     return out, ws
 
 
-def back_off(parts: int, pieces: list[list[int]], cfg, say, error) -> int:
-    """The next split factor after an out-of-memory error in a step made of `pieces`; raise at micro-batch 1."""
+def back_off(pieces: list[list[int]], cfg, say, error) -> int:
+    """The micro-batch cap after an out-of-memory error in a step made of `pieces`: half the largest piece; raise
+    at micro-batch 1."""
     biggest = max(len(p) for p in pieces)
     if biggest <= 1:
         raise TunesmithError(f"out of memory even at micro-batch 1 ({error}); use a smaller model, data.max_length "
                              f"or train.precision bf16, or adapt.method lora") from None
     safety.free_memory()
-    parts *= 2
-    say(f"out of memory at micro-batch {biggest}: continuing with micro-batches of {math.ceil(biggest / 2)} and "
-        f"grad_accum {cfg.grad_accum * parts} (the same {cfg.batch_size * cfg.grad_accum} examples per optimizer step)")
-    return parts
+    cap = math.ceil(biggest / 2)
+    say(f"out of memory at micro-batch {biggest}: continuing with micro-batches of {cap} and grad_accum "
+        f"{cfg.grad_accum * math.ceil(cfg.batch_size / cap)} (the same {cfg.batch_size * cfg.grad_accum} examples "
+        f"per optimizer step)")
+    return cap
 
 
 @dataclass
@@ -210,7 +211,7 @@ def fit(task, adapted, train, evalset, recipe, run, accelerator, mixed: str = "n
     totals = {"train_seconds": time.perf_counter(), "eval_seconds": 0.0, "checkpoint_seconds": 0.0,
               "samples": 0, "tokens": 0}
     stop = False
-    parts = 1                                       # pieces per planned micro-batch (out-of-memory back-off)
+    cap = cfg.batch_size                            # examples per forward pass (lowered by out-of-memory back-off)
     rank, world = accelerator.process_index, accelerator.num_processes
     while state.step < total and not stop:
         adapted.set_epoch(state.epoch)
@@ -221,7 +222,7 @@ def fit(task, adapted, train, evalset, recipe, run, accelerator, mixed: str = "n
             weights = [1.0 if mine else 0.0 for mine in shares]      # none left: a stand-in that weighs nothing
             shares = [mine or idx[:1] for mine, idx in zip(shares, group)]
             while True:
-                pieces, piece_weights = split_micro(shares, weights, parts)
+                pieces, piece_weights = split_micro(shares, weights, cap)
                 batches = [send_to_device(task.collate([train[i] for i in mine]), accelerator.device)
                            for mine in pieces]
                 try:
@@ -232,7 +233,7 @@ def fit(task, adapted, train, evalset, recipe, run, accelerator, mixed: str = "n
                         raise
                     batches = None
                     optimizer.zero_grad(set_to_none=True)
-                    parts = back_off(parts, pieces, cfg, accelerator.print, e)
+                    cap = back_off(pieces, cfg, accelerator.print, e)
             for mine, w in zip(shares, weights):
                 n, tokens = len(mine) * w, sum(lengths[i] for i in mine) * w
                 window["samples"] += n

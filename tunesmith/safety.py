@@ -203,9 +203,8 @@ def disk_error(e: OSError, path: Path, needed: int) -> TunesmithError:
 
 
 def check_space(path: Path, needed: int) -> None:
-    """Raise before writing `needed` bytes under `path` when the file system has less free."""
+    """OSError(ENOSPC) before writing `needed` bytes into the folder `path` when its file system has less free."""
     import shutil
 
-    free = shutil.disk_usage(path if Path(path).exists() else Path(path).parent).free
-    if free < needed:
-        raise disk_error(OSError(errno.ENOSPC, "No space left on device"), path, needed)
+    if shutil.disk_usage(path).free < needed:
+        raise OSError(errno.ENOSPC, "No space left on device")

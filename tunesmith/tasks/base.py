@@ -289,6 +289,7 @@ def load_hf(auto_cls, model_cfg, **config_kwargs):
     probability the config has. A model folder's own code runs only with model.trust_remote_code; pickle
     weights (pytorch_model.bin) load only as plain tensors (weights_only=True) and are reported.
     """
+    import pickle
     from pathlib import Path
 
     from transformers import AutoConfig
@@ -316,6 +317,6 @@ def load_hf(auto_cls, model_cfg, **config_kwargs):
     try:
         model = auto_cls.from_pretrained(path, config=config, revision=model_cfg.revision, weights_only=True,
                                          trust_remote_code=trust, ignore_mismatched_sizes=True)
-    except (OSError, ValueError, RuntimeError) as e:
+    except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as e:
         raise load_error(model_cfg.name, e) from None
     return model, path
