@@ -479,3 +479,6 @@ def test_oom_in_evaluation_lowers_only_the_evaluation_batch(tiny_bert, data, tmp
     assert "out of memory in evaluation at batch size 32: retrying at 16" in out
     assert "retrying at 8" in out and max(train_sizes) == 8
     assert run.metrics["n_examples"] == 12
+    with pytest.raises(RuntimeError) as real:           # what a CPU allocation that fails raises
+        torch.empty(2**45, dtype=torch.uint8)
+    assert safety.is_oom(real.value)

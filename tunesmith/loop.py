@@ -177,7 +177,6 @@ def fit(task, adapted, train, evalset, recipe, run, accelerator, mixed: str = "n
 
     def evaluate() -> bool:
         """Evaluate, keep the best; True when early stopping says stop."""
-        nonlocal eval_batch
         t0 = time.perf_counter()
         model.eval()
 

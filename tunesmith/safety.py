@@ -152,11 +152,11 @@ def interrupted(signum: int, step: int, run_path) -> Interrupted:
 # --- out of memory ---------------------------------------------------------------------------------------
 
 def is_oom(e: BaseException) -> bool:
-    """CUDA's OutOfMemoryError, and CPU allocations that fail (torch raises OutOfMemoryError or a RuntimeError
-    saying so)."""
+    """torch.OutOfMemoryError (CUDA, MPS), and a CPU allocation that fails (a RuntimeError from the allocator)."""
     import torch
 
-    return isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError) and "out of memory" in str(e))
+    return isinstance(e, torch.OutOfMemoryError) or (
+        isinstance(e, RuntimeError) and ("out of memory" in str(e) or "can't allocate memory" in str(e)))
 
 
 def free_memory() -> None:
