@@ -109,7 +109,9 @@ def test_non_finite_steps_are_skipped_counted_and_weights_stay_finite(tiny_bert,
     run = ts.train(small(tiny_bert, data, max_steps=6), run_dir=tmp_path / "run")
     skipped = [r for r in run.history if "skipped_step" in r]
     assert [r["step"] for r in skipped] == [2, 3]
-    assert "step 2: non-finite loss or gradient" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "step 2: non-finite loss or gradient" in out and "2 of 6 optimizer steps were skipped" in out
+    assert [r for r in run.history if r.get("summary")][-1]["skipped_steps"] == 2
     weights = load_file(str(run.model_dir / "model.safetensors"))
     assert all(torch.isfinite(v).all() for v in weights.values())
     json.loads((run.path / "eval.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in eval.json"))
@@ -125,17 +127,14 @@ def test_diverging_run_stops_after_max_bad_steps_with_exit_1(tiny_bert, data, tm
     assert not (tmp_path / "run" / "model").exists()
 
 
-def test_lr_1e6_without_clipping_never_saves_nan_or_writes_bare_nan(tiny_bert, data, tmp_path):
-    recipe = small(tiny_bert, data, learning_rate=1e6, max_grad_norm=None, max_steps=8)
-    try:
-        run = ts.train(recipe, run_dir=tmp_path / "run")
-    except TunesmithError as e:                          # stopped: that is one of the two honest outcomes
-        assert "training diverged" in str(e)
-        return
-    for f in ("eval.json", "metrics.jsonl"):
-        text = (run.path / f).read_text()
-        assert "NaN" not in text and "Infinity" not in text
-    assert all(torch.isfinite(v).all() for v in load_file(str(run.model_dir / "model.safetensors")).values())
+def test_lr_1e6_without_clipping_stops_and_never_saves_nan(tiny_bert, data, tmp_path):
+    recipe = small(tiny_bert, data, learning_rate=1e6, max_grad_norm=None, max_steps=12, max_bad_steps=5)
+    with pytest.raises(TunesmithError, match="training diverged: 5 optimizer steps in a row"):
+        ts.train(recipe, run_dir=tmp_path / "run")
+    for f in (tmp_path / "run" / "checkpoints").rglob("model.safetensors"):
+        assert all(torch.isfinite(v).all() for v in load_file(str(f)).values()), f
+    assert "NaN" not in (tmp_path / "run" / "metrics.jsonl").read_text()
+    assert not (tmp_path / "run" / "model").exists() and not (tmp_path / "run" / "eval.json").exists()
 
 
 def test_json_never_holds_nan(tmp_path, capsys):

@@ -306,7 +306,10 @@ def fit(task, adapted, train, evalset, recipe, run, accelerator, mixed: str = "n
                 break
     bar.close()
     totals["train_seconds"] = time.perf_counter() - totals["train_seconds"]   # this session, evals included
-    run.log({"step": state.step, "summary": True, **totals})
+    run.log({"step": state.step, "summary": True, **totals, "skipped_steps": state.skipped})
+    if state.skipped:
+        accelerator.print(f"warning: {state.skipped} of {state.step} optimizer steps were skipped for a non-finite "
+                          f"loss or gradient")
     if stop:
         accelerator.print(f"early stopping: no improvement in {metric} for {cfg.patience} evaluations")
     best = run.checkpoints / "best"
