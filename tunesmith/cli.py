@@ -1,6 +1,7 @@
 """`tunesmith COMMAND ...`: a table from command name to function; each takes parsed arguments.
 
-Exit codes: 0 success, 1 a problem with the data or the run, 2 a problem with the recipe or the command line.
+Exit codes: 0 success, 1 a problem with the data or the run, 2 a problem with the recipe or the command line,
+130 Ctrl-C and 143 SIGTERM (training commits a checkpoint first).
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+from tunesmith import safety
 from tunesmith.errors import TunesmithError
 from tunesmith.recipe import RecipeError, load
 
@@ -35,7 +37,7 @@ def cmd_eval(args) -> int:
     import tunesmith as ts
 
     model = ts.Run(args.run_dir).load(args.device)
-    print(json.dumps(model.evaluate(args.data), indent=2))
+    print(safety.dumps(model.evaluate(args.data), lambda m: print(m, file=sys.stderr), indent=2))
     return 0
 
 
@@ -44,17 +46,37 @@ def cmd_predict(args) -> int:
     from tunesmith import data as datalib
 
     model = ts.Run(args.run_dir).load(args.device)
-    inputs = list(args.inputs)
+    inputs, where, unread = list(args.inputs), [f"argument {i + 1}" for i in range(len(args.inputs))], {}
     if args.input:
         if args.input.endswith(".txt"):
-            inputs += [ln for ln in Path(args.input).read_text().splitlines() if ln.strip()]
+            lines = [(n, ln) for n, ln in enumerate(Path(args.input).read_text().splitlines(), 1) if ln.strip()]
+            inputs += [ln for _, ln in lines]
+            where += [f"{args.input}:{n}" for n, _ in lines]
         else:
-            inputs += datalib.read(args.input, "predict", model.task.path_columns).rows
+            table = datalib.read(args.input, "predict", model.task.path_columns)
+            # every line in file order: a row that could not be read keeps its place as an error
+            order = sorted([(datalib.position(o), o, r) for o, r in zip(table.origins, table.rows)]
+                           + [(datalib.position(r.origin), r.origin, r) for r in table.rejects], key=lambda x: x[0])
+            for _, origin, item in order:
+                if isinstance(item, datalib.Reject):
+                    unread[len(inputs)] = item.reason
+                inputs.append(item)
+                where.append(origin)
     if not inputs:
         raise RecipeError("command line", ["give inputs: tunesmith predict RUN_DIR \"text\" ... or --input FILE"])
-    for out in model.predict(inputs):
+    readable = [x for i, x in enumerate(inputs) if i not in unread]
+    outputs = iter(model.predict(readable))
+    bad = 0
+    for i, origin in enumerate(where):
+        out = {"error": unread[i]} if i in unread else next(outputs)
+        if "error" in out:
+            bad += 1
+            out = {**out, "input": origin}
         print(json.dumps(out))
-    return 0
+    if bad:
+        print(f"error: {bad} of {len(where)} input(s) could not be predicted (their lines hold \"error\")",
+              file=sys.stderr)
+    return 1 if bad else 0
 
 
 def cmd_demo(args) -> int:
@@ -215,6 +237,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     try:
         return COMMANDS[args.command](args)
+    except safety.Interrupted as e:             # a checkpoint is committed: say how to continue
+        print(e, file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("interrupted", file=sys.stderr)
+        return 130
     except TunesmithError as e:
         if args.debug:
             raise

@@ -76,6 +76,12 @@ class Classification(Task):
 
     def prepare(self, rows: list[dict]) -> None:
         seen = {label_name(r[self.recipe.data.label_column]) for r in rows}
+        if len(seen) < 2:                           # one output: a regression head, "accuracy" 1.0 by construction
+            from tunesmith.data import DataError
+
+            raise DataError(f"{self.recipe.data.train}: label column '{self.recipe.data.label_column}' has a single "
+                            f"class {sorted(seen)} in the usable train rows; a classification task needs at least "
+                            f"two classes")
         if self.recipe.data.labels is not None:
             names = [str(x) for x in self.recipe.data.labels]
             unknown = seen - set(names)

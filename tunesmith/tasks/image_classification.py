@@ -40,10 +40,14 @@ class ImageClassification(Classification):
 
     # --- data ---------------------------------------------------------------------------------------
     def check(self, row: dict, split: str) -> str | None:
+        return self.check_input(row) or self.check_label(row, split)
+
+    def check_input(self, item) -> str | None:
         col = self.recipe.data.image_column
-        if row.get(col) in (None, ""):
+        value = item.get(col) if isinstance(item, dict) else item
+        if value in (None, ""):
             return f"missing image (column '{col}')"
-        return vision.check_image(row[col]) or self.check_label(row, split)
+        return vision.check_image(value)
 
     def key(self, row: dict) -> str:
         return vision.image_key(row[self.recipe.data.image_column])
@@ -83,7 +87,8 @@ class ImageClassification(Classification):
         from transformers import AutoImageProcessor
 
         try:
-            return AutoImageProcessor.from_pretrained(source, revision=revision)
+            return AutoImageProcessor.from_pretrained(source, revision=revision,
+                                                      trust_remote_code=self.trust_remote_code)
         except (OSError, ValueError) as e:
             raise TunesmithError(f"{source}: no usable image processor ({e}); save one beside the model, e.g. ViTImage"
                              "ProcessorPil(size=..., image_mean=..., image_std=...).save_pretrained(path)") from None
@@ -112,7 +117,8 @@ class ImageClassification(Classification):
     def load_trained(self, folder):
         from transformers import AutoModelForImageClassification
 
-        model = AutoModelForImageClassification.from_pretrained(folder)
+        model = AutoModelForImageClassification.from_pretrained(folder, weights_only=True,
+                                                                trust_remote_code=self.trust_remote_code)
         self.setup(str(folder))
         self.set_labels([model.config.id2label[i] for i in range(model.config.num_labels)])
         return model
