@@ -151,6 +151,7 @@ def test_non_finite_validation_is_never_the_best(tiny_bert, data, tmp_path, monk
 
     real = Classification.evaluate
     monkeypatch.setattr(Classification, "evaluate", lambda self, *a: {**real(self, *a), "loss": float("nan")})
+    monkeypatch.setattr(Classification, "final_metrics", lambda self, *a: {"loss": float("nan")})   # eval.json too
     run = ts.train(small(tiny_bert, data), run_dir=tmp_path / "run")
     assert not (run.path / "checkpoints" / "best").exists()
     assert json.loads((run.path / "eval.json").read_text())["loss"] is None
