@@ -110,12 +110,15 @@ class ImageClassificationRecipe(Recipe):
 class GenerateConfig(Section):
     """model.generate settings for evaluation, predict, chat and serve."""
     max_new_tokens: int = Field(32, gt=0)
+    min_new_tokens: int | None = Field(None, ge=0)
     do_sample: bool = False                     # False: greedy (or beam search with num_beams > 1)
     temperature: float | None = Field(None, gt=0)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, gt=0)
     num_beams: int = Field(1, ge=1)
     repetition_penalty: float | None = Field(None, gt=0)
+    no_repeat_ngram_size: int | None = Field(None, gt=0)
+    length_penalty: float | None = None         # beam search: > 1 favours longer outputs
     seed: int = 0                               # sampling is seeded per call: the same input gives the same output
 
     def kwargs(self) -> dict:
