@@ -36,6 +36,15 @@ class ClassificationTrain(TrainConfig):
     class_weights: Literal["balanced"] | list[float] | dict[str, float] | None = None
 
 
+class ClassificationRecipe(Recipe):
+    """What classification recipes share; a task's recipe adds `task` and its data section."""
+    metrics: ClassVar[dict[str, Literal["max", "min"]]] = CLASSIFICATION_METRICS
+    default_metric: ClassVar[str] = "accuracy"
+
+    train: ClassificationTrain = ClassificationTrain()
+    eval: ClassificationEval = ClassificationEval()
+
+
 # --- text classification ----------------------------------------------------------------------------
 
 class TextClassificationData(ClassificationData):
@@ -43,15 +52,11 @@ class TextClassificationData(ClassificationData):
     max_length: int = Field(128, gt=0)          # tokens; longer inputs are truncated and counted
 
 
-class TextClassificationRecipe(Recipe):
+class TextClassificationRecipe(ClassificationRecipe):
     task_class: ClassVar[str] = "tunesmith.tasks.text_classification:TextClassification"
-    metrics: ClassVar[dict[str, Literal["max", "min"]]] = CLASSIFICATION_METRICS
-    default_metric: ClassVar[str] = "accuracy"
 
     task: Literal["text-classification"]
     data: TextClassificationData
-    train: ClassificationTrain = ClassificationTrain()
-    eval: ClassificationEval = ClassificationEval()
 
 
 # --- image classification ---------------------------------------------------------------------------
@@ -93,15 +98,11 @@ class AugmentConfig(Section):
                     or self.mixup or self.cutmix)
 
 
-class ImageClassificationRecipe(Recipe):
+class ImageClassificationRecipe(ClassificationRecipe):
     task_class: ClassVar[str] = "tunesmith.tasks.image_classification:ImageClassification"
-    metrics: ClassVar[dict[str, Literal["max", "min"]]] = CLASSIFICATION_METRICS
-    default_metric: ClassVar[str] = "accuracy"
 
     task: Literal["image-classification"]
     data: ImageClassificationData
-    train: ClassificationTrain = ClassificationTrain()
-    eval: ClassificationEval = ClassificationEval()
     augment: AugmentConfig = AugmentConfig()
 
 
