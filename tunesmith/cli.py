@@ -1,6 +1,7 @@
 """`tunesmith COMMAND ...`: a table from command name to function; each takes parsed arguments.
 
-Exit codes: 0 success, 1 a problem with the data or the run, 2 a problem with the recipe or the command line.
+Exit codes: 0 success, 1 a problem with the data or the run, 2 a problem with the recipe or the command line,
+130 Ctrl-C and 143 SIGTERM (training commits a checkpoint first).
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+from tunesmith import safety
 from tunesmith.errors import TunesmithError
 from tunesmith.recipe import RecipeError, load
 
@@ -35,7 +37,7 @@ def cmd_eval(args) -> int:
     import tunesmith as ts
 
     model = ts.Run(args.run_dir).load(args.device)
-    print(json.dumps(model.evaluate(args.data), indent=2))
+    print(safety.dumps(model.evaluate(args.data), lambda m: print(m, file=sys.stderr), indent=2))
     return 0
 
 
@@ -44,17 +46,37 @@ def cmd_predict(args) -> int:
     from tunesmith import data as datalib
 
     model = ts.Run(args.run_dir).load(args.device)
-    inputs = list(args.inputs)
+    inputs, where, unread = list(args.inputs), [f"argument {i + 1}" for i in range(len(args.inputs))], {}
     if args.input:
         if args.input.endswith(".txt"):
-            inputs += [ln for ln in Path(args.input).read_text().splitlines() if ln.strip()]
+            lines = [(n, ln) for n, ln in enumerate(Path(args.input).read_text().splitlines(), 1) if ln.strip()]
+            inputs += [ln for _, ln in lines]
+            where += [f"{args.input}:{n}" for n, _ in lines]
         else:
-            inputs += datalib.read(args.input, "predict", model.task.path_columns).rows
+            table = datalib.read(args.input, "predict", model.task.path_columns)
+            # every line in file order: a row that could not be read keeps its place as an error
+            order = sorted([(datalib.position(o), o, r) for o, r in zip(table.origins, table.rows)]
+                           + [(datalib.position(r.origin), r.origin, r) for r in table.rejects], key=lambda x: x[0])
+            for _, origin, item in order:
+                if isinstance(item, datalib.Reject):
+                    unread[len(inputs)] = item.reason
+                inputs.append(item)
+                where.append(origin)
     if not inputs:
         raise RecipeError("command line", ["give inputs: tunesmith predict RUN_DIR \"text\" ... or --input FILE"])
-    for out in model.predict(inputs):
+    readable = [x for i, x in enumerate(inputs) if i not in unread]
+    outputs = iter(model.predict(readable))
+    bad = 0
+    for i, origin in enumerate(where):
+        out = {"error": unread[i]} if i in unread else next(outputs)
+        if "error" in out:
+            bad += 1
+            out = {**out, "input": origin}
         print(json.dumps(out))
-    return 0
+    if bad:
+        print(f"error: {bad} of {len(where)} input(s) could not be predicted (their lines hold \"error\")",
+              file=sys.stderr)
+    return 1 if bad else 0
 
 
 def cmd_demo(args) -> int:
@@ -116,6 +138,30 @@ def cmd_chat(args) -> int:
     return chat(args.run_dir, args.max_new_tokens, args.context, args.system)
 
 
+def cmd_report(args) -> int:
+    """One self-contained HTML page about one or several runs (tunesmith/run_report.py)."""
+    import tunesmith as ts
+
+    print(f"report: {ts.report(args.run_dirs, args.out, explain=not args.no_explain)}")
+    return 0
+
+
+def cmd_explain(args) -> int:
+    """Token attributions / saliency for inputs and the most confident mistakes (tunesmith/explanations.py)."""
+    import tunesmith as ts
+    from tunesmith.explanations import write_html
+
+    result = ts.explain(args.run_dir, args.inputs, mistakes=args.mistakes, device=args.device)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for e in result["inputs"] + result["mistakes"]:
+            ranked = sorted(zip(e.get("tokens", []), e.get("attributions", [])), key=lambda x: -x[1])[:5]
+            print(f"{e['predicted']} ({e['probability']:.3f})" + (f" label {e['label']}" if "label" in e else "")
+                  + f": {e['input']}" + (f"  <- {', '.join(t for t, _ in ranked)}" if ranked else ""))
+    print(f"explain: {write_html(result, args.out)}", file=sys.stderr if args.json else sys.stdout)
+
+
 def cmd_export(args) -> int:
     """ONNX (and int8) files checked against the run's test split; 1 when a file fails the --max-drop gate."""
     import tunesmith as ts
@@ -147,8 +193,8 @@ def cmd_serve(args) -> int:
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "demo": cmd_demo, "doctor": cmd_doctor,
-            "compare": cmd_compare, "chat": cmd_chat, "export": cmd_export, "distill": cmd_distill,
-            "serve": cmd_serve}
+            "compare": cmd_compare, "chat": cmd_chat, "report": cmd_report, "explain": cmd_explain,
+            "export": cmd_export, "distill": cmd_distill, "serve": cmd_serve}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -185,12 +231,23 @@ def parser() -> argparse.ArgumentParser:
     ch.add_argument("--max-new-tokens", type=int, help="tokens per reply (default: eval.generate's, else 256)")
     ch.add_argument("--context", type=int, help="tokens of history kept (default: the model's context length)")
     ch.add_argument("--system", help="a system message to start the conversation with")
-    ex = sub.add_parser("export", help="ONNX (+ int8) checked on the run's test split against eval.json")
+    rp = sub.add_parser("report", help="an HTML report of one or several runs (curves, confusion, slices, ...)")
+    rp.add_argument("run_dirs", nargs="+")
+    rp.add_argument("--out", default="report.html", help="where to write the HTML (default ./report.html)")
+    rp.add_argument("--no-explain", action="store_true", help="skip the explanations (they load each model)")
+    ex = sub.add_parser("explain", help="why a run's model predicts what it does (attributions, saliency)")
     ex.add_argument("run_dir")
-    ex.add_argument("--format", default="onnx", choices=["onnx", "hf"], help="onnx, or hf (the merged HF folder)")
-    ex.add_argument("--quantize", choices=["int8"], help="also write onnxruntime's dynamic int8 quantization")
-    ex.add_argument("--out", help="folder (default RUN_DIR/export)")
-    ex.add_argument("--max-drop", type=float, default=0.01,
+    ex.add_argument("inputs", nargs="*", help="texts or image paths to explain")
+    ex.add_argument("--out", default="explain.html", help="where to write the HTML (default ./explain.html)")
+    ex.add_argument("--json", action="store_true", help="print the explanations as one JSON object")
+    ex.add_argument("--mistakes", type=int, default=5, help="most confident test mistakes to explain (default 5)")
+    ex.add_argument("--device", default="auto", help="auto (GPU if any), cpu, cuda, cuda:1, ...")
+    xp = sub.add_parser("export", help="ONNX (+ int8) checked on the run's test split against eval.json")
+    xp.add_argument("run_dir")
+    xp.add_argument("--format", default="onnx", choices=["onnx", "hf"], help="onnx, or hf (the merged HF folder)")
+    xp.add_argument("--quantize", choices=["int8"], help="also write onnxruntime's dynamic int8 quantization")
+    xp.add_argument("--out", help="folder (default RUN_DIR/export)")
+    xp.add_argument("--max-drop", type=float, default=0.01,
                     help="fail when the test metric falls more than this below eval.json (default 0.01 = 1 point)")
     di = sub.add_parser("distill", help="train a smaller student on a classifier run's soft labels")
     di.add_argument("run_dir", help="the teacher run")
@@ -240,6 +297,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     try:
         return COMMANDS[args.command](args)
+    except safety.Interrupted as e:             # a checkpoint is committed: say how to continue
+        print(e, file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("interrupted", file=sys.stderr)
+        return 130
     except TunesmithError as e:
         if args.debug:
             raise

@@ -6,8 +6,8 @@ API, SSE streaming included; tunesmith/serving_chat.py) and GET /v1/models.
 
 Micro-batching: every input joins one queue; one worker takes the first waiting input, waits at most max_wait_ms for
 more (up to max_batch), and runs them as one `Predictor.predict` call on the single model thread (the model and
-tokenizer are used by that thread alone). A batch that fails is re-run one input at a time, so a bad input fails
-only its own request (422). Limits: 413 over max_body bytes, 503 (Retry-After) when max_queue inputs already wait,
+tokenizer are used by that thread alone). An input the task refuses (Task.check_input) comes back as {"error"}, and a
+batch that raises is re-run one input at a time, so a bad input fails only its own request (422). Limits: 413 over max_body bytes, 503 (Retry-After) when max_queue inputs already wait,
 504 after timeout_s, 401 without the key (--api-key) on every route but /health and the static page, 422 on
 malformed input. The server reads no file a request names (images come as data: URIs) and never runs remote code.
 """
@@ -314,8 +314,8 @@ def create_app(run, api_key: str | None = None, onnx: str | None = None, device:
             raise HTTPException(503, f"queue full ({limits.max_queue} inputs waiting); retry shortly",
                                 headers={"Retry-After": "1"}) from None
         results = await wait(futures, "prediction")
-        bad = [{"loc": ["body", "inputs", i], "msg": r.message, "type": "value_error"}
-               for i, r in enumerate(results) if isinstance(r, ItemError)]
+        bad = [{"loc": ["body", "inputs", i], "msg": r.message if isinstance(r, ItemError) else r["error"],
+                "type": "value_error"} for i, r in enumerate(results) if isinstance(r, ItemError) or "error" in r]
         if bad:
             raise HTTPException(422, bad)
         return {"model": name, "predictions": results}
