@@ -97,7 +97,7 @@ def test_body_limit_malformed_input_queue_full_and_timeout(predictor):
         streamed = httpx.post(f"{srv.url}/v1/predict", content=(c for g in chunks for c in g), timeout=10)
         assert streamed.status_code == 413                           # no Content-Length: counted as it arrives
         for body in [b"{not json", b'{"inputs": []}', b'{"inputs": "one"}', b'{"inputs": ["x"], "extra": 1}',
-                     b'{"inputs": [3]}', json.dumps({"inputs": ["x"] * 9}).encode()]:
+                     b'{"inputs": [3]}', b'{"inputs": ["  "]}', json.dumps({"inputs": ["x"] * 9}).encode()]:
             r = httpx.post(f"{srv.url}/v1/predict", content=body, headers={"Content-Type": "application/json"},
                            timeout=10)
             assert r.status_code == 422, body
