@@ -140,19 +140,23 @@ def main():
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; train {len(tables['train']):,} rows, "
           f"test {len(tables['test']):,}; batch {recipe.train.batch_size}, lr {recipe.train.learning_rate}, "
           f"max_length {recipe.data.max_length}, epochs {args.epochs}")
-    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
-    print(f"matmul peak: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s")
+    import os
+
+    from tunesmith.device import choose_precision, cpu_flags
+    simd = sorted(cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
+    print(f"cpu flags: {' '.join(simd) or 'none of avx2/avx512/amx'}; load average {os.getloadavg()[0]:.2f}")
+    bf16 = not args.skip_bf16 and choose_precision("auto", torch.device("cpu"))[0] == "bf16"
+    # measure only the precisions that run: a bf16 matmul on an AVX2-only CPU alone takes minutes
+    peaks = {"fp32": matmul_peak(torch.float32), **({"bf16": matmul_peak(torch.bfloat16)} if bf16 else {})}
+    print("matmul peak: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items()))
 
     tmp = tempfile.mkdtemp(prefix="bench-")
     results = [run_hf(recipe, tables, task, f"{tmp}/hf"), run_tunesmith(recipe, f"{tmp}/ts-fp32", "fp32")]
-    if not args.skip_bf16:
-        from tunesmith.device import choose_precision
-        mode, why = choose_precision("auto", torch.device("cpu"))
-        if mode == "bf16":
-            results.append(run_tunesmith(recipe, f"{tmp}/ts-auto", "auto"))
-            results[-1]["precision"] = "bf16"
-        else:
-            print(f"tunesmith auto precision here: {why}; no bf16 run")
+    if bf16:
+        results.append(run_tunesmith(recipe, f"{tmp}/ts-auto", "auto"))
+        results[-1]["precision"] = "bf16"
+    elif not args.skip_bf16:
+        print(f"tunesmith auto precision here: {choose_precision('auto', torch.device('cpu'))[1]}; no bf16 run")
 
     base = results[0]
     print(f"\n{'run':<28}{'samples/s':>10}{'ratio':>7}{'tokens/s':>10}{'GFLOP/s':>9}{'% peak':>8}"

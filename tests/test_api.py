@@ -204,8 +204,10 @@ def test_a_task_from_outside_registers_with_one_call_and_trains(tiny_bert, tmp_p
 def test_cli_takes_options_and_overrides_in_any_order_and_debug_shows_tracebacks(tiny_bert, tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe_dict(tiny_bert, write_reviews(tmp_path / "r.csv", n=120))))
-    out = tunesmith("train", path, "--run-dir", tmp_path / "run", "train.max_steps=2", "train.eval_every=1")
+    out = tunesmith("train", path, "--run-dir", tmp_path / "run", "train.max_steps=2", "train.eval_every=1",
+                    "train.threads=1")
     assert out.returncode == 0, out.stderr
+    assert "threads: 1 (train.threads)" in out.stdout
     assert [r["step"] for r in ts.Run(tmp_path / "run").history if r.get("split")] == [1, 2]
     out = tunesmith("predict", tmp_path / "nowhere", "text")
     assert out.returncode == 1 and "Traceback" not in out.stderr and "not a run folder" in out.stderr

@@ -4,6 +4,8 @@
     recipe = ts.load_recipe("recipe.yaml", overrides=["train.epochs=1"])   # typed; never changes its input
     run = ts.train(recipe, run_dir="runs/try1")                             # a Run; run.metrics = eval.json
     model = ts.Run("runs/try1").load(device="auto")                         # .predict(inputs), .evaluate(data)
+    ts.report(["runs/try1"], "report.html")                                 # HTML: curves, confusion, slices, ...
+    ts.explain("runs/try1", ["a gripping film"])                            # attributions (the explain extra)
 
 Names are imported on first use, so `import tunesmith` stays light (no torch until something trains).
 """
@@ -26,6 +28,12 @@ _API = {
     "StopTraining": "tunesmith.run:StopTraining",
     "Task": "tunesmith.tasks.base:Task",
     "register_task": "tunesmith.tasks:register_task",
+    "report": "tunesmith.run_report:write_report",
+    "explain": "tunesmith.explanations:explain",
+    "export": "tunesmith.exporting:export",
+    "distill": "tunesmith.distilling:distill",
+    "serve": "tunesmith.serving:serve",
+    "create_app": "tunesmith.serving:create_app",
 }
 __all__ = [*_API, "__version__"]
 

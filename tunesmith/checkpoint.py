@@ -5,11 +5,14 @@ A checkpoint folder holds:
   optimizer.safetensors  optimizer tensors (exp_avg, exp_avg_sq, step), keys "state.<param>.<name>"
   rng.safetensors        torch CPU / CUDA generator states, numpy's key
   state.json             step, epoch, position, scheduler, python/numpy RNG scalars, optimizer groups
-  COMMITTED              written last: a folder without it is incomplete and never loaded
+  COMMITTED              written last: {"step", "sha256": {file: hex digest}}; a folder without it is incomplete
+                         and never loaded, one whose files do not match it is damaged and skipped
 Writing goes to "<name>.tmp", every file is fsynced, the folder is renamed, then COMMITTED is written.
+A full disk is one line naming the folder and the space needed; the previous checkpoints stay as they were.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -20,7 +23,38 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from tunesmith import safety
+
 MARKER = "COMMITTED"
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def damage(folder: Path) -> str | None:
+    """Why a checkpoint folder cannot be trusted (incomplete, a file missing, changed or unreadable), or None.
+    Checkpoints written before checksums existed (COMMITTED holds only the step) are checked for presence."""
+    folder = Path(folder)
+    if folder.name.endswith(".tmp"):
+        return "interrupted while being written (temporary folder)"
+    if not (folder / MARKER).exists():
+        return f"no {MARKER} marker, the write did not finish"
+    try:
+        sums = json.loads((folder / MARKER).read_text()).get("sha256", {})
+    except (ValueError, AttributeError, OSError):
+        sums = {}                                    # an older checkpoint: its marker holds the step alone
+    for name in sums or ["model.safetensors", "state.json"]:
+        f = folder / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if sums and sha256(f) != sums[name]:
+            return f"{name} does not match its checksum (damaged or changed after it was written)"
+    return None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -65,10 +99,23 @@ def save(folder: Path, model_state: dict, optimizer, scheduler, state: dict) -> 
     optimizer=None writes weights and state only (the best-so-far copy)."""
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    opt = optimizer.state_dict() if optimizer else {"state": {}, "param_groups": []}
+    needed = sum(v.numel() * v.element_size() for v in model_state.values()) + sum(
+        v.numel() * v.element_size() for s in opt["state"].values() for v in s.values() if torch.is_tensor(v))
+    needed += 1 << 20                                # state.json, RNG states
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        safety.check_space(tmp.parent, needed)
+        return _write(folder, tmp, model_state, opt, optimizer, scheduler, state)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise safety.disk_error(e, folder, needed) from None
+
+
+def _write(folder: Path, tmp: Path, model_state: dict, opt: dict, optimizer, scheduler, state: dict) -> Path:
     tmp.mkdir(parents=True)
     _save_tensors(model_state, tmp / "model.safetensors")
-    opt = optimizer.state_dict() if optimizer else {"state": {}, "param_groups": []}
     if optimizer:
         _save_tensors({f"state.{i}.{k}": v for i, s in opt["state"].items() for k, v in s.items()
                        if torch.is_tensor(v)}, tmp / "optimizer.safetensors")
@@ -79,36 +126,41 @@ def save(folder: Path, model_state: dict, optimizer, scheduler, state: dict) -> 
                                "scalars": {f"{i}.{k}": v for i, s in opt["state"].items()
                                            for k, v in s.items() if not torch.is_tensor(v)}}},
                 tmp / "state.json")
-    for f in tmp.iterdir():
+    sums = {}
+    for f in sorted(tmp.iterdir()):
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
+        sums[f.name] = sha256(f)
     _fsync_dir(tmp)
     if folder.exists():
         shutil.rmtree(folder)
     os.replace(tmp, folder)
     _fsync_dir(folder.parent)
     with open(folder / MARKER, "w") as fh:
-        fh.write(str(state.get("step", "")))
+        fh.write(json.dumps({"step": state.get("step"), "sha256": sums}))
         fh.flush()
         os.fsync(fh.fileno())
     _fsync_dir(folder)
     return folder
 
 
-def newest(checkpoints: Path, log=print) -> Path | None:
-    """The newest complete `step-*` checkpoint; say why each newer incomplete one is skipped."""
+def candidates(checkpoints: Path, log=print):
+    """The intact `step-*` checkpoints, newest first; say why each damaged or incomplete one is skipped."""
     if not checkpoints.is_dir():
-        return None
+        return
     found = sorted((p for p in checkpoints.iterdir() if p.name.startswith("step-")),
                    key=lambda p: p.name, reverse=True)
     for p in found:
-        if p.name.endswith(".tmp"):
-            log(f"resume: skipping {p.name}: interrupted while being written (temporary folder)")
-        elif not (p / MARKER).exists():
-            log(f"resume: skipping {p.name}: no {MARKER} marker, the write did not finish")
+        why = damage(p)
+        if why:
+            log(f"resume: skipping {p.name}: {why}")
         else:
-            return p
-    return None
+            yield p
+
+
+def newest(checkpoints: Path, log=print) -> Path | None:
+    """The newest intact `step-*` checkpoint; say why each newer one is skipped."""
+    return next(candidates(checkpoints, log), None)
 
 
 def load(folder: Path, model: torch.nn.Module, optimizer, scheduler) -> dict:

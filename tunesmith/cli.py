@@ -1,6 +1,7 @@
 """`tunesmith COMMAND ...`: a table from command name to function; each takes parsed arguments.
 
-Exit codes: 0 success, 1 a problem with the data or the run, 2 a problem with the recipe or the command line.
+Exit codes: 0 success, 1 a problem with the data or the run, 2 a problem with the recipe or the command line,
+130 Ctrl-C and 143 SIGTERM (training commits a checkpoint first).
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+from tunesmith import safety
 from tunesmith.errors import TunesmithError
 from tunesmith.recipe import RecipeError, load
 
@@ -35,7 +37,7 @@ def cmd_eval(args) -> int:
     import tunesmith as ts
 
     model = ts.Run(args.run_dir).load(args.device)
-    print(json.dumps(model.evaluate(args.data), indent=2))
+    print(safety.dumps(model.evaluate(args.data), lambda m: print(m, file=sys.stderr), indent=2))
     return 0
 
 
@@ -44,17 +46,37 @@ def cmd_predict(args) -> int:
     from tunesmith import data as datalib
 
     model = ts.Run(args.run_dir).load(args.device)
-    inputs = list(args.inputs)
+    inputs, where, unread = list(args.inputs), [f"argument {i + 1}" for i in range(len(args.inputs))], {}
     if args.input:
         if args.input.endswith(".txt"):
-            inputs += [ln for ln in Path(args.input).read_text().splitlines() if ln.strip()]
+            lines = [(n, ln) for n, ln in enumerate(Path(args.input).read_text().splitlines(), 1) if ln.strip()]
+            inputs += [ln for _, ln in lines]
+            where += [f"{args.input}:{n}" for n, _ in lines]
         else:
-            inputs += datalib.read(args.input, "predict", model.task.path_columns).rows
+            table = datalib.read(args.input, "predict", model.task.path_columns)
+            # every line in file order: a row that could not be read keeps its place as an error
+            order = sorted([(datalib.position(o), o, r) for o, r in zip(table.origins, table.rows)]
+                           + [(datalib.position(r.origin), r.origin, r) for r in table.rejects], key=lambda x: x[0])
+            for _, origin, item in order:
+                if isinstance(item, datalib.Reject):
+                    unread[len(inputs)] = item.reason
+                inputs.append(item)
+                where.append(origin)
     if not inputs:
         raise RecipeError("command line", ["give inputs: tunesmith predict RUN_DIR \"text\" ... or --input FILE"])
-    for out in model.predict(inputs):
+    readable = [x for i, x in enumerate(inputs) if i not in unread]
+    outputs = iter(model.predict(readable))
+    bad = 0
+    for i, origin in enumerate(where):
+        out = {"error": unread[i]} if i in unread else next(outputs)
+        if "error" in out:
+            bad += 1
+            out = {**out, "input": origin}
         print(json.dumps(out))
-    return 0
+    if bad:
+        print(f"error: {bad} of {len(where)} input(s) could not be predicted (their lines hold \"error\")",
+              file=sys.stderr)
+    return 1 if bad else 0
 
 
 def cmd_demo(args) -> int:
@@ -168,9 +190,64 @@ def cmd_search(args) -> int:
     return 0 if "best" in out else 1
 
 
+def cmd_report(args) -> int:
+    """One self-contained HTML page about one or several runs (tunesmith/run_report.py)."""
+    import tunesmith as ts
+
+    print(f"report: {ts.report(args.run_dirs, args.out, explain=not args.no_explain)}")
+    return 0
+
+
+def cmd_explain(args) -> int:
+    """Token attributions / saliency for inputs and the most confident mistakes (tunesmith/explanations.py)."""
+    import tunesmith as ts
+    from tunesmith.explanations import write_html
+
+    result = ts.explain(args.run_dir, args.inputs, mistakes=args.mistakes, device=args.device)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for e in result["inputs"] + result["mistakes"]:
+            ranked = sorted(zip(e.get("tokens", []), e.get("attributions", [])), key=lambda x: -x[1])[:5]
+            print(f"{e['predicted']} ({e['probability']:.3f})" + (f" label {e['label']}" if "label" in e else "")
+                  + f": {e['input']}" + (f"  <- {', '.join(t for t, _ in ranked)}" if ranked else ""))
+    print(f"explain: {write_html(result, args.out)}", file=sys.stderr if args.json else sys.stdout)
+
+
+def cmd_export(args) -> int:
+    """ONNX (and int8) files checked against the run's test split; 1 when a file fails the --max-drop gate."""
+    import tunesmith as ts
+    from tunesmith.exporting import render
+
+    report = ts.export(args.run_dir, args.format, args.quantize, args.out, args.max_drop)
+    print(render(report))
+    return 0 if report.get("passed", True) else 1
+
+
+def cmd_distill(args) -> int:
+    """A smaller student trained on a classifier run's soft labels; prints size, speed and metric vs the teacher."""
+    import tunesmith as ts
+    from tunesmith.distilling import render
+
+    print(render(ts.distill(args.run_dir, args.student, run_dir=args.run_dir_out, overrides=args.overrides,
+                            temperature=args.temperature, alpha=args.alpha)))
+    return 0
+
+
+def cmd_serve(args) -> int:
+    """REST (+ OpenAI-compatible chat for generative runs) and a web page, until Ctrl-C."""
+    import tunesmith as ts
+
+    ts.serve(args.run_dir, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("TUNESMITH_API_KEY"),
+             onnx=args.onnx, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+             timeout_s=args.timeout, max_body=args.max_body, device=args.device)
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "demo": cmd_demo, "doctor": cmd_doctor,
-            "compare": cmd_compare, "chat": cmd_chat, "search": cmd_search,
-            "cv": cmd_cv, "tune": cmd_tune}
+            "compare": cmd_compare, "chat": cmd_chat, "report": cmd_report, "explain": cmd_explain,
+            "export": cmd_export, "distill": cmd_distill, "serve": cmd_serve, "search": cmd_search, "cv": cmd_cv,
+            "tune": cmd_tune}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -218,6 +295,47 @@ def parser() -> argparse.ArgumentParser:
     cv.add_argument("--repeats", type=int, default=1, help="repeat K-fold with other shuffles (default 1)")
     tu = _with_recipe(sub, "tune", "automated fine-tuning within a time budget (successive halving)")
     tu.add_argument("--budget", required=True, help="wall time, e.g. 15m")
+    rp = sub.add_parser("report", help="an HTML report of one or several runs (curves, confusion, slices, ...)")
+    rp.add_argument("run_dirs", nargs="+")
+    rp.add_argument("--out", default="report.html", help="where to write the HTML (default ./report.html)")
+    rp.add_argument("--no-explain", action="store_true", help="skip the explanations (they load each model)")
+    ex = sub.add_parser("explain", help="why a run's model predicts what it does (attributions, saliency)")
+    ex.add_argument("run_dir")
+    ex.add_argument("inputs", nargs="*", help="texts or image paths to explain")
+    ex.add_argument("--out", default="explain.html", help="where to write the HTML (default ./explain.html)")
+    ex.add_argument("--json", action="store_true", help="print the explanations as one JSON object")
+    ex.add_argument("--mistakes", type=int, default=5, help="most confident test mistakes to explain (default 5)")
+    ex.add_argument("--device", default="auto", help="auto (GPU if any), cpu, cuda, cuda:1, ...")
+    xp = sub.add_parser("export", help="ONNX (+ int8) checked on the run's test split against eval.json")
+    xp.add_argument("run_dir")
+    xp.add_argument("--format", default="onnx", choices=["onnx", "hf"], help="onnx, or hf (the merged HF folder)")
+    xp.add_argument("--quantize", choices=["int8"], help="also write onnxruntime's dynamic int8 quantization")
+    xp.add_argument("--out", help="folder (default RUN_DIR/export)")
+    xp.add_argument("--max-drop", type=float, default=0.01,
+                    help="fail when the test metric falls more than this below eval.json (default 0.01 = 1 point)")
+    di = sub.add_parser("distill", help="train a smaller student on a classifier run's soft labels")
+    di.add_argument("run_dir", help="the teacher run")
+    di.add_argument("overrides", nargs="*", help="key.path=value overrides of the student's recipe, e.g. train.epochs=2")
+    di.add_argument("--student", default="half", help="half (the teacher's bottom half of blocks), layers=N, or a "
+                                                      "model (alias, folder) with the same tokenizer")
+    di.add_argument("--run-dir", dest="run_dir_out", help="the student's run folder (default runs/<teacher>-student)")
+    di.add_argument("--temperature", type=float, default=2.0, help="softmax temperature of the soft labels")
+    di.add_argument("--alpha", type=float, default=0.5, help="weight of the soft-label loss (the rest: true labels)")
+    sv = sub.add_parser("serve", help="REST API, OpenAI-compatible chat (generative runs) and a web page")
+    sv.add_argument("run_dir")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health "
+                                      "(or set TUNESMITH_API_KEY)")
+    sv.add_argument("--onnx", nargs="?", const="fp32", choices=["fp32", "int8"],
+                    help="serve the checked ONNX file from tunesmith export (classification)")
+    sv.add_argument("--max-batch", type=int, default=8, help="inputs per forward pass (default 8)")
+    sv.add_argument("--max-wait-ms", type=float, default=0.0,
+                    help="how long a batch waits for more inputs (default 0: what queued while the last batch ran)")
+    sv.add_argument("--max-queue", type=int, default=256, help="inputs waiting before requests get 503")
+    sv.add_argument("--timeout", type=float, default=30.0, help="seconds before a request gets 504")
+    sv.add_argument("--max-body", type=int, default=4_000_000, help="bytes a request body may have (413 above)")
+    sv.add_argument("--device", default="auto", help="auto (GPU if any), cpu, cuda, ...")
     p.commands = sub.choices                        # name -> its parser, for parse()
     return p
 
@@ -252,6 +370,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     try:
         return COMMANDS[args.command](args)
+    except safety.Interrupted as e:             # a checkpoint is committed: say how to continue
+        print(e, file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("interrupted", file=sys.stderr)
+        return 130
     except TunesmithError as e:
         if args.debug:
             raise

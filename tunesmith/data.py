@@ -63,6 +63,7 @@ def _read_csv(path: Path, table: Table) -> None:
             header = next(reader)
         except StopIteration:
             raise DataError(f"{path}: empty file, expected a header row") from None
+        _unique_columns(path, header)
         while True:
             start = reader.line_num + 1             # a quoted field may span lines: report the first
             try:
@@ -88,14 +89,30 @@ def _read_csv(path: Path, table: Table) -> None:
             table.origins.append(f"{path}:{start}")
 
 
+def _unique_columns(path, columns: list[str]) -> None:
+    """A column name given twice: which value is meant is unknown (readers keep the last); refuse the file."""
+    twice = sorted({c for c in columns if columns.count(c) > 1})
+    if twice:
+        raise DataError(f"{path}: column(s) {twice} appear more than once in the header {columns}; rename or "
+                        f"remove the duplicates")
+
+
+def _object(pairs: list) -> dict:
+    keys = [k for k, _ in pairs]
+    twice = sorted({k for k in keys if keys.count(k) > 1})
+    if twice:
+        raise ValueError(f"key(s) {twice} appear more than once in the object")
+    return dict(pairs)
+
+
 def _read_jsonl(path: Path, table: Table) -> None:
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
             if not raw.strip():
                 continue
             try:
-                row = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                row = json.loads(raw, object_pairs_hook=_object)
+            except (ValueError, UnicodeDecodeError) as e:           # JSONDecodeError is a ValueError
                 table.rejects.append(Reject(f"{path}:{n}", f"malformed JSON: {e}"))
                 continue
             if not isinstance(row, dict):
@@ -108,7 +125,9 @@ def _read_jsonl(path: Path, table: Table) -> None:
 def _read_parquet(path: Path, table: Table) -> None:
     import pyarrow.parquet as pq
 
-    for i, row in enumerate(pq.read_table(path).to_pylist()):
+    data = pq.read_table(path)
+    _unique_columns(path, data.column_names)
+    for i, row in enumerate(data.to_pylist()):
         table.rows.append(row)
         table.origins.append(f"{path}#{i}")
 
@@ -118,7 +137,15 @@ def _read_hf(name: str, split: str, table: Table) -> None:
         import datasets
     except ImportError:
         raise DataError(f"'{name}' is not a file; reading HF datasets needs: pip install 'tunesmith[datasets]'") from None
-    ds = datasets.load_from_disk(name) if Path(name).is_dir() else datasets.load_dataset(name)
+    try:
+        ds = datasets.load_from_disk(name) if Path(name).is_dir() else datasets.load_dataset(name)
+    except (OSError, ValueError, ConnectionError) as e:     # not found, offline (DatasetNotFoundError: OSError)
+        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") and not Path(name).exists()
+        raise DataError(f"{name}: not a data file or folder, " + (
+            "and the hub is offline (HF_HUB_OFFLINE=1): save the dataset where there is a network "
+            "(datasets.load_dataset(...).save_to_disk(DIR)) and give that folder, or a .csv/.jsonl/.parquet file"
+            if offline else f"and not a dataset that loads ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+                        ) from None
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
             raise DataError(f"{name}: no split '{split}' (has {', '.join(ds)})")

@@ -37,3 +37,57 @@ def autocast(device: torch.device, mixed: str):
     """torch.autocast for a choose_precision() value ("no": a disabled context)."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed)
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def _cgroup_cores() -> float | None:
+    """The CPU quota of this process's cgroup in cores (v2 cpu.max or v1 cfs quota), or None when unlimited."""
+    for path, parse in (("/sys/fs/cgroup/cpu.max", lambda t: t.split()),
+                        ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", lambda t: [t.strip(), open(
+                            "/sys/fs/cgroup/cpu/cpu.cfs_period_us").read().strip()])):
+        try:
+            with open(path) as f:
+                quota, period = parse(f.read())
+        except (OSError, ValueError):
+            continue
+        if quota not in ("max", "-1") and float(period) > 0:
+            return float(quota) / float(period)
+    return None
+
+
+def busy_elsewhere(samples: int = 5, interval: float = 0.02) -> float:
+    """How many other threads are runnable right now: /proc/loadavg's running count less this one, the median
+    of a few samples (instantaneous, unlike the load averages, which also count this process's own past work)."""
+    import statistics
+    import time
+
+    counts = []
+    for _ in range(samples):
+        try:
+            with open("/proc/loadavg") as f:
+                counts.append(int(f.read().split()[3].split("/")[0]) - 1)
+        except (OSError, ValueError, IndexError):
+            import os
+            return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        time.sleep(interval)
+    return float(statistics.median(counts))
+
+
+def choose_threads(asked: int | None, processes: int = 1) -> tuple[int, str]:
+    """(torch threads for one training process, why). Threads beyond the cores this process may use, or onto
+    cores another process keeps busy, stall each other (measured 40x slower per step with two threads on two
+    cores shared with a busy process): so the cores this process may run on (affinity, cgroup quota), less the
+    ones other processes keep busy right now, shared among this run's processes."""
+    if asked:
+        return asked, f"{asked} (train.threads)"
+    import math
+    import os
+
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = _cgroup_cores()
+    cores = min(usable, max(1, math.floor(quota))) if quota else usable
+    others = busy_elsewhere()
+    n = max(1, (cores - round(others)) // max(processes, 1))
+    why = (f"{n} of {cores} core(s) (affinity {usable}" + (f", cgroup quota {quota:g}" if quota else "")
+           + f", {others:g} busy elsewhere" + (f", {processes} processes" if processes > 1 else "")
+           + "; train.threads overrides)")
+    return n, why

@@ -2,6 +2,9 @@
 
 Read top to bottom: plan batches -> optimizer and schedule -> (resume) -> for each optimizer step:
 forward/backward over its micro-batches, clip, step, log, evaluate, keep the best, checkpoint, stop early.
+Faults (docs/faults.md): a step with a non-finite loss or gradient is skipped (train.max_bad_steps in a row stop
+the run); out of memory halves the micro-batches of the step and keeps the examples per step; SIGTERM/Ctrl-C
+commit a checkpoint and stop; a damaged checkpoint is skipped on resume, a damaged best/ keeps the final weights.
 Data order is a pure function of (seed, epoch), so a checkpoint needs only the position, not a sampler.
 The loop knows tasks only through the Task contract (tunesmith/tasks/base.py): collate, loss, count, evaluate.
 """
@@ -15,9 +18,10 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from tunesmith import checkpoint
+from tunesmith import checkpoint, safety
 from tunesmith.adapt import trainable_state
 from tunesmith.device import autocast
+from tunesmith.errors import TunesmithError
 from tunesmith.metrics import better
 
 
@@ -68,6 +72,32 @@ def accumulate(task, model, batches: list[dict], accelerator, mixed: str = "no",
     return total
 
 
+def split_micro(shares: list[list[int]], weights: list[float], cap: int) -> tuple[list[list[int]], list[float]]:
+    """Each micro-batch cut into pieces of at most `cap` examples (out-of-memory back-off): the same examples,
+    so the same gradient, in smaller forward passes."""
+    out, ws = [], []
+    for idx, w in zip(shares, weights):
+        for s in range(0, len(idx), cap):
+            out.append(idx[s:s + cap])
+            ws.append(w)
+    return out, ws
+
+
+def back_off(pieces: list[list[int]], cfg, say, error) -> int:
+    """The micro-batch cap after an out-of-memory error in a step made of `pieces`: half the largest piece; raise
+    at micro-batch 1."""
+    biggest = max(len(p) for p in pieces)
+    if biggest <= 1:
+        raise TunesmithError(f"out of memory even at micro-batch 1 ({error}); use a smaller model, data.max_length "
+                             f"or train.precision bf16, or adapt.method lora") from None
+    safety.free_memory()
+    cap = math.ceil(biggest / 2)
+    say(f"out of memory at micro-batch {biggest}: continuing with micro-batches of {cap} and grad_accum "
+        f"{cfg.grad_accum * math.ceil(cfg.batch_size / cap)} (the same {cfg.batch_size * cfg.grad_accum} examples "
+        f"per optimizer step)")
+    return cap
+
+
 @dataclass
 class State:
     step: int = 0              # optimizer steps done
@@ -76,11 +106,26 @@ class State:
     best: float | None = None  # best value of the selection metric
     best_step: int = 0
     bad_evals: int = 0         # evaluations since the last improvement (early stopping)
+    bad_steps: int = 0         # optimizer steps in a row skipped for a non-finite loss or gradient
+    skipped: int = 0           # optimizer steps skipped in all
 
 
-def fit(task, adapted, train, evalset, recipe, run, accelerator, mixed: str = "no", resume: bool = False) -> State:
+def grads_finite(model, loss: torch.Tensor, norm, scaler) -> bool:
+    """Whether an optimizer step may be taken: a finite loss and (without fp16's scaler, which skips overflowed
+    steps itself) a finite gradient norm. One host sync per step."""
+    ok = torch.isfinite(loss)
+    if scaler is None:
+        if norm is None:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+        ok = ok & torch.isfinite(norm.to(ok.device))
+    return bool(ok)
+
+
+def fit(task, adapted, train, evalset, recipe, run, accelerator, mixed: str = "no", resume: bool = False,
+        stop_flag: safety.StopFlag | None = None) -> State:
     """Train `adapted.model` on encoded `train` features; evaluate on `evalset`; write into `run`.
-    mixed: "no", "bf16" or "fp16" (tunesmith.device.choose_precision) for autocast."""
+    mixed: "no", "bf16" or "fp16" (tunesmith.device.choose_precision) for autocast. stop_flag: set by SIGTERM or
+    Ctrl-C; checked after each optimizer step (a checkpoint, then safety.Interrupted)."""
     from accelerate.utils import send_to_device
 
     cfg = recipe.train
@@ -109,13 +154,21 @@ def fit(task, adapted, train, evalset, recipe, run, accelerator, mixed: str = "n
     scaler = torch.amp.GradScaler(accelerator.device.type) if mixed == "fp16" else None
 
     state = State()
-    if resume and (last := checkpoint.newest(run.checkpoints, log=accelerator.print)):
-        saved = checkpoint.load(last, accelerator.unwrap_model(model), optimizer, scheduler)
-        state = State(**{k: saved[k] for k in State.__dataclass_fields__})
+    for last in checkpoint.candidates(run.checkpoints, log=accelerator.print) if resume else ():
+        try:
+            saved = checkpoint.load(last, accelerator.unwrap_model(model), optimizer, scheduler)
+        except Exception as e:                       # unreadable though complete (a checkpoint without checksums)
+            accelerator.print(f"resume: skipping {last.name}: cannot be read ({type(e).__name__}: {e})")
+            continue
+        state = State(**{k: saved.get(k, f.default) for k, f in State.__dataclass_fields__.items()})
         run.truncate_log(state.step)
         accelerator.print(f"resume: continuing from {last.name} (step {state.step}, epoch {state.epoch})")
-    elif resume:
-        accelerator.print("resume: no complete checkpoint yet, starting from step 0")
+        break
+    else:
+        if resume:
+            accelerator.print("resume: no complete checkpoint yet, starting from step 0")
+            run.truncate_log(0)
+    eval_batch = recipe.eval.batch_size             # lowered for evaluation alone after an out-of-memory error
 
     def save_best(value: float) -> None:
         if accelerator.is_main_process:
@@ -126,12 +179,21 @@ def fit(task, adapted, train, evalset, recipe, run, accelerator, mixed: str = "n
         """Evaluate, keep the best; True when early stopping says stop."""
         t0 = time.perf_counter()
         model.eval()
+
+        def scored(batch_size):
+            nonlocal eval_batch
+            eval_batch = batch_size
+            return task.evaluate(model, evalset, batch_size)
+
         with torch.no_grad(), autocast(accelerator.device, mixed):
-            result = task.evaluate(model, evalset, recipe.eval.batch_size)
+            result = safety.with_backoff(scored, eval_batch, "evaluation", accelerator.print)
         model.train()
         value = result[metric]                      # the recipe checked it is one of the task's metrics
         run.log({"step": state.step, "epoch": state.epoch, "split": "validation", **task.loggable(result)})
-        if better(direction, value, state.best):
+        broken = [k for k in task.metrics if isinstance(result.get(k), float) and not math.isfinite(result[k])]
+        if broken:
+            accelerator.print(f"step {state.step}: validation {', '.join(broken)} not finite; not a best checkpoint")
+        if not broken and better(direction, value, state.best):
             state.best, state.best_step, state.bad_evals = value, state.step, 0
             save_best(value)
         else:
@@ -148,6 +210,7 @@ def fit(task, adapted, train, evalset, recipe, run, accelerator, mixed: str = "n
     totals = {"train_seconds": time.perf_counter(), "eval_seconds": 0.0, "checkpoint_seconds": 0.0,
               "samples": 0, "tokens": 0}
     stop = False
+    cap = cfg.batch_size                            # examples per forward pass (lowered by out-of-memory back-off)
     rank, world = accelerator.process_index, accelerator.num_processes
     while state.step < total and not stop:
         adapted.set_epoch(state.epoch)
@@ -157,8 +220,19 @@ def fit(task, adapted, train, evalset, recipe, run, accelerator, mixed: str = "n
             shares = [idx[rank::world] for idx in group]             # this process's part of each micro-batch
             weights = [1.0 if mine else 0.0 for mine in shares]      # none left: a stand-in that weighs nothing
             shares = [mine or idx[:1] for mine, idx in zip(shares, group)]
-            batches = [send_to_device(task.collate([train[i] for i in mine]), accelerator.device) for mine in shares]
-            window["loss"] += accumulate(task, model, batches, accelerator, mixed, weights, scaler)  # no sync until we log
+            while True:
+                pieces, piece_weights = split_micro(shares, weights, cap)
+                batches = [send_to_device(task.collate([train[i] for i in mine]), accelerator.device)
+                           for mine in pieces]
+                try:
+                    loss = accumulate(task, model, batches, accelerator, mixed, piece_weights, scaler)
+                    break
+                except Exception as e:
+                    if not safety.is_oom(e):
+                        raise
+                    batches = None
+                    optimizer.zero_grad(set_to_none=True)
+                    cap = back_off(pieces, cfg, accelerator.print, e)
             for mine, w in zip(shares, weights):
                 n, tokens = len(mine) * w, sum(lengths[i] for i in mine) * w
                 window["samples"] += n
@@ -167,21 +241,39 @@ def fit(task, adapted, train, evalset, recipe, run, accelerator, mixed: str = "n
                 totals["tokens"] += tokens * world
             if scaler is not None:
                 scaler.unscale_(optimizer)
+            norm = None
             if cfg.max_grad_norm:
-                accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
+                norm = accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                                   cfg.max_grad_norm)
+            if grads_finite(model, loss, norm, scaler):
+                window["loss"] += loss                                   # no sync until we log
+                window["steps"] += 1
+                state.bad_steps = 0
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+            else:                                   # skipped: the weights stay as they were
+                if scaler is not None:
+                    scaler.update()
+                state.bad_steps, state.skipped = state.bad_steps + 1, state.skipped + 1
+                run.log({"step": state.step + 1, "skipped_step": f"non-finite loss or gradient (loss {float(loss)})"})
+                accelerator.print(f"step {state.step + 1}: non-finite loss or gradient ({float(loss)}); step skipped "
+                                  f"({state.bad_steps} in a row, train.max_bad_steps={cfg.max_bad_steps})")
+                if state.bad_steps >= cfg.max_bad_steps:
+                    bar.close()
+                    raise TunesmithError(
+                        f"training diverged: {state.bad_steps} optimizer steps in a row had a non-finite loss or "
+                        f"gradient (up to step {state.step + 1}); lower train.learning_rate, set train.max_grad_norm, "
+                        f"or use train.precision fp32/bf16. Checkpoints in {run.checkpoints} hold finite weights")
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
             state.position += 1
-            window["steps"] += 1
             bar.update(1)
 
-            if state.step % cfg.log_every == 0 or state.step == total:
+            if (state.step % cfg.log_every == 0 or state.step == total) and window["steps"]:
                 dt = time.perf_counter() - window["time"]
                 loss_sum = accelerator.reduce(window["loss"], "sum") if world > 1 else window["loss"]
                 loss_avg = float(loss_sum) / window["steps"]          # mean over the window's steps
@@ -198,7 +290,10 @@ def fit(task, adapted, train, evalset, recipe, run, accelerator, mixed: str = "n
             stop = stop or run.stop_reason is not None            # a callback raised StopTraining
             if world > 1:                                # callbacks run on the main process: all stop together
                 stop = bool(accelerator.reduce(torch.tensor(float(stop), device=accelerator.device), "sum") > 0)
-            if state.step % save_every == 0 or state.step == total or stop:
+            signum = stop_flag.signal if stop_flag else None
+            if world > 1 and stop_flag:             # every process stops at the same step
+                signum = int(accelerator.reduce(torch.tensor(signum or 0, device=accelerator.device), "max")) or None
+            if state.step % save_every == 0 or state.step == total or stop or signum:
                 t0 = time.perf_counter()
                 if accelerator.is_main_process:
                     checkpoint.save(run.checkpoints / f"step-{state.step:08d}",
@@ -207,20 +302,33 @@ def fit(task, adapted, train, evalset, recipe, run, accelerator, mixed: str = "n
                     checkpoint.prune(run.checkpoints, cfg.keep_checkpoints)
                 accelerator.wait_for_everyone()
                 totals["checkpoint_seconds"] += time.perf_counter() - t0
+            if signum:
+                bar.close()
+                raise safety.interrupted(signum, state.step, run.path)
             if stop or state.step >= total:
                 break
     bar.close()
     totals["train_seconds"] = time.perf_counter() - totals["train_seconds"]   # this session, evals included
-    run.log({"step": state.step, "summary": True, **totals,
+    run.log({"step": state.step, "summary": True, **totals, "skipped_steps": state.skipped,
              **({"stopped": run.stop_reason} if run.stop_reason else {})})
+    if state.skipped:
+        accelerator.print(f"warning: {state.skipped} of {state.step} optimizer steps were skipped for a non-finite "
+                          f"loss or gradient")
     if run.stop_reason:
         accelerator.print(f"stopped by a callback: {run.stop_reason}")
     elif stop:
         accelerator.print(f"early stopping: no improvement in {metric} for {cfg.patience} evaluations")
-    best = run.checkpoints / "best" / "model.safetensors"
-    if best.exists():
-        checkpoint.load_model_state(accelerator.unwrap_model(model), best)
-        accelerator.print(f"best {metric} = {state.best:.4f} at step {state.best_step}; restored those weights")
+    best = run.checkpoints / "best"
+    why = checkpoint.damage(best) if best.exists() else None
+    if best.exists() and not why:
+        try:
+            checkpoint.load_model_state(accelerator.unwrap_model(model), best / "model.safetensors")
+            accelerator.print(f"best {metric} = {state.best:.4f} at step {state.best_step}; restored those weights")
+        except Exception as e:
+            why = f"cannot be read ({type(e).__name__}: {e})"
+    if why:
+        accelerator.print(f"warning: {best} is damaged ({why}); keeping the final weights (step {state.step}) "
+                          f"instead of the best (step {state.best_step})")
     adapted.model = accelerator.unwrap_model(model)
     return state
 

@@ -39,6 +39,7 @@ class ModelConfig(Section):
     pretrained: bool = True                     # false: same architecture, random weights (baseline)
     dropout: float | None = Field(None, ge=0, lt=1)  # overrides every dropout probability in the config
     revision: str | None = None
+    trust_remote_code: bool = False             # run Python code shipped in the model folder (auto_map); only if you trust it
 
 
 class DataConfig(Section):
@@ -94,6 +95,11 @@ class TrainConfig(Section):
     patience: int | None = Field(None, gt=0)    # evaluations without improvement; None: no early stop
     compile: bool = False                       # torch.compile the model (in place: checkpoints keep their names)
     feature_cache: bool = True                  # frozen bottom blocks, no dropout there: compute their output once
+    threads: int | None = Field(None, gt=0)     # torch threads on CPU; None: free cores (affinity, quota, load)
+    report_to: list[Literal["tensorboard", "mlflow"]] = []  # trackers that get every metrics.jsonl record,
+                                                # the recipe and eval.json (tunesmith/tracking.py)
+    mlflow_uri: str | None = None               # MLflow tracking URI; None: sqlite:///<run>/mlflow.db
+    max_bad_steps: int = Field(10, ge=1)        # optimizer steps in a row with a non-finite loss/gradient before stopping
 
 
 class EvalConfig(Section):
@@ -146,6 +152,16 @@ class Recipe(Section):
         if self.train.metric is None:
             self.train.metric = self.default_metric
         return self
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, name):
+        """A run folder's prefix: one plain name, so the run stays inside the runs folder."""
+        if name is not None and (not name.strip() or "/" in name or "\\" in name or name in (".", "..")
+                                 or Path(name).is_absolute()):
+            raise ValueError("must be a plain folder name without path separators; choose where the run goes "
+                             "with --run-dir")
+        return name
 
     @field_validator("train")
     @classmethod

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import yaml
 
+from tunesmith import safety
 from tunesmith.errors import TunesmithError
 from tunesmith.recipe import SCHEMA, Recipe, load
 
@@ -64,17 +65,55 @@ class Run:
     def default_path(recipe: Recipe) -> Path:
         return Path("runs") / f"{recipe.name or recipe.task}-{time.strftime('%Y%m%d-%H%M%S')}"
 
+    @staticmethod
+    def check_new(path: str | Path) -> None:
+        """Raise unless `path` can become a new run: absent, or an empty folder. A folder with anything in it
+        (a run, a project, a model) is never written into."""
+        path = Path(path)
+        if path.exists() and not path.is_dir():
+            raise TunesmithError(f"{path} is a file, not a folder: give --run-dir a new or empty folder")
+        if path.is_dir() and any(path.iterdir()):
+            what = ("holds a run: use --resume {0} or another --run-dir" if (path / "recipe.yaml").exists()
+                    else "is not empty: a run is created only in a new or empty folder (it never writes into "
+                         "your files); give --run-dir a new folder")
+            raise TunesmithError(f"{path} {what.format(path)}")
+
     @classmethod
     def create(cls, recipe: Recipe, run_dir: str | Path | None = None, callbacks: list = ()) -> "Run":
-        run = cls(run_dir or cls.default_path(recipe), callbacks)
-        if (run.path / "recipe.yaml").exists():
-            raise TunesmithError(f"{run.path} already holds a run: use --resume {run.path} or another --run-dir")
-        run.path.mkdir(parents=True, exist_ok=True)
+        """A new run folder, claimed atomically: mkdir of a new folder (or the lock file of an empty one) fails
+        in every process but one. The folder stays locked (tunesmith/safety.py) until `unlock`."""
+        path = Path(run_dir or cls.default_path(recipe))
+        for n in range(2, 100):                         # default names: a second run in the same second gets -2
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                os.mkdir(path)
+            except FileExistsError:
+                if run_dir:
+                    cls.check_new(path)                 # an empty folder may be used; anything else is refused
+            except OSError as e:
+                raise TunesmithError(f"cannot create the run folder {path}: {e.strerror or e}") from None
+            if safety.claim(path):
+                if [p.name for p in path.iterdir()] == [safety.LOCK]:
+                    break
+                safety.release(path)                    # someone wrote into it meanwhile: not ours
+            if run_dir:
+                raise TunesmithError(f"{path} is being used by another process: give another --run-dir")
+            path = Path(f"{cls.default_path(recipe)}-{n}")
+        run = cls(path, callbacks)
         from importlib.metadata import version
 
         run.write_json("run.json", {"schema": SCHEMA, "tunesmith": version("tunesmith"), "task": recipe.task})
         (run.path / "recipe.yaml").write_text(yaml.safe_dump(recipe.dump(), sort_keys=False))
         return run
+
+    def lock(self) -> None:
+        """Take this run's lock (resume): a second process on the same run stops with who holds it."""
+        if self.writer:
+            safety.acquire(self.path)
+
+    def unlock(self) -> None:
+        if self.writer:
+            safety.release(self.path)
 
     # --- what a run holds ------------------------------------------------------------------------------
     @property
@@ -111,7 +150,7 @@ class Run:
         path = self.path / "metrics.jsonl"
         if not path.exists():
             return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return [r for r in map(_record, path.read_text().splitlines()) if r is not None]
 
     def load(self, device: str = "auto") -> "Predictor":
         """The fine-tuned model, ready to predict and evaluate."""
@@ -122,7 +161,7 @@ class Run:
         if not self.writer:
             return
         with open(self.path / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(safety.dumps(record) + "\n")
         for c in self.callbacks:
             try:
                 c.on_log(record)
@@ -137,12 +176,22 @@ class Run:
         """Drop log lines after `step` (written by a run that died after its last checkpoint)."""
         path = self.path / "metrics.jsonl"
         if path.exists() and self.writer:
-            lines = [ln for ln in path.read_text().splitlines() if json.loads(ln).get("step", 0) <= step]
-            path.write_text("".join(ln + "\n" for ln in lines))
+            lines = path.read_text().splitlines()
+            keep = [ln for ln in lines if (r := _record(ln)) is not None and r.get("step", 0) <= step]
+            broken = sum(_record(ln) is None for ln in lines if ln.strip())
+            if broken:                                  # a crash or a full disk in the middle of an append
+                print(f"resume: dropped {broken} unreadable line(s) of {path} (a write that did not finish)")
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(ln + "\n" for ln in keep))
+            os.replace(tmp, path)
 
     def write_json(self, name: str, obj) -> None:
-        (self.path / name).parent.mkdir(parents=True, exist_ok=True)
-        (self.path / name).write_text(json.dumps(obj, indent=2) + "\n")
+        """Write atomically; NaN/inf become null, with a warning naming them (JSON has no NaN)."""
+        path = self.path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(safety.dumps(obj, print, name, indent=2) + "\n")
+        os.replace(tmp, path)
 
     def write_rows(self, name: str, rows: list[dict], path_columns: tuple[str, ...] = ()) -> None:
         """JSONL rows; values in path_columns that are local files are copied under data/files/ (hard links
@@ -156,6 +205,14 @@ class Run:
                     if isinstance(row.get(col), str) and row[col]:
                         row = {**row, col: _keep_file(row[col], files, f"{path.stem}-{i:07d}", path.parent)}
                 f.write(json.dumps(row, default=str) + "\n")
+
+
+def _record(line: str) -> dict | None:
+    """One metrics.jsonl line, or None for a blank or partly written one."""
+    try:
+        return json.loads(line) if line.strip() else None
+    except ValueError:
+        return None
 
 
 def _keep_file(value: str, folder: Path, stem: str, base: Path) -> str:
@@ -203,13 +260,17 @@ class Predictor:
 
     def predict(self, inputs):
         """One JSON-ready dict per input, in order. An input is a string (text, image path, user message) or a
-        row (dict with the recipe's columns); a single input gives a single dict."""
+        row (dict with the recipe's columns); a single input gives a single dict. An input that cannot be used
+        (empty, a column missing) gets {"error": reason} in its place."""
         import torch
 
         one = not isinstance(inputs, (list, tuple))
         items = [inputs] if one else list(inputs)
+        problems = [self.task.check_input(x) for x in items]     # an unusable input gets {"error"} in its place
+        good = [x for x, p in zip(items, problems) if p is None]
         with self._lock, torch.no_grad():
-            out = self.task.predict(self.model, items)
+            done = iter(self.task.predict(self.model, good) if good else [])
+        out = [{"error": p} if p else next(done) for p in problems]
         return out[0] if one else out
 
     def evaluate(self, data: str | Path | list[dict] | None = None, out_dir: str | Path | None = None) -> dict:

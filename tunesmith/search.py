@@ -22,6 +22,7 @@ from pathlib import Path
 from tunesmith.errors import TunesmithError
 from tunesmith.recipe import Recipe, RecipeError, load
 from tunesmith.run import Callback, StopTraining
+from tunesmith.safety import Interrupted
 from tunesmith.searchspace import Param, SearchConfig, default_space, seconds
 
 
@@ -144,12 +145,18 @@ def objective(recipe: Recipe, folder: Path, say=print):
         if cfg.cv:
             from tunesmith.cv import cross_validate
 
-            result = cross_validate(trial_recipe, run_dir, folds=cfg.cv)
+            try:
+                result = cross_validate(trial_recipe, run_dir, folds=cfg.cv)
+            except Interrupted:
+                raise KeyboardInterrupt from None
             score = result["metrics"][metric]["mean"]
             trial.set_user_attr("test", score)
             return score
         report = Report(trial, metric, prune=cfg.pruner != "none")
-        run = ts.train(trial_recipe, run_dir=run_dir, callbacks=[report])
+        try:
+            run = ts.train(trial_recipe, run_dir=run_dir, callbacks=[report])
+        except Interrupted:                         # Ctrl-C / SIGTERM: end the search; the trial runs again
+            raise KeyboardInterrupt from None
         score = best_validation(run.history, metric, recipe.direction)
         trial.set_user_attr("test", run.metrics.get(metric))
         if score is None:

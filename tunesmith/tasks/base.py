@@ -6,8 +6,9 @@ Data:   check(row, split) -> reason or None;  prepare(train_rows);  encode(rows)
 Model:  load_model() -> model for training;  load_trained(folder) -> model;  save(model, folder)
 Train:  loss(model, batch) -> sum over items;  count(batch) -> items;  evaluate(model, features, batch_size)
         evaluate_final(...) for eval.json (adds slow metrics and per-example files)
-Use:    predict(model, inputs) -> JSON-ready dicts (shared by `predict`, the Python API and `serve`);
-        generate(...) and prompt_ids(...) where `generative`
+Use:    check_input(input) -> reason or None;  predict(model, inputs) -> JSON-ready dicts (shared by `predict`,
+        the Python API and `serve`); generate(...) and prompt_ids(...) where `generative`;
+        explain(model, inputs) where `explainable`; export_inputs() where `exportable` (ONNX)
 Doctor: key(row); stratify_key(row); length_stats(rows, features); embed(model, features, batch_size)
 """
 from __future__ import annotations
@@ -45,6 +46,8 @@ class Task:
     generative = False              # True: generate(), prompt_ids() and generation settings work (chat, serve)
     feature_cache = False           # True: collate takes features carrying `hidden` ([T, H], the cached input of
                                     # block k, tunesmith/featcache.py) and passes it as the model's inputs_embeds
+    explainable = False             # True: explain() works (tunesmith explain, the report's explanations)
+    exportable = False              # True: export_inputs() works and the model returns `.logits` (tunesmith export)
 
     def __init__(self, recipe):
         self.recipe = recipe
@@ -80,8 +83,16 @@ class Task:
         """Load the processor from `source` (default: the recipe's model); no weights."""
         from tunesmith.assets import resolve_model
 
-        self._processor = self.load_processor(source or resolve_model(self.recipe.model.name),
-                                              None if source else self.recipe.model.revision)
+        name = source or resolve_model(self.recipe.model.name)
+        try:
+            self._processor = self.load_processor(name, None if source else self.recipe.model.revision)
+        except (OSError, ValueError) as e:
+            raise load_error(source or self.recipe.model.name, e) from None
+
+    @property
+    def trust_remote_code(self) -> bool:
+        """model.trust_remote_code: pass it to every from_pretrained (False: a model folder's own code never runs)."""
+        return self.recipe.model.trust_remote_code
 
     def load_processor(self, source: str, revision: str | None):
         """The tokenizer or image processor stored at `source`."""
@@ -209,9 +220,28 @@ class Task:
         keys = [k for k in self.metrics if k in metrics][:3]
         return "  ".join(f"{k} {metrics[k]:.4f}" for k in keys)
 
+    def check_input(self, item) -> str | None:
+        """Why one prediction input (a string, or a row with the recipe's columns) cannot be used, or None; callers
+        answer such an input with {"error": reason} in its place. Default: an empty string is refused."""
+        if isinstance(item, str) and not item.strip():
+            return "empty input"
+        return None
+
     def predict(self, model, inputs: list) -> list[dict]:
-        """One JSON-ready dict per input, in order (shared by `predict`, the Python API and `serve`)."""
+        """One JSON-ready dict per input, in order (shared by `predict`, the Python API and `serve`); every input
+        passed `check_input`."""
         raise NotImplementedError
+
+    def explain(self, model, inputs: list) -> list[dict]:
+        """Why the model predicts what it does: one JSON-ready dict per input (as `predict` takes them), with
+        the prediction ("predicted", "probability") and the attributions toward it: text {"tokens",
+        "attributions"} (one per token), images {"saliency" (rows of [0, 1] values), "overlay" (PNG data URI)}.
+        Needs captum (the `explain` extra)."""
+        raise NotImplementedError(f"task '{self.name}' has no explanations")
+    def export_inputs(self) -> dict[str, tuple[torch.Tensor, dict[int, str]]]:
+        """ONNX export: the model's inputs by name (what `collate` gives, without labels), each as a small example
+        tensor and its dynamic axes ({0: "batch", 1: "sequence"}); the graph's one output is `logits`."""
+        raise NotImplementedError(f"task '{self.name}' cannot be exported to ONNX")
 
     # --- generation (generative tasks; see tunesmith/tasks/generation.py) ----------------------------
     def generate(self, model, prompts: list, batch_size: int, settings=None) -> list[str]:
@@ -240,25 +270,68 @@ DROPOUT_KEYS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifi
                 "resid_pdrop", "embd_pdrop", "attn_pdrop", "summary_first_dropout", "drop_path_rate")
 
 
+def load_error(name: str, e: Exception):
+    """A failed model or processor load as one line that says what to do."""
+    import os
+    from pathlib import Path
+
+    from tunesmith.errors import TunesmithError
+
+    text = str(e)
+    if "trust_remote_code" in text or "custom code" in text:
+        return TunesmithError(f"model '{name}' ships its own Python code (auto_map in config.json); it runs only "
+                              f"with model.trust_remote_code: true, which you should set only if you trust it")
+    if "weights_only" in text or "Unpickl" in type(e).__name__ or "Unpickl" in text:
+        return TunesmithError(f"model '{name}': pytorch_model.bin holds more than plain tensors, refused by "
+                              f"torch.load(weights_only=True) ({text.splitlines()[0][:200]}); use a safetensors copy "
+                              f"from a source you trust")
+    if Path(name).exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:     # a hub id: [org/]name
+        what = "exists but is not a model folder" if Path(name).exists() else "does not exist"
+        return TunesmithError(f"model '{name}': {what}; give a folder with config.json (save_pretrained), a "
+                              f"bundled alias (minilm, smollm2, mobilenet_v2) or a hub id")
+    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
+        return TunesmithError(f"model '{name}' is not a local folder and the hub is offline (HF_HUB_OFFLINE=1): "
+                              f"download it where there is a network (hf download {name} --local-dir DIR) and give "
+                              f"that folder")
+    return TunesmithError(f"model '{name}' could not be loaded from the hub ({text.splitlines()[0][:200]}); check "
+                          f"the name and the network, or give a local folder")
+
+
 def load_hf(auto_cls, model_cfg, **config_kwargs):
     """An HF model from a bundled alias, hub id or folder; `pretrained: false` keeps only the config.
 
     config_kwargs set task fields (num_labels, id2label, ...); `model.dropout` overrides every dropout
-    probability the config has.
+    probability the config has. A model folder's own code runs only with model.trust_remote_code; pickle
+    weights (pytorch_model.bin) load only as plain tensors (weights_only=True) and are reported.
     """
+    import pickle
+    from pathlib import Path
+
     from transformers import AutoConfig
 
     from tunesmith.assets import resolve_model
 
     path = resolve_model(model_cfg.name)
-    config = AutoConfig.from_pretrained(path, revision=model_cfg.revision, **config_kwargs)
+    trust = model_cfg.trust_remote_code
+    try:
+        config = AutoConfig.from_pretrained(path, revision=model_cfg.revision, trust_remote_code=trust,
+                                            **config_kwargs)
+    except (OSError, ValueError) as e:
+        raise load_error(model_cfg.name, e) from None
     if model_cfg.dropout is not None:
         for key in DROPOUT_KEYS:
             if isinstance(getattr(config, key, None), float):
                 setattr(config, key, model_cfg.dropout)
     if not model_cfg.pretrained:
-        return auto_cls.from_config(config), path
+        return auto_cls.from_config(config, trust_remote_code=trust), path
     # a checkpoint's own head (other label count) is replaced: that is the point of fine-tuning
-    model = auto_cls.from_pretrained(path, config=config, revision=model_cfg.revision,
-                                     ignore_mismatched_sizes=True)
+    folder = Path(path)
+    if folder.is_dir() and not any(folder.glob("*.safetensors")) and any(folder.glob("pytorch_model*.bin")):
+        print(f"model: {path} has pickle weights only (pytorch_model.bin): loaded as plain tensors with "
+              f"torch.load(weights_only=True), which runs no code; prefer safetensors")
+    try:
+        model = auto_cls.from_pretrained(path, config=config, revision=model_cfg.revision, weights_only=True,
+                                         trust_remote_code=trust, ignore_mismatched_sizes=True)
+    except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as e:
+        raise load_error(model_cfg.name, e) from None
     return model, path

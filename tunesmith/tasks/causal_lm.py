@@ -93,6 +93,15 @@ class CausalLM(Generative):
             return "the chat template leaves no assistant token: every label would be masked"
         return None
 
+    def check_input(self, item) -> str | None:
+        if isinstance(item, dict):
+            try:
+                self.messages(item)
+            except ValueError as e:
+                return str(e)
+            return None
+        return super().check_input(item)
+
     def key(self, row: dict) -> str:
         try:
             prompt, _ = self.split_answer(self.messages(row))
@@ -106,7 +115,7 @@ class CausalLM(Generative):
         assistant turn (or the model never learns to stop), a pad token (EOS is safe: padding goes by length)."""
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(source, revision=revision)
+        tok = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=self.trust_remote_code)
         if self.recipe.data.chat_template:
             tok.chat_template = self.recipe.data.chat_template
         if not tok.chat_template:
@@ -245,7 +254,8 @@ class CausalLM(Generative):
     def load_trained(self, folder):
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, weights_only=True,
+                                                     trust_remote_code=self.trust_remote_code)
         self.setup(str(folder))
         return model
 

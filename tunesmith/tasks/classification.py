@@ -5,12 +5,16 @@ config), ordered as `data.labels` says or sorted (numerically when every label i
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from tunesmith import metrics
 from tunesmith.errors import TunesmithError
+from tunesmith.fairness import MISSING, evaluate_slices, slice_value
 from tunesmith.tasks.base import Task, batches, model_device
 
 
@@ -25,6 +29,22 @@ def label_name(value) -> str | None:
     if isinstance(value, str) and value.strip():
         return value.strip()
     return None
+
+
+EXPLAIN_STEPS = 32         # Integrated Gradients: points on the path from the baseline to the input
+
+
+def captum_attr():
+    """captum.attr, or a one-line error naming the extra to install."""
+    try:
+        import captum.attr
+    except ImportError:
+        raise TunesmithError("explanations need captum: pip install 'tunesmith[explain]' (or: pip install captum)"
+                             ) from None
+    return captum.attr
+
+
+PREDICTION_LABELS = 20     # probabilities kept per row in predictions.jsonl (the most probable labels)
 
 
 class Classification(Task):
@@ -56,6 +76,12 @@ class Classification(Task):
 
     def prepare(self, rows: list[dict]) -> None:
         seen = {label_name(r[self.recipe.data.label_column]) for r in rows}
+        if len(seen) < 2:                           # one output: a regression head, "accuracy" 1.0 by construction
+            from tunesmith.data import DataError
+
+            raise DataError(f"{self.recipe.data.train}: label column '{self.recipe.data.label_column}' has a single "
+                            f"class {sorted(seen)} in the usable train rows; a classification task needs at least "
+                            f"two classes")
         if self.recipe.data.labels is not None:
             names = [str(x) for x in self.recipe.data.labels]
             unknown = seen - set(names)
@@ -66,6 +92,8 @@ class Classification(Task):
         else:
             names = sorted(seen)
         self.set_labels(names)
+        if self.recipe.data.test is None:        # the test split comes from these rows: check eval.slices now
+            self.check_slice_columns([{c: slice_value(r, c) for c in self.recipe.eval.slices} for r in rows])
         counts = np.bincount([self.label2id[label_name(r[self.recipe.data.label_column])] for r in rows],
                              minlength=len(names))
         self.weights = self._class_weights(counts)
@@ -130,6 +158,46 @@ class Classification(Task):
         result = {"loss": float(F.cross_entropy(logits, labels))}
         result |= metrics.classification(labels.numpy(), probs.argmax(-1).numpy(), probs.numpy(), self.names)
         return result
+
+    def evaluate_final(self, model, rows: list[dict], features: list[dict], batch_size: int,
+                       out_dir=None) -> dict:
+        """`evaluate`'s metrics, the task's `final_metrics`, per-slice metrics and gaps (eval.slices:
+        tunesmith/fairness.py) and, with out_dir, predictions.jsonl: one {row, label, predicted, confidence,
+        probabilities} per evaluated row (row: its position in `rows`, data/test.jsonl for a run's test split;
+        probabilities: every label up to PREDICTION_LABELS labels, else the most probable ones)."""
+        logits = self.logits(model, features, batch_size)
+        labels = torch.tensor([f["labels"] for f in features])
+        probs = logits.softmax(-1)
+        pred = probs.argmax(-1)
+        result = {"loss": float(F.cross_entropy(logits, labels))}
+        result |= metrics.classification(labels.numpy(), pred.numpy(), probs.numpy(), self.names)
+        result |= self.final_metrics(rows, labels, probs, out_dir)
+        ev = self.recipe.eval
+        if ev.slices:
+            groups = {c: [slice_value(r, c) for r in rows] for c in ev.slices}
+            self.check_slice_columns([{c: groups[c][i] for c in groups} for i in range(len(rows))])
+            result["slices"], result["fairness"] = evaluate_slices(
+                labels.numpy(), pred.numpy(), self.names, groups, ev.min_slice_size, ev.positive_label)
+        if out_dir is not None:
+            top = min(len(self.names), PREDICTION_LABELS)
+            with open(Path(out_dir) / "predictions.jsonl", "w") as f:
+                for i, p in enumerate(probs):
+                    keep = p.argsort(descending=True)[:top].tolist()
+                    f.write(json.dumps({"row": i, "label": self.names[int(labels[i])],
+                                        "predicted": self.names[int(pred[i])], "confidence": round(float(p.max()), 6),
+                                        "probabilities": {self.names[c]: round(float(p[c]), 6) for c in keep}}) + "\n")
+        return result
+
+    def final_metrics(self, rows: list[dict], labels: torch.Tensor, probs: torch.Tensor, out_dir) -> dict:
+        """A classification task's own additions to the final metrics and per-example files (labels: [N] ids,
+        probs: [N, C] softmax); none by default."""
+        return {}
+
+    def check_slice_columns(self, values: list[dict]) -> None:
+        """eval.slices names columns of the test data: one that no row has is a mistake in the recipe."""
+        absent = [c for c in self.recipe.eval.slices if values and all(v[c] == MISSING for v in values)]
+        if absent:
+            raise TunesmithError(f"eval.slices: no test row has column(s) {absent}")
 
     def predictions(self, logits: torch.Tensor) -> list[dict]:
         probs = logits.softmax(-1)

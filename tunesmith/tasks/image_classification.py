@@ -9,6 +9,7 @@ generator seeded from the global torch RNG: checkpoints restore that RNG, so a r
 """
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -19,17 +20,20 @@ from tqdm.auto import tqdm
 
 from tunesmith import metrics, vision
 from tunesmith.errors import TunesmithError
-from tunesmith.tasks.base import Features, load_hf
-from tunesmith.tasks.classification import Classification
+from tunesmith.tasks.base import Features, load_hf, model_device
+from tunesmith.tasks.classification import Classification, captum_attr
 
 CHUNK = 256                 # images per image-processor call
 MISCLASSIFIED = 100         # most confident mistakes listed in misclassified.jsonl
+SALIENCY_GRID = 32          # explain(): the saliency map in the JSON is pooled to at most this many cells a side
 
 
 class ImageClassification(Classification):
     name = "image-classification"
     input_key = "image"
     near_method = "embedding"       # Task.key is a pixel hash: near duplicates need the model's embeddings
+    explainable = True
+    exportable = True
 
     @property
     def path_columns(self) -> tuple[str, ...]:
@@ -37,10 +41,14 @@ class ImageClassification(Classification):
 
     # --- data ---------------------------------------------------------------------------------------
     def check(self, row: dict, split: str) -> str | None:
+        return self.check_input(row) or self.check_label(row, split)
+
+    def check_input(self, item) -> str | None:
         col = self.recipe.data.image_column
-        if row.get(col) in (None, ""):
+        value = item.get(col) if isinstance(item, dict) else item
+        if value in (None, ""):
             return f"missing image (column '{col}')"
-        return vision.check_image(row[col]) or self.check_label(row, split)
+        return vision.check_image(value)
 
     def key(self, row: dict) -> str:
         return vision.image_key(row[self.recipe.data.image_column])
@@ -80,7 +88,8 @@ class ImageClassification(Classification):
         from transformers import AutoImageProcessor
 
         try:
-            return AutoImageProcessor.from_pretrained(source, revision=revision)
+            return AutoImageProcessor.from_pretrained(source, revision=revision,
+                                                      trust_remote_code=self.trust_remote_code)
         except (OSError, ValueError) as e:
             raise TunesmithError(f"{source}: no usable image processor ({e}); save one beside the model, e.g. ViTImage"
                              "ProcessorPil(size=..., image_mean=..., image_std=...).save_pretrained(path)") from None
@@ -109,7 +118,8 @@ class ImageClassification(Classification):
     def load_trained(self, folder):
         from transformers import AutoModelForImageClassification
 
-        model = AutoModelForImageClassification.from_pretrained(folder)
+        model = AutoModelForImageClassification.from_pretrained(folder, weights_only=True,
+                                                                trust_remote_code=self.trust_remote_code)
         self.setup(str(folder))
         self.set_labels([model.config.id2label[i] for i in range(model.config.num_labels)])
         return model
@@ -133,16 +143,11 @@ class ImageClassification(Classification):
         # a sum, divided by count() (the examples' class weights before mixing: equal to the mixed ones in expectation)
         return F.cross_entropy(logits.float(), targets, weight=weight, label_smoothing=smoothing, reduction="sum")
 
-    def evaluate_final(self, model, rows: list[dict], features: list[dict], batch_size: int, out_dir=None) -> dict:
-        """Metrics (as `evaluate`) plus top-k accuracy; out_dir: write misclassified.jsonl there, the most
-        confident mistakes first ("row" is the example's position in the evaluated rows, data/test.jsonl)."""
-        logits = self.logits(model, features, batch_size)
-        labels = torch.tensor([f["labels"] for f in features])
-        probs = logits.softmax(-1)
+    def final_metrics(self, rows: list[dict], labels: torch.Tensor, probs: torch.Tensor, out_dir) -> dict:
+        """Top-k accuracy; out_dir: write misclassified.jsonl there, the most confident mistakes first ("row" is
+        the example's position in the evaluated rows, data/test.jsonl)."""
         pred = probs.argmax(-1)
-        result = {"loss": float(F.cross_entropy(logits, labels))}
-        result |= metrics.classification(labels.numpy(), pred.numpy(), probs.numpy(), self.names)
-        result |= metrics.top_k_accuracy(labels.numpy(), probs.numpy())
+        result = metrics.top_k_accuracy(labels.numpy(), probs.numpy())
         if out_dir is not None:
             confidence = probs.max(-1).values
             wrong = sorted((i for i in range(len(rows)) if pred[i] != labels[i]), key=lambda i: -float(confidence[i]))
@@ -155,6 +160,44 @@ class ImageClassification(Classification):
                                         "label_probability": round(float(probs[i, labels[i]]), 4)}) + "\n")
             result["misclassified"] = len(wrong)
         return result
+
+    def explain(self, model, inputs: list) -> list[dict]:
+        """Saliency (captum): |d logit(predicted) / d pixel|, the largest over colour channels, scaled to [0, 1];
+        the overlay is the model's input image with the saliency in red on top (PNG data URI)."""
+        from PIL import Image
+
+        attr = captum_attr()
+        col = self.recipe.data.image_column
+        rows = [{col: x[col] if isinstance(x, dict) else x} for x in inputs]
+        features = self.encode(rows)
+        batch = self.collate([{"pixels": f["pixels"]} for f in features])["pixel_values"].to(model_device(model))
+        forward = lambda x: model(pixel_values=x).logits.float()               # [B, C]
+        with torch.no_grad():
+            probs = forward(batch).softmax(-1)
+        targets = probs.argmax(-1)
+        with torch.enable_grad():
+            grads = attr.Saliency(forward).attribute(batch.requires_grad_(), target=targets)   # [B, 3, H, W]
+        maps = grads.abs().amax(1)
+        maps = (maps / maps.flatten(1).amax(1).clamp(min=1e-12)[:, None, None]).cpu()            # [B, H, W] in [0, 1]
+        out = []
+        for row, f, m, p, t in zip(rows, features, maps, probs, targets):
+            side = max(m.shape) // SALIENCY_GRID + (max(m.shape) % SALIENCY_GRID > 0)
+            grid = F.avg_pool2d(m[None, None], side, ceil_mode=True)[0, 0]
+            heat = (m.numpy() * 200).astype(np.uint8)                          # opacity of the red: 0..78%
+            pixels = f["pixels"].permute(1, 2, 0).numpy()                     # [H, W, 3] uint8
+            red = np.zeros_like(pixels)
+            red[..., 0] = 255
+            overlay = Image.composite(Image.fromarray(red), Image.fromarray(pixels), Image.fromarray(heat))
+            buf = io.BytesIO()
+            overlay.save(buf, format="PNG")
+            out.append({"input": vision.describe(row[col]), "predicted": self.names[int(t)],
+                        "probability": round(float(p[t]), 6), "saliency": grid.round(decimals=4).tolist(),
+                        "overlay": vision.data_uri(buf.getvalue())})
+        return out
+    def export_inputs(self) -> dict[str, tuple[torch.Tensor, dict[int, str]]]:
+        side = vision.input_size(self.processor)
+        pixels = torch.zeros((2, 3, side, side), dtype=torch.uint8)
+        return {"pixel_values": (self.collate([{"pixels": p} for p in pixels])["pixel_values"], {0: "batch"})}
 
     def predict(self, model, inputs: list) -> list[dict]:
         col = self.recipe.data.image_column

@@ -24,9 +24,25 @@ class ClassificationData(DataConfig):
     labels: list[str | int] | None = None       # label order; None: sorted labels seen in train
 
 
+class ClassificationEval(EvalConfig):
+    slices: list[str] = []                      # test-data columns to score per value (speaker, gender, source)
+    min_slice_size: int = Field(30, gt=0)       # rows; smaller slices are "too small to judge", not a number
+    positive_label: str | int | None = None     # fairness gaps' positive class; None: the second label of two,
+                                                # with more labels the largest gap over classes (one-vs-rest)
+
+
 class ClassificationTrain(TrainConfig):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     class_weights: Literal["balanced"] | list[float] | dict[str, float] | None = None
+
+
+class ClassificationRecipe(Recipe):
+    """What classification recipes share; a task's recipe adds `task` and its data section."""
+    metrics: ClassVar[dict[str, Literal["max", "min"]]] = CLASSIFICATION_METRICS
+    default_metric: ClassVar[str] = "accuracy"
+
+    train: ClassificationTrain = ClassificationTrain()
+    eval: ClassificationEval = ClassificationEval()
 
 
 # --- text classification ----------------------------------------------------------------------------
@@ -36,14 +52,11 @@ class TextClassificationData(ClassificationData):
     max_length: int = Field(128, gt=0)          # tokens; longer inputs are truncated and counted
 
 
-class TextClassificationRecipe(Recipe):
+class TextClassificationRecipe(ClassificationRecipe):
     task_class: ClassVar[str] = "tunesmith.tasks.text_classification:TextClassification"
-    metrics: ClassVar[dict[str, Literal["max", "min"]]] = CLASSIFICATION_METRICS
-    default_metric: ClassVar[str] = "accuracy"
 
     task: Literal["text-classification"]
     data: TextClassificationData
-    train: ClassificationTrain = ClassificationTrain()
 
 
 # --- image classification ---------------------------------------------------------------------------
@@ -85,14 +98,11 @@ class AugmentConfig(Section):
                     or self.mixup or self.cutmix)
 
 
-class ImageClassificationRecipe(Recipe):
+class ImageClassificationRecipe(ClassificationRecipe):
     task_class: ClassVar[str] = "tunesmith.tasks.image_classification:ImageClassification"
-    metrics: ClassVar[dict[str, Literal["max", "min"]]] = CLASSIFICATION_METRICS
-    default_metric: ClassVar[str] = "accuracy"
 
     task: Literal["image-classification"]
     data: ImageClassificationData
-    train: ClassificationTrain = ClassificationTrain()
     augment: AugmentConfig = AugmentConfig()
 
 
@@ -101,12 +111,15 @@ class ImageClassificationRecipe(Recipe):
 class GenerateConfig(Section):
     """model.generate settings for evaluation, predict, chat and serve."""
     max_new_tokens: int = Field(32, gt=0)
+    min_new_tokens: int | None = Field(None, ge=0)
     do_sample: bool = False                     # False: greedy (or beam search with num_beams > 1)
     temperature: float | None = Field(None, gt=0)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, gt=0)
     num_beams: int = Field(1, ge=1)
     repetition_penalty: float | None = Field(None, gt=0)
+    no_repeat_ngram_size: int | None = Field(None, gt=0)
+    length_penalty: float | None = None         # beam search: > 1 favours longer outputs
     seed: int = 0                               # sampling is seeded per call: the same input gives the same output
 
     def kwargs(self) -> dict:

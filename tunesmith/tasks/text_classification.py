@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import torch
 
-from tunesmith.tasks.base import Features, load_hf
-from tunesmith.tasks.classification import Classification
+from tunesmith.tasks.base import Features, load_hf, model_device
+from tunesmith.tasks.classification import EXPLAIN_STEPS, Classification, captum_attr
+
+CHARS_PER_TOKEN = 100       # no tokenizer makes a token of more characters (WordPiece: 100 -> [UNK])
 
 
 class TextClassification(Classification):
@@ -12,6 +14,8 @@ class TextClassification(Classification):
     peft_task_type = "SEQ_CLS"
     input_key = "text"
     feature_cache = True
+    explainable = True
+    exportable = True
 
     @property
     def tokenizer(self):
@@ -22,15 +26,18 @@ class TextClassification(Classification):
         return self.recipe.data.max_length
 
     def check(self, row: dict, split: str) -> str | None:
+        return self.check_input(row) or self.check_label(row, split)
+
+    def check_input(self, item) -> str | None:
         col = self.recipe.data.text_column
-        text = row.get(col)
-        if col not in row or text is None:
+        text = item.get(col) if isinstance(item, dict) else item
+        if text is None:
             return f"missing text (column '{col}')"
         if not isinstance(text, str):
             return f"text has the wrong type ({type(text).__name__}), expected a string"
         if not text.strip():
             return "empty text"
-        return self.check_label(row, split)
+        return None
 
     def key(self, row: dict) -> str:
         return row[self.recipe.data.text_column]
@@ -38,7 +45,7 @@ class TextClassification(Classification):
     def load_processor(self, source, revision):
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(source, revision=revision)
+        return AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=self.trust_remote_code)
 
     def load_model(self):
         from transformers import AutoModelForSequenceClassification
@@ -57,7 +64,8 @@ class TextClassification(Classification):
     def load_trained(self, folder):
         from transformers import AutoModelForSequenceClassification
 
-        model = AutoModelForSequenceClassification.from_pretrained(folder)
+        model = AutoModelForSequenceClassification.from_pretrained(folder, weights_only=True,
+                                                                   trust_remote_code=self.trust_remote_code)
         self.setup(str(folder))
         self.set_labels([model.config.id2label[i] for i in range(model.config.num_labels)])
         return model
@@ -65,7 +73,7 @@ class TextClassification(Classification):
     def encode(self, rows: list[dict]) -> list[dict]:
         """Token ids per row (truncated to data.max_length) and the label id when the row has one."""
         limit = self.recipe.data.max_length
-        texts = [r[self.recipe.data.text_column] for r in rows]
+        texts = self.texts(rows)
         ids = self.tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"]
         long = [i for i, x in enumerate(ids) if len(x) > limit]
         if long:                                    # re-tokenize only what must be cut
@@ -76,8 +84,14 @@ class TextClassification(Classification):
         return Features(({"input_ids": x, **({"labels": self.label_id(r)} if r.get(label_col) not in (None, "") else {})}
                          for x, r in zip(ids, rows)), truncated=len(long))
 
+    def texts(self, rows: list[dict]) -> list[str]:
+        """Each row's text, cut at CHARS_PER_TOKEN x data.max_length characters before tokenising: what is cut
+        lies past the token limit anyway, and a 10 MB row would otherwise cost gigabytes of token ids."""
+        cap = CHARS_PER_TOKEN * self.recipe.data.max_length
+        return [r[self.recipe.data.text_column][:cap] for r in rows]
+
     def length_stats(self, rows: list[dict], features: list[dict]) -> dict:
-        texts = [r[self.recipe.data.text_column] for r in rows]
+        texts = self.texts(rows)
         lengths = self.tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"]
         return {"lengths": [len(x) for x in lengths], "kept": [len(f["input_ids"]) for f in features]}
 
@@ -100,9 +114,45 @@ class TextClassification(Classification):
             batch["labels"] = torch.tensor([f["labels"] for f in features])
         return batch
 
+    def export_inputs(self) -> dict[str, tuple[torch.Tensor, dict[int, str]]]:
+        col = self.recipe.data.text_column
+        batch = self.collate(self.encode([{col: "a short text"}, {col: "and a somewhat longer text than that"}]))
+        return {name: (x, {0: "batch", 1: "sequence"}) for name, x in batch.items()}      # [B, T] each
+
     def predict(self, model, inputs: list) -> list[dict]:
         col = self.recipe.data.text_column
         rows = [{col: x[col] if isinstance(x, dict) else x} for x in inputs]
         features = [{"input_ids": f["input_ids"]} for f in self.encode(rows)]
         with torch.no_grad():
             return self.predictions(self.logits(model, features, self.recipe.eval.batch_size))
+
+    def explain(self, model, inputs: list) -> list[dict]:
+        """Integrated Gradients (captum) on the word embeddings toward the predicted label, one input at a time.
+        Baseline: the same tokens with every non-special token replaced by padding; an attribution is the sum
+        over the embedding of (input - baseline) x the path-averaged gradient of the label's logit, so the
+        attributions add up to logit(input) - logit(baseline) up to `convergence_delta`."""
+        attr = captum_attr()
+        col = self.recipe.data.text_column
+        rows = [{col: x[col] if isinstance(x, dict) else x} for x in inputs]
+        device = model_device(model)
+        forward = lambda ids, mask: model(input_ids=ids, attention_mask=mask).logits.float()   # [B, C]
+        ig = attr.LayerIntegratedGradients(forward, model.get_input_embeddings())
+        special = set(self.tokenizer.all_special_ids)
+        pad = self.tokenizer.pad_token_id or 0
+        out = []
+        for row, f in zip(rows, self.encode(rows)):
+            ids = torch.tensor([f["input_ids"]], device=device)                 # [1, T]
+            mask = torch.ones_like(ids)
+            base = torch.tensor([[t if t in special else pad for t in f["input_ids"]]], device=device)
+            with torch.no_grad():
+                probs = forward(ids, mask).softmax(-1)[0]
+            target = int(probs.argmax())
+            with torch.enable_grad():
+                scores, delta = ig.attribute(ids, baselines=base, additional_forward_args=(mask,), target=target,
+                                             n_steps=EXPLAIN_STEPS, return_convergence_delta=True)
+            out.append({"input": row[col], "predicted": self.names[target],
+                        "probability": round(float(probs[target]), 6),
+                        "tokens": self.tokenizer.convert_ids_to_tokens(f["input_ids"]),
+                        "attributions": [round(float(a), 6) for a in scores.sum(-1)[0]],   # [T]
+                        "convergence_delta": round(float(delta), 6)})
+        return out

@@ -1,0 +1,238 @@
+"""`tunesmith export RUN`: the run's model as ONNX (fp32, and int8 by onnxruntime's dynamic quantization, per channel), checked
+on the run's own held-out test rows (data/test.jsonl) before it is written as done.
+
+For each file: max |logit difference| against the PyTorch model, the test metric (train.metric, scored as eval.json
+scores it) against eval.json, latency p50/p95 at batch 1 and 32, and file size. A file whose metric falls more than
+`max_drop` below eval.json is removed and the export fails (exit 1); export.json (the "done" record) lists only files
+that passed. A task that cannot be exported (`Task.exportable` false, e.g. causal-lm) has `--format hf`: its run's
+model/ folder, LoRA already merged, copied as it is.
+
+Out folder (default RUN/export/): model.onnx, model.int8.onnx, config.json (labels), the tokenizer or image
+processor, export.json. `OnnxModel` puts an exported file behind the call tasks make (`model(**batch).logits`), so
+the task's own evaluate and predict score and serve it (tunesmith serve --onnx).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import statistics
+import time
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+from tunesmith.errors import TunesmithError
+
+FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx"}
+
+
+def onnx_model(path, threads: int | None = None):
+    """An exported ONNX file as a torch module: `model(**batch).logits` is a [B, C] float tensor on the CPU."""
+    import onnxruntime as ort
+    import torch
+
+    class OnnxModel(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            opts = ort.SessionOptions()
+            opts.log_severity_level = 3
+            if threads:
+                opts.intra_op_num_threads = threads
+            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            self.names = [i.name for i in self.session.get_inputs()]
+            self.anchor = torch.nn.Parameter(torch.zeros(0), requires_grad=False)  # model_device() reads a parameter
+            self.path = Path(path)
+
+        def forward(self, **batch):
+            feed = {n: batch[n].detach().cpu().numpy() for n in self.names}
+            return SimpleNamespace(logits=torch.from_numpy(self.session.run(["logits"], feed)[0]))
+
+    return OnnxModel().eval()
+
+
+def load_onnx(run_dir, kind: str = "fp32", device: str = "cpu"):
+    """The run's Predictor with its model replaced by an exported, checked ONNX file (RUN/export/, `kind` fp32 or
+    int8): predict and evaluate then run through onnxruntime."""
+    from tunesmith.run import Run
+
+    run = Run(run_dir)
+    record = run.path / "export" / "export.json"
+    if not record.exists():
+        raise TunesmithError(f"{run.path}: no checked export (export/export.json); run tunesmith export {run.path}"
+                             f"{' --quantize int8' if kind == 'int8' else ''} first")
+    files = json.loads(record.read_text())["files"]
+    if kind not in files:
+        raise TunesmithError(f"{record}: no {kind} model passed the export check (have: {', '.join(files)})")
+    predictor = run.load(device)
+    predictor.model = onnx_model(record.parent / files[kind])     # the task scores it through `.logits`
+    return predictor
+
+
+def latency(call, repeats: int, budget_s: float = 10.0) -> dict:
+    """p50/p95 milliseconds of `call()` over `repeats` timed calls (after one warm-up), stopping early after
+    `budget_s` seconds."""
+    call()
+    times, end = [], time.perf_counter() + budget_s
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        call()
+        times.append(1000 * (time.perf_counter() - t0))
+        if time.perf_counter() > end:
+            break
+    times.sort()
+    return {"p50_ms": round(statistics.median(times), 3),
+            "p95_ms": round(times[min(len(times) - 1, int(0.95 * len(times)))], 3), "calls": len(times)}
+
+
+def _batch(task, features, size: int):
+    """A collated batch of `size` features (the test rows, repeated if fewer), without labels."""
+    chosen = [features[i % len(features)] for i in range(size)]
+    batch = task.collate(chosen)
+    batch.pop("labels", None)
+    return batch
+
+
+def _logits(task, model, features, batch_size) -> list:
+    """[B, C] float logits per batch, in `batches` order (sorted by length), on the CPU."""
+    import torch
+
+    from tunesmith.tasks.base import batches
+
+    with torch.no_grad():
+        return [model(**{k: v for k, v in b.items() if k != "labels"}).logits.float()
+                for _, b in batches(task, features, batch_size, torch.device("cpu"))]
+
+
+def _check(task, model, reference, rows, features, batch_size, metric, repeats) -> dict:
+    """Parity against the PyTorch logits `reference` (from `_logits`; None: `model` is the PyTorch model, whose
+    metric is eval.json's), the test metric, and speed of `model` on the test features."""
+    import torch
+
+    out = {}
+    if reference is not None:
+        mine = _logits(task, model, features, batch_size)
+        out["max_abs_logit_diff"] = max(float((a - b).abs().max()) for a, b in zip(reference, mine))
+        with torch.no_grad():
+            out[metric] = task.evaluate_final(model, rows, features, batch_size)[metric]
+    with torch.no_grad():
+        for size in (1, 32):
+            batch = _batch(task, features, size)
+            out[f"batch{size}"] = latency(lambda: model(**batch), repeats if size == 1 else max(3, repeats // 4))
+    return out
+
+
+def _size_mb(path: Path) -> float:
+    files = [path] if path.is_file() else [p for p in path.rglob("*.safetensors")]
+    return round(sum(p.stat().st_size for p in files) / 1e6, 3)
+
+
+def export(run_dir, format: str = "onnx", quantize: str | None = None, out=None, max_drop: float = 0.01,
+           repeats: int = 30) -> dict:
+    """Export a finished run (see the module docstring); returns the report (as export.json holds it, plus
+    `rejected`: files whose test metric dropped by more than max_drop, removed; `passed`: none was)."""
+    import torch
+
+    from tunesmith.run import Run
+    from tunesmith.splits import load_rows
+
+    if format == "onnx":
+        try:
+            import onnx  # noqa: F401  (torch.onnx.export writes through it)
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            raise TunesmithError("tunesmith export --format onnx needs onnx and onnxruntime: "
+                                 "pip install 'tunesmith[export]'") from None
+    run = Run(run_dir)
+    out = Path(out) if out else run.path / "export"
+    if format == "hf":
+        if not run.model_dir.is_dir():
+            raise TunesmithError(f"{run.path}: no model/ folder (the run has not finished)")
+        shutil.copytree(run.model_dir, out, dirs_exist_ok=True)
+        return {"format": "hf", "out": str(out), "size_mb": _size_mb(out)}
+    if format != "onnx":
+        raise TunesmithError(f"--format {format}: use onnx or hf")
+    if quantize not in (None, "int8"):
+        raise TunesmithError(f"--quantize {quantize}: only int8 is supported")
+    reference_metrics = run.metrics
+    predictor = run.load("cpu")
+    task, model = predictor.task, predictor.model
+    if not task.exportable:
+        raise TunesmithError(f"task '{task.name}' has no ONNX export here (generation needs a graph with a KV cache, "
+                             f"which torch.onnx does not build for it); its merged HF folder is {run.model_dir}: "
+                             f"use --format hf to copy it")
+    metric, direction = run.recipe.train.metric, run.recipe.direction
+    if metric not in reference_metrics:
+        raise TunesmithError(f"{run.path}: eval.json has no {metric}; the run has not finished")
+    rows = load_rows(task, str(run.path / "data" / "test.jsonl"))
+    features = task.encode(rows)
+    batch_size = run.recipe.eval.batch_size
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "export.json").unlink(missing_ok=True)                 # done only once this export is checked
+    inputs = task.export_inputs()
+    fp32 = out / FILES["fp32"]
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")             # tracer notes on shape-dependent Python branches: parity checks them
+        torch.onnx.export(model, (), str(fp32), kwargs={k: x for k, (x, _) in inputs.items()},
+                          input_names=list(inputs), output_names=["logits"], opset_version=17, dynamo=False,
+                          dynamic_axes={**{k: axes for k, (_, axes) in inputs.items()}, "logits": {0: "batch"}})
+    paths = {"fp32": fp32}
+    if quantize == "int8":
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        logging.getLogger().setLevel(logging.ERROR)               # its advice to pre-process goes to the root logger
+        paths["int8"] = out / FILES["int8"]
+        quantize_dynamic(str(fp32), str(paths["int8"]), weight_type=QuantType.QInt8,
+                         per_channel=True)          # per output channel: 0.2-0.4 vs 1.2 points lost (MiniLM)
+    task.processor.save_pretrained(out)
+    model.config.save_pretrained(out)
+
+    report = {"format": "onnx", "run": str(run.path), "out": str(out), "metric": metric, "direction": direction,
+              "eval_json": reference_metrics[metric], "max_drop": max_drop, "test_rows": len(rows),
+              "files": {}, "rejected": {}, "results": {}}
+    report["results"]["pytorch"] = {"size_mb": _size_mb(run.model_dir), "max_abs_logit_diff": 0.0,
+                                    metric: reference_metrics[metric],
+                                    **_check(task, model, None, rows, features, batch_size, metric, repeats)}
+    reference = _logits(task, model, features, batch_size)          # once, for every exported file
+    for kind, path in paths.items():
+        result = {"size_mb": _size_mb(path), **_check(task, onnx_model(path), reference, rows, features, batch_size,
+                                                        metric, repeats)}
+        drop = (reference_metrics[metric] - result[metric]) * (1 if direction == "max" else -1)
+        result["drop"] = round(drop, 6)
+        report["results"][kind] = result
+        if drop > max_drop + 1e-9:
+            path.unlink()
+            report["rejected"][kind] = f"{metric} {result[metric]:.4f} vs {reference_metrics[metric]:.4f} in " \
+                                       f"eval.json: drops {drop:.4f} > --max-drop {max_drop}"
+        else:
+            report["files"][kind] = path.name
+    report["passed"] = not report["rejected"]
+    if report["files"]:
+        (out / "export.json").write_text(json.dumps({k: v for k, v in report.items() if k != "rejected"}, indent=2)
+                                         + "\n")
+    return report
+
+
+def render(report: dict) -> str:
+    """The parity table: one column per model (PyTorch, ONNX fp32, ONNX int8)."""
+    if report["format"] == "hf":
+        return f"HF folder (merged weights): {report['out']} ({report['size_mb']:.1f} MB)"
+    cols = list(report["results"])
+    metric = report["metric"]
+    rows = [("file size (MB)", lambda r: f"{r['size_mb']:.2f}"),
+            ("max |logit diff|", lambda r: f"{r['max_abs_logit_diff']:.2e}"),
+            (f"{metric} (test)", lambda r: f"{r[metric]:.4f}"),
+            ("p50 ms, batch 1", lambda r: f"{r['batch1']['p50_ms']:.2f}"),
+            ("p95 ms, batch 1", lambda r: f"{r['batch1']['p95_ms']:.2f}"),
+            ("p50 ms, batch 32", lambda r: f"{r['batch32']['p50_ms']:.2f}"),
+            ("p95 ms, batch 32", lambda r: f"{r['batch32']['p95_ms']:.2f}")]
+    lines = [f"{'':<20}" + "".join(f"{c:>12}" for c in cols)]
+    lines += [f"{name:<20}" + "".join(f"{fmt(report['results'][c]):>12}" for c in cols) for name, fmt in rows]
+    lines.append(f"eval.json {metric}: {report['eval_json']:.4f} on {report['test_rows']:,} test rows; "
+                 f"max drop allowed {report['max_drop']}")
+    for kind, why in report["rejected"].items():
+        lines.append(f"REJECTED {kind}: {why} (file removed)")
+    if report["files"]:
+        lines.append(f"written: {', '.join(str(Path(report['out']) / f) for f in report['files'].values())}")
+    return "\n".join(lines)

@@ -1,0 +1,167 @@
+"""POST /v1/chat/completions and GET /v1/models for generative runs, as the OpenAI API defines them, so the official
+`openai` client works unchanged; `stream: true` answers with server-sent events (chat.completion.chunk objects, then
+`data: [DONE]`). The prompt is the run's own chat template (Task.prompt_ids); settings start from the recipe's
+eval.generate and take the request's max_tokens, temperature (under 0.01: greedy), top_p and seed. Generation runs on the
+model thread (tunesmith/serving.py); a request past its timeout, or whose client went away, stops at the next token.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import uuid
+from typing import Literal
+
+from fastapi import HTTPException
+from pydantic import BaseModel, ConfigDict, Field
+
+from tunesmith.errors import TunesmithError
+
+MAX_TEXT = 100_000                  # characters per message
+MIN_TEMPERATURE = 0.01              # lower temperatures decode greedily
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=MAX_TEXT)
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")      # OpenAI clients may send options this server does not use
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1, max_length=256)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = Field(None, ge=0, le=2**32 - 1)
+    n: int = Field(1, ge=1, le=1)
+    stream: bool = False
+
+
+def add_chat_routes(app, predictor, batcher, limits, name: str, wait) -> None:
+    from fastapi.responses import StreamingResponse
+
+    task, model, tok = predictor.task, predictor.model, predictor.task.processor
+    context = getattr(model.config, "max_position_embeddings", None)
+
+    def settings_for(body: ChatRequest):
+        s = task.generation_settings()
+        update = {"max_new_tokens": min(body.max_completion_tokens or body.max_tokens or s.max_new_tokens,
+                                        limits.max_new_tokens)}
+        if body.temperature is not None:             # below MIN_TEMPERATURE: greedy (tiny ones overflow softmax)
+            sample = body.temperature >= MIN_TEMPERATURE
+            update |= {"do_sample": sample, "temperature": body.temperature if sample else None}
+        if body.top_p is not None:
+            update["top_p"] = body.top_p
+        if body.seed is not None:
+            update["seed"] = body.seed
+        return s.model_copy(update=update)
+
+    def prompt(messages: list[dict], max_new: int) -> list[int]:
+        try:
+            ids = task.prompt_ids(messages)
+        except Exception as e:                  # jinja2 errors: a template that rejects this conversation
+            raise ValueError(f"the chat template cannot render these messages: {e}") from None
+        if context and len(ids) + max_new > context:
+            raise ValueError(f"{len(ids)} prompt tokens + max_tokens {max_new} exceed the {context}-token context")
+        return ids
+
+    def generate(ids: list[int], settings, stop: threading.Event, on_text=None) -> tuple[str, int, str]:
+        """(text, new tokens, finish_reason) on the model thread; on_text(piece) as text is finalised."""
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
+
+        class Stop(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool, device=input_ids.device)
+
+        class Streamer(TextStreamer):
+            def on_finalized_text(self, text: str, stream_end: bool = False):
+                if text:
+                    on_text(text)
+
+        x = torch.tensor([ids], device=predictor.device)
+        with torch.no_grad(), task.autocast(model), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(settings.seed)
+            out = model.generate(input_ids=x, attention_mask=torch.ones_like(x),
+                                 streamer=Streamer(tok, skip_prompt=True, skip_special_tokens=True) if on_text else None,
+                                 stopping_criteria=StoppingCriteriaList([Stop()]), pad_token_id=tok.pad_token_id,
+                                 eos_token_id=tok.eos_token_id, **settings.kwargs())
+        new = out[0, len(ids):].tolist()
+        ended = bool(new) and new[-1] == tok.eos_token_id
+        finish = "stop" if ended or len(new) < settings.max_new_tokens else "length"
+        return tok.decode(new, skip_special_tokens=True).strip(), len(new), finish
+
+    def envelope(ident: str, created: int, kind: str, choice: dict) -> dict:
+        return {"id": ident, "object": kind, "created": created, "model": name, "choices": [choice]}
+
+    @app.get("/v1/models")
+    async def models():
+        """The one model this server holds (OpenAI's model list)."""
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "tunesmith"}]}
+
+    @app.post("/v1/chat/completions",
+              responses={422: {"description": "malformed request"}, 503: {"description": "busy"},
+                         504: {"description": "timeout"}})
+    async def chat_completions(body: ChatRequest):
+        """OpenAI's chat completion: the assistant's reply to `messages` (streamed as SSE when `stream`)."""
+        settings = settings_for(body)
+        messages = [{"role": m.role, "content": m.content} for m in body.messages]
+        if batcher.waiting >= limits.max_queue:
+            raise HTTPException(503, "queue full; retry shortly", headers={"Retry-After": "1"})
+        try:
+            ids = await batcher.call(prompt, messages, settings.max_new_tokens)
+        except (ValueError, TunesmithError) as e:
+            raise HTTPException(422, str(e)) from None
+        ident, created, stop = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), threading.Event()
+        batcher.waiting += 1                    # a generation holds the model thread like a batch of inputs
+        if not body.stream:
+            job = asyncio.ensure_future(batcher.call(generate, ids, settings, stop))
+            job.add_done_callback(lambda _: setattr(batcher, "waiting", batcher.waiting - 1))
+            try:
+                text, n_new, finish = (await wait([job], "generation"))[0]
+            finally:
+                stop.set()
+            return {**envelope(ident, created, "chat.completion",
+                               {"index": 0, "message": {"role": "assistant", "content": text},
+                                "finish_reason": finish}),
+                    "usage": {"prompt_tokens": len(ids), "completion_tokens": n_new,
+                              "total_tokens": len(ids) + n_new}}
+
+        loop, pieces = asyncio.get_running_loop(), asyncio.Queue()
+        job = asyncio.ensure_future(batcher.call(generate, ids, settings, stop,
+                                                 lambda t: loop.call_soon_threadsafe(pieces.put_nowait, t)))
+
+        def finished(_):
+            batcher.waiting -= 1
+            pieces.put_nowait(None)
+        job.add_done_callback(finished)
+
+        def event(delta: dict, finish: str | None) -> str:
+            chunk = envelope(ident, created, "chat.completion.chunk",
+                             {"index": 0, "delta": delta, "finish_reason": finish})
+            return f"data: {json.dumps(chunk)}\n\n"
+
+        async def events():
+            deadline = loop.time() + limits.timeout_s
+            try:
+                yield event({"role": "assistant", "content": ""}, None)
+                while (left := deadline - loop.time()) > 0:
+                    try:
+                        piece = await asyncio.wait_for(pieces.get(), left)
+                    except asyncio.TimeoutError:
+                        break
+                    if piece is None:
+                        break
+                    yield event({"content": piece}, None)
+                done = job.done() and not job.cancelled() and job.exception() is None
+                yield event({}, job.result()[2] if done else "length")
+                yield "data: [DONE]\n\n"
+            finally:
+                stop.set()                      # timeout or a client that went away: generation stops
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
