@@ -25,7 +25,12 @@ def last_step(run):
     path = run / "metrics.jsonl"
     if not path.exists():
         return 0
-    steps = [json.loads(x).get("step", 0) for x in path.read_text().splitlines() if x.strip()]
+    steps = []
+    for x in path.read_text().splitlines():
+        try:
+            steps.append(json.loads(x).get("step", 0))
+        except json.JSONDecodeError:        # the last line, read while the trainer writes it
+            pass
     return max(steps, default=0)
 
 
