@@ -77,3 +77,26 @@ def test_weights_key_changes_with_the_weights(tiny_bert):
     with torch.no_grad():
         model.bert.encoder.layer[1].output.dense.bias += 1e-3                        # above k: same key
     assert weights_key(model, "bert.encoder.layer", 1) == key
+
+
+def test_states_past_the_memory_limit_are_memory_mapped(tiny_bert, tmp_path, monkeypatch):
+    import numpy as np
+
+    from tunesmith import featcache
+
+    data = write_reviews(tmp_path / "r.csv", n=100, seed=3)
+    recipe = frozen(tiny_bert, data, epochs=2)
+    monkeypatch.setattr(featcache, "_STORE", {})
+    ram = ts.train(ts.load_recipe(recipe), tmp_path / "ram")
+    assert all(id(t) in featcache._IN_RAM for st in featcache._STORE.values() for t in st.values())
+    monkeypatch.setattr(featcache, "_STORE", {})
+    monkeypatch.setattr(featcache, "MEMORY_LIMIT", 0)
+    n0 = len(featcache.SPILLED)
+    mapped = ts.train(ts.load_recipe(recipe), tmp_path / "mapped")
+    states = [t for st in featcache._STORE.values() for t in st.values()]
+    assert states and all(id(t) not in featcache._IN_RAM for t in states)
+    files = [np.load(f, mmap_mode="r") for f in featcache.SPILLED[n0:]]        # train, then validation
+    assert len(files) == 2 and sum(f.shape[0] for f in files) == sum(len(t) for t in states)
+    first = next(iter(next(iter(featcache._STORE.values())).values()))
+    assert np.array_equal(files[0][:len(first)], first.numpy())
+    assert mapped.metrics["loss"] == ram.metrics["loss"] and mapped.metrics["accuracy"] == ram.metrics["accuracy"]

@@ -6,8 +6,9 @@ Covered: tasks that declare `Task.feature_cache` (text classification) on BERT-l
 has an `embeddings` module taking `inputs_embeds` and whose blocks are one nn.ModuleList iterated in order
 (BERT, RoBERTa, MiniLM, ELECTRA). Safe only when: method is not lora, no gradual unfreezing, no torch.compile,
 the stem and blocks 0..k-1 are frozen, and every dropout there has p = 0 (`model.dropout: 0`).
-Cached states are kept in memory per process, keyed by the frozen weights (a hash of their bytes) and k, and
-per example by its token ids (so the data and data.max_length are part of the key).
+Cached states are kept per process, keyed by the frozen weights (a hash of their bytes) and k, and per example
+by its token ids (so the data and data.max_length are part of the key); in memory up to MEMORY_LIMIT bytes, past
+it in memory-mapped files in a temporary folder (removed at exit).
 """
 from __future__ import annotations
 
@@ -24,6 +25,9 @@ from tunesmith.tasks.base import Features
 
 _STORE: dict[str, dict[tuple, torch.Tensor]] = {}   # weights key -> token ids -> [T, H] float32 input of block k
 KEEP = 2                                            # frozen parts (models, k) whose states are kept
+MEMORY_LIMIT = 1 << 30                              # bytes of states held in RAM; more go to memory-mapped files
+_IN_RAM: set[int] = set()                           # id() of stored tensors that are not memory-mapped
+SPILLED: list[str] = []                             # the memory-mapped files written so far
 STATS = {"computed": 0, "reused": 0}               # examples, this process (for tests and the run's message)
 
 
@@ -49,7 +53,8 @@ class Cache:
         """`features` with `hidden`: the input of block k per example ([T, H] float32, CPU)."""
         key = weights_key(model, self.blocks, self.k)
         if key not in _STORE and len(_STORE) >= KEEP:
-            del _STORE[next(iter(_STORE))]          # the oldest frozen part's states: memory stays bounded
+            old = _STORE.pop(next(iter(_STORE)))    # the oldest frozen part's states: memory stays bounded
+            _IN_RAM.difference_update(id(t) for t in old.values())
         store = _STORE.setdefault(key, {})
         todo = [f for f in features if tuple(f["input_ids"]) not in store]
         STATS["reused"] += len(features) - len(todo)
@@ -63,12 +68,42 @@ class Cache:
                 batch = {k: v.to(device) for k, v in batch.items()}
                 hidden = model.base_model(**batch, output_hidden_states=True).hidden_states[self.k]
                 for f, h in zip(chunk, hidden.float().cpu()):
-                    store[tuple(f["input_ids"])] = h[:len(f["input_ids"])].clone()
+                    t = store[tuple(f["input_ids"])] = h[:len(f["input_ids"])].clone()
+                    _IN_RAM.add(id(t))
         model.train(was)
+        if sum(t.numel() * 4 for st in _STORE.values() for t in st.values() if id(t) in _IN_RAM) > MEMORY_LIMIT:
+            spill(store)
         return Features([{**f, "hidden": store[tuple(f["input_ids"])]} for f in features], features.truncated)
 
     def active(self, model):
         return skipping(model, self.blocks, self.k) if self.k else nullcontext()
+
+
+def spill(store: dict) -> None:
+    """Move the in-RAM states of `store` into one memory-mapped float32 file; the entries become views of it."""
+    import atexit
+    import shutil
+    import tempfile
+
+    import numpy as np
+
+    keys = [k for k, t in store.items() if id(t) in _IN_RAM]
+    if not keys:
+        return
+    folder = tempfile.mkdtemp(prefix="tunesmith-features-")
+    atexit.register(shutil.rmtree, folder, True)
+    width = store[keys[0]].shape[-1]
+    rows = sum(store[k].shape[0] for k in keys)
+    mm = np.lib.format.open_memmap(f"{folder}/states.npy", mode="w+", dtype=np.float32, shape=(rows, width))
+    at = 0
+    for k in keys:
+        t = store[k]
+        mm[at:at + len(t)] = t.numpy()
+        _IN_RAM.discard(id(t))
+        store[k] = torch.from_numpy(mm[at:at + len(t)])     # a view: pages are read back on demand
+        at += len(t)
+    mm.flush()
+    SPILLED.append(f"{folder}/states.npy")
 
 
 def weights_key(model, blocks: str, k: int) -> str:
