@@ -85,6 +85,10 @@ def test_interrupted_search_resumes_and_retries_the_interrupted_trial(tiny_bert,
     assert trials[1]["state"] == "FAIL"
     retry = [t for t in trials.values() if t["number"] > 1 and t["params"] == trials[1]["params"]]
     assert retry and retry[0]["state"] == "COMPLETE"
+    # the retry continued the interrupted trial's own run folder from its checkpoint, each step once
+    assert retry[0]["run_dir"] == "trial-0001" and "continuing trial-0001" in res.stdout
+    steps = [r["step"] for r in validations(study / "trial-0001")]
+    assert steps == sorted(set(steps)) and len(steps) == 4
     assert trials[0]["state"] == "COMPLETE"                   # finished before the kill: kept, not rerun
     assert sum(t["state"] == "COMPLETE" for t in trials.values()) == 2
 

@@ -79,7 +79,7 @@ def test_two_workers_share_a_study_and_retry_a_killed_workers_trial(tiny_bert, t
     assert [t.state.name for t in retries] == ["COMPLETE"] and retries[0].params == by_number[victim].params
     complete = [t for t in trials if t.state.name == "COMPLETE"]
     assert len(complete) >= 3 and all(t.state.name in ("COMPLETE", "FAIL") for t in trials)   # none left behind
-    dirs = [t.user_attrs["run_dir"] for t in trials]
+    dirs = [t.user_attrs["run_dir"] for t in complete]
     assert len(set(dirs)) == len(dirs)                                     # one run folder per trial
     for t in complete:                                                     # each ran once, start to end
         steps = [json.loads(x)["step"] for x in (folder / t.user_attrs["run_dir"] / "metrics.jsonl").read_text()

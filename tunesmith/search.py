@@ -7,8 +7,9 @@ A study is a folder:
   trials.json       every trial: number, state, score, params, run folder
 A trial is scored on its best checkpoint (the best validation value; with search.cv the mean held-out fold
 metric). Workers share a study through its storage: each trial is taken by one worker; a worker that dies
-stops its heartbeat, and the next worker to start a trial marks it failed and runs a retry with its parameters.
-Re-running the same command resumes the study (finished trials are kept; the target counts them).
+stops its heartbeat, and the next worker to start a trial marks it failed and runs a retry with its parameters,
+continuing the dead trial's run folder from its newest checkpoint where it can (`resumable`). Re-running the
+same command resumes the study (finished trials are kept; the target counts them).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from pathlib import Path
 from tunesmith.errors import TunesmithError
 from tunesmith.recipe import Recipe, RecipeError, load
 from tunesmith.run import Callback, StopTraining
-from tunesmith.safety import Interrupted
+from tunesmith.safety import LOCK, Interrupted
 from tunesmith.searchspace import Param, SearchConfig, default_space, seconds
 
 
@@ -106,6 +107,22 @@ class Report(Callback):
             raise StopTraining(f"pruned by the search after {self.evals} evaluations")
 
 
+def resumable(folder: Path, name: str | None) -> Path | None:
+    """The run folder of an interrupted trial when this process can continue it exactly: it has a committed
+    checkpoint, no eval.json, and no lock held by another host (a dead process's lock here is taken over)."""
+    from tunesmith import checkpoint
+    if not name or not (folder / name / "recipe.yaml").exists() or (folder / name / "eval.json").exists():
+        return None
+    if checkpoint.newest(folder / name / "checkpoints", log=lambda *a: None) is None:
+        return None
+    lock = folder / name / LOCK
+    try:
+        owner = json.loads(lock.read_text() or "{}") if lock.exists() else {}
+    except (OSError, ValueError):
+        owner = {}
+    return folder / name if owner.get("host", socket.gethostname()) == socket.gethostname() else None
+
+
 def storage_url(storage: str | None, folder: Path) -> str:
     if storage is None:
         return f"sqlite:///{(folder / 'study.db').resolve()}"
@@ -138,7 +155,8 @@ def objective(recipe: Recipe, folder: Path, say=print):
     def run_trial(trial) -> float:
         values = {key: suggest(trial, key, p) for key, p in space(recipe).items()}
         trial_recipe = with_values(recipe, values)
-        run_dir = folder / f"trial-{trial.number:04d}"
+        resume = resumable(folder, trial.user_attrs.get("run_dir"))   # a retry carries its failed trial's attrs
+        run_dir = resume or folder / f"trial-{trial.number:04d}"
         trial.set_user_attr("run_dir", run_dir.name)
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         say(f"trial {trial.number}: {values}")
@@ -153,8 +171,16 @@ def objective(recipe: Recipe, folder: Path, say=print):
             trial.set_user_attr("test", score)
             return score
         report = Report(trial, metric, prune=cfg.pruner != "none")
+        if resume:                                  # what the failed trial validated before its checkpoint
+            from tunesmith import checkpoint
+
+            say(f"trial {trial.number}: continuing {run_dir.name} from its newest checkpoint")
+            step = int(checkpoint.newest(run_dir / "checkpoints", log=lambda *a: None).name.split("-")[1])
+            for record in ts.Run(run_dir).history:
+                if record.get("step", 0) <= step:
+                    report.on_log(record)
         try:
-            run = ts.train(trial_recipe, run_dir=run_dir, callbacks=[report])
+            run = ts.train(trial_recipe, run_dir=None if resume else run_dir, resume=resume, callbacks=[report])
         except Interrupted:                         # Ctrl-C / SIGTERM: end the search; the trial runs again
             raise KeyboardInterrupt from None
         score = best_validation(run.history, metric, recipe.direction)
