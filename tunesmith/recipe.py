@@ -222,10 +222,8 @@ def _messages(err: ValidationError, cls: type[Recipe], others: dict[str, type[Re
             section = _section(cls, loc)
             valid = list(section.model_fields) if section else []
             close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
-            if users:
-                hint = f" (did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?)" if close else ""
-                out.append(f"{path}: does not apply to task '{cls.task_name()}'; "
-                           f"it is a key of {', '.join(users)}{hint}")
+            if users:                               # right key, wrong task: no did-you-mean, say whose it is
+                out.append(f"{path}: does not apply to task '{cls.task_name()}'; it is a key of {', '.join(users)}")
             else:
                 hint = f" did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?" if close else ""
                 out.append(f"{path}: unknown key;{hint} valid keys here: {', '.join(valid)}")
