@@ -151,13 +151,17 @@ class Classification(Task):
                 out[i] = row
         return torch.stack(out)
 
-    def evaluate(self, model, features: list[dict], batch_size: int) -> dict:
+    def scores(self, model, features: list[dict], batch_size: int):
+        """(metrics, labels [N], probs [N, C]) on labelled features: what evaluate and evaluate_final share."""
         logits = self.logits(model, features, batch_size)
         labels = torch.tensor([f["labels"] for f in features])
         probs = logits.softmax(-1)
         result = {"loss": float(F.cross_entropy(logits, labels))}
         result |= metrics.classification(labels.numpy(), probs.argmax(-1).numpy(), probs.numpy(), self.names)
-        return result
+        return result, labels, probs
+
+    def evaluate(self, model, features: list[dict], batch_size: int) -> dict:
+        return self.scores(model, features, batch_size)[0]
 
     def evaluate_final(self, model, rows: list[dict], features: list[dict], batch_size: int,
                        out_dir=None) -> dict:
@@ -165,12 +169,8 @@ class Classification(Task):
         tunesmith/fairness.py) and, with out_dir, predictions.jsonl: one {row, label, predicted, confidence,
         probabilities} per evaluated row (row: its position in `rows`, data/test.jsonl for a run's test split;
         probabilities: every label up to PREDICTION_LABELS labels, else the most probable ones)."""
-        logits = self.logits(model, features, batch_size)
-        labels = torch.tensor([f["labels"] for f in features])
-        probs = logits.softmax(-1)
+        result, labels, probs = self.scores(model, features, batch_size)
         pred = probs.argmax(-1)
-        result = {"loss": float(F.cross_entropy(logits, labels))}
-        result |= metrics.classification(labels.numpy(), pred.numpy(), probs.numpy(), self.names)
         result |= self.final_metrics(rows, labels, probs, out_dir)
         ev = self.recipe.eval
         if ev.slices:
