@@ -1,16 +1,19 @@
-"""tunesmith vs HF Trainer on chat/instruction tuning of a causal LM, same model and data, in one process.
+"""tunesmith vs HF Trainer and TRL's SFTTrainer on chat/instruction tuning of a causal LM, same model and data,
+in one process.
 
     .venv/bin/python benchmarks/causal_lm_vs_hf.py [--rows N] [--steps S] [--batch B] [--skip-bf16]
+                                                   [--baseline hf|trl|both]
 
-Both train the bundled SmolLM2-135M-Instruct with the same LoRA (the demo recipe's: r 16 on the attention
+All three train the bundled SmolLM2-135M-Instruct with the same LoRA (the demo recipe's: r 16 on the attention
 and MLP projections of the top 15 of 30 blocks), learning rate, warmup and linear schedule, on the same
 training conversations of the bundled reviews_chat data, with the same prompt-masked labels (the causal-lm
 task's own encoding), for the same number of optimizer steps of about B conversations each. HF Trainer pads
 each batch (DataCollatorForSeq2Seq) and runs with its defaults (fp32 on CPU; a bf16=True run is added where the
-CPU has native bf16); tunesmith packs one row of ~B conversations per step (train.packing) and applies the LM
-head only at label positions.
+CPU has native bf16). TRL's SFTTrainer packs best-fit-decreasing ("bfd") into one padding-free row of the same
+length as tunesmith's per step, gradient checkpointing off. tunesmith packs one row of ~B conversations per step
+(train.packing) and applies the LM head only at label positions.
 
-Prints real (non-pad) training tokens/s and the ratio to HF Trainer's default run; peak resident memory while
+Prints real (non-pad) training tokens/s and its ratio to each baseline at the same precision; peak resident memory while
 training, above the level before the run (model loading included); and after training the token-weighted loss
 over the assistant tokens of the same 200 held-out validation conversations (fp32, one evaluation function).
 """
@@ -58,45 +61,82 @@ def validation_loss(task, model, features) -> float:
         return task.evaluate(model, features, 16)["loss"]
 
 
-def run_hf(recipe, task, train_rows, val_features, steps: int, batch: int, out_dir: str, bf16: bool) -> dict:
-    """HF Trainer with its defaults; only the recipe's hyperparameters (and its LoRA) are set."""
+def lora_model(recipe):
+    """The recipe's model with its LoRA on the top blocks (as adapt.freeze_layers does), and a counter of the real
+    (non-pad) tokens of each training forward: the attention mask's ones, or every id of a padding-free row."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
+    from transformers import AutoModelForCausalLM, set_seed
     from tunesmith.assets import resolve_model
 
-    cfg, lora = recipe.train, recipe.adapt.lora
-    release_memory()
-    mem = PeakRSS().__enter__()                         # model loading counts, as it does for tunesmith
-    set_seed(cfg.seed)
+    lora = recipe.adapt.lora
+    set_seed(recipe.train.seed)
     model = AutoModelForCausalLM.from_pretrained(resolve_model(recipe.model.name))
-    layers = range(recipe.adapt.freeze_layers, model.config.num_hidden_layers)   # as adapt.freeze_layers does
+    layers = range(recipe.adapt.freeze_layers, model.config.num_hidden_layers)
     model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                              target_modules=lora.target_modules, layers_to_transform=list(layers),
                                              task_type="CAUSAL_LM"))
-    train_set = [{"input_ids": f["input_ids"], "attention_mask": [1] * len(f["input_ids"]), "labels": f["labels"]}
-                 for f in task.encode(train_rows)]
-    collate = DataCollatorForSeq2Seq(task.tokenizer, label_pad_token_id=-100, padding=True)
     seen = {"tokens": 0}
 
-    def count(module, args, kwargs):                    # real (non-pad) tokens of each training forward
+    def count(module, args, kwargs):
         if module.training:
-            seen["tokens"] += int(kwargs["attention_mask"].sum())
+            mask, ids = kwargs.get("attention_mask"), kwargs.get("input_ids")
+            seen["tokens"] += int(mask.sum()) if mask is not None else ids.numel()
 
     model.register_forward_pre_hook(count, with_kwargs=True)
+    return model, seen
 
-    args = dict(output_dir=out_dir, per_device_train_batch_size=batch, learning_rate=cfg.learning_rate,
-                max_steps=steps, weight_decay=cfg.weight_decay, warmup_steps=round(cfg.warmup * steps),
-                lr_scheduler_type=cfg.scheduler, max_grad_norm=cfg.max_grad_norm, seed=cfg.seed, bf16=bf16,
-                save_strategy="no", report_to="none", disable_tqdm=True, logging_steps=steps,
+
+def common_args(recipe, steps: int, out_dir: str, bf16: bool) -> dict:
+    """TrainingArguments both baselines share: the recipe's hyperparameters, no checkpoints, no reporting."""
+    cfg = recipe.train
+    return dict(output_dir=out_dir, learning_rate=cfg.learning_rate, max_steps=steps, weight_decay=cfg.weight_decay,
+                warmup_steps=round(cfg.warmup * steps), lr_scheduler_type=cfg.scheduler,
+                max_grad_norm=cfg.max_grad_norm, seed=cfg.seed, bf16=bf16, save_strategy="no", report_to="none",
+                disable_tqdm=True, logging_steps=steps,
                 use_cpu=not torch.cuda.is_available())     # required for bf16=True on a CPU
-    trainer = Trainer(model=model, args=TrainingArguments(**args), train_dataset=train_set,
-                      processing_class=task.tokenizer, data_collator=collate)
+
+
+def measure(name: str, trainer, model, seen: dict, mem, task, val_features) -> dict:
     with PeakRSS() as during:
         metrics = trainer.train().metrics
     mem.__exit__(None, None, None)
-    return {"name": f"HF Trainer ({'bf16' if bf16 else 'defaults, fp32'})", "seconds": metrics["train_runtime"],
-            "tokens": seen["tokens"], "mem": (during.peak - mem.base) / 2**20,
-            "loss": validation_loss(task, model, val_features)}
+    return {"name": name, "seconds": metrics["train_runtime"], "tokens": seen["tokens"],
+            "mem": (during.peak - mem.base) / 2**20, "loss": validation_loss(task, model, val_features)}
+
+
+def run_hf(recipe, task, train_rows, val_features, steps: int, batch: int, out_dir: str, bf16: bool) -> dict:
+    """HF Trainer with its defaults; only the recipe's hyperparameters (and its LoRA) are set."""
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    release_memory()
+    mem = PeakRSS().__enter__()                         # model loading counts, as it does for tunesmith
+    model, seen = lora_model(recipe)
+    train_set = [{"input_ids": f["input_ids"], "attention_mask": [1] * len(f["input_ids"]), "labels": f["labels"]}
+                 for f in task.encode(train_rows)]
+    collate = DataCollatorForSeq2Seq(task.tokenizer, label_pad_token_id=-100, padding=True)
+    args = TrainingArguments(per_device_train_batch_size=batch, **common_args(recipe, steps, out_dir, bf16))
+    trainer = Trainer(model=model, args=args, train_dataset=train_set, processing_class=task.tokenizer,
+                      data_collator=collate)
+    return measure(f"HF Trainer ({'bf16' if bf16 else 'defaults, fp32'})", trainer, model, seen, mem, task,
+                   val_features)
+
+
+def run_trl(recipe, task, train_rows, val_features, steps: int, pack_length: int, out_dir: str, bf16: bool) -> dict:
+    """TRL's SFTTrainer: the same LoRA on the same prompt-masked features (a "labels" column, so TRL trains on the
+    answers only), its best-fit-decreasing packing into rows of pack_length tokens, one row a step, padding-free.
+    Gradient checkpointing off (TRL's default is on; off is faster on this model); precision set as tunesmith's."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    release_memory()
+    mem = PeakRSS().__enter__()
+    model, seen = lora_model(recipe)
+    data = Dataset.from_list([{"input_ids": f["input_ids"], "labels": f["labels"]} for f in task.encode(train_rows)])
+    args = SFTConfig(per_device_train_batch_size=1, packing=True, packing_strategy="bfd", padding_free=True,
+                     max_length=pack_length, gradient_checkpointing=False, **common_args(recipe, steps, out_dir, bf16))
+    trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=task.tokenizer)
+    return measure(f"TRL SFTTrainer ({'bf16' if bf16 else 'fp32'}, bfd)", trainer, model, seen, mem, task,
+                   val_features)
 
 
 def run_tunesmith(recipe, task, val_features, steps: int, batch: int, mean_len: float, out_dir: str,
@@ -106,7 +146,7 @@ def run_tunesmith(recipe, task, val_features, steps: int, batch: int, mean_len: 
     recipe = recipe.model_copy(deep=True)
     recipe.train.precision, recipe.train.max_steps = precision, steps
     recipe.train.packing, recipe.train.batch_size = True, 1     # one packed row of ~batch conversations a step
-    recipe.train.pack_length = round(batch * mean_len / 0.96)  # best-fit decreasing fills rows ~96%
+    recipe.train.pack_length = round(batch * mean_len / 0.96)  # as main() gives TRL's max_length
     import tunesmith.loop as loop
 
     fit, during = loop.fit, PeakRSS()
@@ -136,7 +176,13 @@ def main():
     ap.add_argument("--steps", type=int, default=12, help="optimizer steps for every run (default 12)")
     ap.add_argument("--batch", type=int, default=8, help="conversations per step (default 8)")
     ap.add_argument("--skip-bf16", action="store_true", help="only fp32 runs")
+    ap.add_argument("--baseline", choices=["hf", "trl", "both"], default="both",
+                    help="HF Trainer (padded batches), TRL's SFTTrainer (packed, padding-free), or both")
     args = ap.parse_args()
+    if args.baseline != "hf":
+        import importlib.util
+        if importlib.util.find_spec("trl") is None:
+            raise SystemExit("the TRL baseline needs trl: pip install --no-deps trl==1.16.0 (or --baseline hf)")
     recipe = load(RECIPE, [f"data.max_rows={args.rows}", "data.validation_size=200", "eval.before=false",
                            "eval.generate=null", f"train.eval_every={args.steps}"])
     task = get_task(recipe)
@@ -146,34 +192,54 @@ def main():
     train_rows = tables["train"].rows
     lengths = [len(task.encode_one(task.messages(r))[0]) for r in train_rows]
     mean_len = sum(lengths) / len(lengths)
+    from tunesmith.device import cpu_flags
+    flags = " ".join(sorted(f for f in cpu_flags() if f.startswith(("avx", "amx"))))
+    print(f"cpu flags: {flags}; load average {os.getloadavg()[0]:.2f}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {len(train_rows)} training conversations "
           f"(mean {mean_len:.0f} tokens), {args.steps} steps of ~{args.batch}; lr {recipe.train.learning_rate}, "
           f"LoRA r={recipe.adapt.lora.r} on {recipe.adapt.lora.target_modules}")
 
     tmp = tempfile.mkdtemp(prefix="bench-lm-")
     t0 = time.perf_counter()
-    results = [run_hf(recipe.model_copy(deep=True), task, train_rows, val_features, args.steps, args.batch,
-                      f"{tmp}/hf", bf16=False),
-               run_tunesmith(recipe, task, val_features, args.steps, args.batch, mean_len, f"{tmp}/ts-fp32", "fp32")]
+    pack_length = round(args.batch * mean_len / 0.96)   # best-fit decreasing fills rows ~96%
+    precisions = ["fp32"]
     if not args.skip_bf16:
         from tunesmith.device import choose_precision
         mode, why = choose_precision("auto", torch.device("cpu"))
-        if mode == "bf16":
-            results.append(run_hf(recipe.model_copy(deep=True), task, train_rows, val_features, args.steps,
-                                  args.batch, f"{tmp}/hf-bf16", bf16=True))
-            results.append(run_tunesmith(recipe, task, val_features, args.steps, args.batch, mean_len,
-                                         f"{tmp}/ts-bf16", "bf16"))
-        else:
+        precisions += ["bf16"] if mode == "bf16" else []
+        if mode != "bf16":
             print(f"no bf16 runs: {why}")
-    base = results[0]["tokens"] / results[0]["seconds"]
-    print(f"\n{'run':<30}{'real tokens':>12}{'seconds':>9}{'tokens/s':>10}{'ratio':>7}{'peak MiB':>10}{'val loss':>10}")
+    results = []
+    for precision in precisions:
+        bf16 = precision == "bf16"
+        if args.baseline in ("hf", "both"):
+            results.append(run_hf(recipe.model_copy(deep=True), task, train_rows, val_features, args.steps,
+                                  args.batch, f"{tmp}/hf-{precision}", bf16=bf16))
+        if args.baseline in ("trl", "both"):
+            results.append(run_trl(recipe.model_copy(deep=True), task, train_rows, val_features, args.steps,
+                                   pack_length, f"{tmp}/trl-{precision}", bf16=bf16))
+        results.append(run_tunesmith(recipe, task, val_features, args.steps, args.batch, mean_len,
+                                     f"{tmp}/ts-{precision}", precision))
+        results[-1]["precision"] = precision
+    base = {}
+    print(f"\n{'run':<32}{'real tokens':>12}{'seconds':>9}{'tokens/s':>10}{'vs HF':>7}{'vs TRL':>8}"
+          f"{'peak MiB':>10}{'val loss':>10}")
     for r in results:
         tps = r["tokens"] / r["seconds"]
-        print(f"{r['name']:<30}{r['tokens']:>12,}{r['seconds']:>9.1f}{tps:>10.1f}{tps / base:>7.2f}"
+        for kind in ("HF", "TRL"):
+            if r["name"].startswith(kind):
+                base[(kind, "bf16" if "bf16" in r["name"] else "fp32")] = tps
+        ratio = {k: (f"{tps / base[(k, r['precision'])]:.2f}" if (k, r.get("precision")) in base else "")
+                 for k in ("HF", "TRL")}
+        print(f"{r['name']:<32}{r['tokens']:>12,}{r['seconds']:>9.1f}{tps:>10.1f}{ratio['HF']:>7}{ratio['TRL']:>8}"
               f"{r['mem']:>10.0f}{r['loss']:>10.4f}")
-    print(f"\nratio: real (non-pad) training tokens/s relative to the first row; val loss: token-weighted loss "
-          f"over the assistant tokens of {len(val_features)} validation conversations (base model: "
-          f"{validation_loss(task, task.load_model(), val_features):.4f}); total {time.perf_counter() - t0:.0f}s")
+    labelled = sum(sum(x != -100 for x in f["labels"]) for f in val_features)
+    total = sum(len(f["input_ids"]) for f in val_features)
+    print(f"\nratios: tunesmith's real (non-pad) training tokens/s over the baseline's at the same precision; "
+          f"val loss: token-weighted loss over the assistant tokens of {len(val_features)} validation conversations "
+          f"({labelled} of {total} tokens are labelled; base model: "
+          f"{validation_loss(task, task.load_model(), val_features):.4f}); total {time.perf_counter() - t0:.0f}s; "
+          f"load average {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

@@ -127,7 +127,7 @@ def main():
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-img-"))
     overrides = [f"data.max_rows={args.rows}", f"train.epochs={args.epochs}", f"data.image_size={args.size}",
-                 "augment.hflip=0", "augment.crop_scale=null", "train.eval_every=1000000"]
+                 "augment.hflip=0", "augment.crop_scale=null", "train.eval_every=1000000", "train.min_steps=0"]
     if not Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").exists():
         print("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist): using generated pictures")
         folder = generated_images(tmp / "pictures", per_class=(args.rows + 1000) // 3 + 400)

@@ -30,7 +30,7 @@ def recipe(args) -> dict:
             "data": {"train": "rotten_tomatoes", "validation_size": args.validation, "test_size": 500,
                      "max_rows": args.rows, "max_length": 64},
             "adapt": {"method": "full", "freeze_embeddings": True, "freeze_layers": 4},
-            "train": {"epochs": args.epochs, "seed": 0, "precision": "fp32", "log_every": 50},
+            "train": {"epochs": args.epochs, "min_steps": 0, "seed": 0, "precision": "fp32", "log_every": 50},
             "search": {"trials": args.trials, "pruner": args.pruner, "space": SPACE}}
 
 

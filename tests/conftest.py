@@ -67,7 +67,7 @@ def recipe_dict(model: Path, data: Path, **sections) -> dict:
         "data": {"train": str(data), "validation_size": 0.2, "test_size": 0.2, "max_length": 32},
         "adapt": {"method": "full"},
         "train": {"epochs": 10, "learning_rate": 3e-3, "batch_size": 16, "seed": 0, "precision": "fp32",
-                  "log_every": 1, "warmup": 0},
+                  "log_every": 1, "warmup": 0, "min_steps": 0},   # tests count steps from their epochs
         "eval": {"batch_size": 32},
     }
     for key, value in sections.items():

@@ -95,7 +95,7 @@ def recipe_dict(model, train_data, **sections) -> dict:
         "data": {"train": str(train_data), "validation_size": 0.2, "test_size": 0.2},
         "adapt": {"method": "full"},
         "train": {"epochs": 6, "learning_rate": 5e-3, "batch_size": 16, "seed": 0, "precision": "fp32",
-                  "log_every": 1, "warmup": 0},
+                  "log_every": 1, "warmup": 0, "min_steps": 0},    # tests count steps from their epochs
         "augment": {"hflip": 0.5, "crop_scale": [0.7, 1], "rotation": 5, "brightness": 0.2},
         "eval": {"batch_size": 32},
     }

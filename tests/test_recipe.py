@@ -41,6 +41,16 @@ def test_overrides_are_typed_and_reach_nested_keys(tmp_path):
     assert r.adapt.freeze_patterns == ["classifier.*"] and r.eval.before is True
 
 
+def test_min_steps_default_is_the_tasks():
+    """Classification trains at least 100 optimizer steps by default (the small-data evidence); causal-lm keeps
+    its epochs; an explicit value wins."""
+    base = {"model": "m", "data": {"train": "x.csv"}}
+    assert load({**base, "task": "text-classification"}).train.min_steps == 100
+    assert load({**base, "task": "image-classification"}).train.min_steps == 100
+    assert load({**base, "task": "causal-lm"}).train.min_steps == 0
+    assert load({**base, "task": "text-classification", "train": {"min_steps": 0}}).train.min_steps == 0
+
+
 def test_missing_required_keys_listed():
     with pytest.raises(RecipeError) as e:
         load({"task": "text-classification"})

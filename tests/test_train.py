@@ -184,3 +184,17 @@ def test_pad_multiple_rounds_widths_but_not_past_max_length(tiny_bert, tmp_path)
     assert task.collate(task.encode(rows))["input_ids"].shape[1] == 16
     long = [{"text": "good " * 30}]                                           # cut at 20: 16 -> 32 capped at 20
     assert task.collate(task.encode(long))["input_ids"].shape[1] == 20
+
+
+def test_min_steps_raises_the_epochs_of_small_data(tiny_bert, tmp_path, capsys):
+    """60 train rows, batch 16: 4 steps per epoch; 1 epoch with train.min_steps=10 trains 10 steps (3 epochs,
+    the last one partial) with the schedule over 10 steps; min_steps below one epoch changes nothing."""
+    data = write_reviews(tmp_path / "r.csv", n=100)
+    raised = train(load(recipe_dict(tiny_bert, data, train={"epochs": 1, "min_steps": 10})), run_dir=tmp_path / "a")
+    steps = [r["step"] for r in raised.history if "loss" in r and "split" not in r]
+    validations = [r for r in raised.history if r.get("split") == "validation"]
+    assert steps[-1] == 10 and len(validations) == 3
+    assert all(r["examples_per_s"] > 0 for r in validations)           # evaluation speed beside training's
+    assert "fewer than train.min_steps: training 10 steps (2.5 epochs)" in capsys.readouterr().out
+    same = train(load(recipe_dict(tiny_bert, data, train={"epochs": 1, "min_steps": 2})), run_dir=tmp_path / "b")
+    assert [r["step"] for r in same.history if "loss" in r and "split" not in r][-1] == 4

@@ -136,7 +136,10 @@ def fit(task, adapted, train, evalset, recipe, run, accelerator, mixed: str = "n
     lengths = [task.length(f) for f in train]
     micro = math.ceil(len(train) / cfg.batch_size)            # micro-batches per epoch
     per_epoch = math.ceil(micro / cfg.grad_accum)             # optimizer steps per epoch
-    total = cfg.max_steps or math.ceil(cfg.epochs * per_epoch)
+    total = cfg.max_steps or max(math.ceil(cfg.epochs * per_epoch), cfg.min_steps)
+    if not cfg.max_steps and total > math.ceil(cfg.epochs * per_epoch) and not resume:
+        accelerator.print(f"train: {cfg.epochs:g} epoch(s) are {math.ceil(cfg.epochs * per_epoch)} optimizer steps, "
+                          f"fewer than train.min_steps: training {total} steps ({total / per_epoch:.1f} epochs)")
     metric, direction = cfg.metric, recipe.direction
     warmup = int(cfg.warmup) if cfg.warmup >= 1 else round(cfg.warmup * total)
     eval_every = cfg.eval_every or per_epoch
@@ -189,7 +192,9 @@ def fit(task, adapted, train, evalset, recipe, run, accelerator, mixed: str = "n
             result = safety.with_backoff(scored, eval_batch, "evaluation", accelerator.print)
         model.train()
         value = result[metric]                      # the recipe checked it is one of the task's metrics
-        run.log({"step": state.step, "epoch": state.epoch, "split": "validation", **task.loggable(result)})
+        seconds = time.perf_counter() - t0
+        run.log({"step": state.step, "epoch": state.epoch, "split": "validation", **task.loggable(result),
+                 "examples_per_s": round(len(evalset) / max(seconds, 1e-9), 2)})
         broken = [k for k in task.metrics if isinstance(result.get(k), float) and not math.isfinite(result[k])]
         if broken:
             accelerator.print(f"step {state.step}: validation {', '.join(broken)} not finite; not a best checkpoint")
@@ -200,7 +205,7 @@ def fit(task, adapted, train, evalset, recipe, run, accelerator, mixed: str = "n
             state.bad_evals += 1
         best = "-" if state.best is None else f"{state.best:.4f}"
         bar.set_postfix_str(f"{metric}={value:.4f} best={best}", refresh=False)
-        totals["eval_seconds"] += time.perf_counter() - t0
+        totals["eval_seconds"] += time.perf_counter() - t0     # with saving the best checkpoint
         return cfg.patience is not None and state.bad_evals >= cfg.patience
 
     model.train()

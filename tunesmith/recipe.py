@@ -76,6 +76,7 @@ class AdaptConfig(Section):
 class TrainConfig(Section):
     epochs: float = Field(3, gt=0)
     max_steps: int | None = Field(None, gt=0)   # overrides epochs when set
+    min_steps: int = Field(0, ge=0)             # optimizer steps at least: small data gets more epochs; 0 = off
     learning_rate: float = Field(5e-5, gt=0)
     batch_size: int = Field(32, gt=0)
     grad_accum: int = Field(1, ge=1)
