@@ -32,9 +32,10 @@ class ClassificationEval(EvalConfig):
 
 
 class ClassificationTrain(TrainConfig):
-    # small data gets more epochs: 3 epochs of a few hundred rows are ~40 optimizer steps, and on three small
-    # data sets (text and images, 3-fold cv) 100 steps lifted test accuracy by 6-20 points on every fold
-    # (docs/benchmarks.md, "Defaults for small data"); past ~1,100 rows 3 epochs already exceed it
+    # small data gets more epochs: 3 epochs of a few hundred rows are ~40 optimizer steps; on three small data
+    # sets (text and images, 3-fold cv) 100 steps lifted mean test accuracy by 6-20 points, on every fold, and
+    # 300 added nothing beyond fold noise (docs/benchmarks.md, "the small-data default"); past ~1,100 rows
+    # (batch 32) 3 epochs already exceed it
     min_steps: int = Field(100, ge=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     class_weights: Literal["balanced"] | list[float] | dict[str, float] | None = None
