@@ -129,3 +129,21 @@ def test_search_scores_trials_by_cross_validation(tiny_bert, tmp_path):
     cv = json.loads((tmp_path / "study" / "trial-0000" / "cv.json").read_text())
     assert out["best"]["score"] == cv["metrics"]["loss"]["mean"] and len(cv["runs"]) == 2
     assert ts.load_recipe(tmp_path / "study" / "best.yaml").train.metric == "loss"
+
+
+def test_sampled_epochs_are_what_a_trial_trains(tiny_bert, tmp_path):
+    """train.min_steps (100 here) must not raise a sampled epoch count: 60 train rows, batch 16, 4 steps per epoch,
+    so a trial of 1 or 2 epochs trains 4 or 8 steps, and its recipe.yaml (best.yaml) says min_steps 0."""
+    from tunesmith.search import search
+
+    data = write_reviews(tmp_path / "r.csv", n=100)
+    recipe = ts.load_recipe(recipe_dict(tiny_bert, data, train={"min_steps": 100},
+                                        search={"trials": 2, "pruner": "none",
+                                                "space": {"train.epochs": {"low": 1, "high": 2}}}))
+    search(recipe, tmp_path / "study", say=lambda *a: None)
+    trials = sorted((tmp_path / "study").glob("trial-*"))
+    assert len(trials) == 2
+    for t in trials:
+        trained = ts.Run(t).recipe
+        steps = max(r["step"] for r in ts.Run(t).history if "loss" in r and "split" not in r)
+        assert trained.train.min_steps == 0 and steps == 4 * trained.train.epochs, (trained.train.epochs, steps)

@@ -154,7 +154,9 @@ def objective(recipe: Recipe, folder: Path, say=print):
 
     def run_trial(trial) -> float:
         values = {key: suggest(trial, key, p) for key, p in space(recipe).items()}
-        trial_recipe = with_values(recipe, values)
+        # a sampled epoch count is what the trial trains: train.min_steps would raise small values silently
+        floor = {"train.min_steps": 0} if "train.epochs" in values and "train.min_steps" not in values else {}
+        trial_recipe = with_values(recipe, {**values, **floor})
         resume = resumable(folder, trial.user_attrs.get("run_dir"))   # a retry carries its failed trial's attrs
         run_dir = resume or folder / f"trial-{trial.number:04d}"
         trial.set_user_attr("run_dir", run_dir.name)
