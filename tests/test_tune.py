@@ -65,6 +65,7 @@ def test_a_failing_candidate_is_reported_and_the_race_goes_on(tiny_bert, tmp_pat
     broken = [r for r in out["runs"] if r["name"] == "broken"]
     assert broken and broken[0]["score"] is None and broken[0]["stopped"].startswith("failed: ")
     assert out["best"]["name"] in ("plain", "head-only")
+    assert out["runs"][0]["epochs"] == 10                             # the table shows what the plain run trained
     plain = ts.Run(out["runs"][0]["run_dir"]).history
     assert max(r["step"] for r in plain if "loss" in r and "split" not in r) == 30      # min_steps, not 1 epoch
 

@@ -162,6 +162,8 @@ def tune(recipe: Recipe, folder: str | Path, budget: str, say=print) -> dict:
         return row
 
     plain = attempt("plain", {}, recipe.train.epochs)
+    if plain:                                       # the epochs it trained, train.min_steps included
+        plain["epochs"] = round(plain_epochs, 1)
     alive = cands
     for k, epochs in rungs:
         scored = []
