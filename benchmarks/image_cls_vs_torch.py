@@ -143,6 +143,9 @@ def main():
         task = get_task(recipe)
         tables, _ = load_splits(task, recipe)
         if not results:
+            from tunesmith.device import cpu_flags
+            flags = " ".join(sorted(f for f in cpu_flags() if f.startswith(("avx", "amx"))))
+            print(f"cpu flags: {flags}; load average {os.getloadavg()[0]:.2f}")
             print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
                   f"train {len(tables['train']):,} images, test {len(tables['test']):,}; {args.size} px, "
                   f"batch {recipe.train.batch_size}, lr {recipe.train.learning_rate}, epochs {args.epochs}")

@@ -81,17 +81,14 @@ METRICS = ("accuracy", "f1_macro")
 def nested_tune(recipe, plain_cv: dict, cv_dir: Path, out: Path, budget: str) -> dict:
     """tune on each fold's train rows (the files cross_validate wrote), its best run scored on the held-out fold."""
     import tunesmith as ts
-    from tunesmith.cv import interval
+    from tunesmith.cv import fold_recipe, interval
     from tunesmith.tune import tune
 
     base = {**recipe.dump(), "search": None}
     values = {m: [] for m in METRICS}
     picks = []
     for name in plain_cv["runs"]:
-        fold = cv_dir / "folds" / name
-        r = ts.load_recipe({**base, "data": {**base["data"], "train": str(fold / "train.jsonl"),
-                                             "test": str(fold / "test.jsonl"), "validation": None,
-                                             "max_rows": None, "max_eval_rows": None}})
+        r = fold_recipe(base, cv_dir / "folds" / name)          # the fold's files, as cross_validate wrote them
         result = tune(r, out / name, budget, say=lambda s: print(f"  [{name}] {s}", flush=True))
         metrics = ts.Run(result["best"]["run_dir"]).metrics
         picks.append(f"{result['best']['name']} {result['best']['epochs']:g}ep")

@@ -55,6 +55,14 @@ def assignments(recipe: Recipe, rows: list[dict], keys: list, folds: int, repeat
     return out
 
 
+def fold_recipe(base: dict, data_dir: Path) -> Recipe:
+    """The recipe (dumped, search dropped) on one fold's files: data_dir/train.jsonl (its validation split is cut
+    from it) and data_dir/test.jsonl, all rows, no caps."""
+    return load({**base, "data": {**base["data"], "train": str(data_dir / "train.jsonl"),
+                                  "test": str(data_dir / "test.jsonl"), "validation": None,
+                                  "max_rows": None, "max_eval_rows": None}})
+
+
 def interval(values: list[float]) -> dict:
     """Mean, sample standard deviation and the 95% t interval of the mean (folds taken as independent)."""
     from scipy import stats
@@ -94,9 +102,7 @@ def cross_validate(recipe: Recipe, folder: str | Path, folds: int = 5, repeats: 
             for split, idx in (("train", tr), ("test", te)):
                 with open(data_dir / f"{split}.jsonl", "w") as f:
                     f.writelines(json.dumps(rows[i], default=str) + "\n" for i in idx)
-            fold = load({**base, "data": {**base["data"], "train": str(data_dir / "train.jsonl"),
-                                          "test": str(data_dir / "test.jsonl"), "validation": None,
-                                          "max_rows": None, "max_eval_rows": None}})
+            fold = fold_recipe(base, data_dir)
             say(f"cv: {name} ({len(tr)} train rows, {len(te)} held out)")
             if run_dir.exists():                        # an interrupted fold: start it again
                 import shutil

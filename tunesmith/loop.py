@@ -136,10 +136,11 @@ def fit(task, adapted, train, evalset, recipe, run, accelerator, mixed: str = "n
     lengths = [task.length(f) for f in train]
     micro = math.ceil(len(train) / cfg.batch_size)            # micro-batches per epoch
     per_epoch = math.ceil(micro / cfg.grad_accum)             # optimizer steps per epoch
-    total = cfg.max_steps or max(math.ceil(cfg.epochs * per_epoch), cfg.min_steps)
-    if not cfg.max_steps and total > math.ceil(cfg.epochs * per_epoch) and not resume:
-        accelerator.print(f"train: {cfg.epochs:g} epoch(s) are {math.ceil(cfg.epochs * per_epoch)} optimizer steps, "
-                          f"fewer than train.min_steps: training {total} steps ({total / per_epoch:.1f} epochs)")
+    asked = math.ceil(cfg.epochs * per_epoch)                 # optimizer steps of train.epochs
+    total = cfg.max_steps or max(asked, cfg.min_steps)
+    if total > asked and not cfg.max_steps and not resume:
+        accelerator.print(f"train: {cfg.epochs:g} epoch(s) are {asked} optimizer steps, fewer than train.min_steps: "
+                          f"training {total} steps ({total / per_epoch:.1f} epochs)")
     metric, direction = cfg.metric, recipe.direction
     warmup = int(cfg.warmup) if cfg.warmup >= 1 else round(cfg.warmup * total)
     eval_every = cfg.eval_every or per_epoch
