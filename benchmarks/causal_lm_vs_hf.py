@@ -2,7 +2,7 @@
 in one process.
 
     .venv/bin/python benchmarks/causal_lm_vs_hf.py [--rows N] [--steps S] [--batch B] [--skip-bf16]
-                                                   [--baseline hf|trl|both]
+                                                   [--baseline hf|trl|both] [--ablate]
 
 All three train the bundled SmolLM2-135M-Instruct with the same LoRA (the demo recipe's: r 16 on the attention
 and MLP projections of the top 15 of 30 blocks), learning rate, warmup and linear schedule, on the same
@@ -140,11 +140,15 @@ def run_trl(recipe, task, train_rows, val_features, steps: int, pack_length: int
 
 
 def run_tunesmith(recipe, task, val_features, steps: int, batch: int, mean_len: float, out_dir: str,
-                  precision: str) -> dict:
+                  precision: str, plain: bool = False) -> dict:
+    """plain: without attention per example and cheap dropout masks (the masked row, torch's masks)."""
     from transformers import AutoModelForCausalLM
+
+    import tunesmith.tasks.causal_lm as causal_lm
 
     recipe = recipe.model_copy(deep=True)
     recipe.train.precision, recipe.train.max_steps = precision, steps
+    recipe.train.fast_dropout = not plain
     recipe.train.packing, recipe.train.batch_size = True, 1     # one packed row of ~batch conversations a step
     recipe.train.pack_length = round(batch * mean_len / 0.96)  # as main() gives TRL's max_length
     import tunesmith.loop as loop
@@ -156,16 +160,18 @@ def run_tunesmith(recipe, task, val_features, steps: int, batch: int, mean_len: 
             return fit(*args, **kwargs)
 
     release_memory()
-    loop.fit = measured_fit
+    loop.fit, segments = measured_fit, causal_lm.use_segment_attention
+    if plain:
+        causal_lm.use_segment_attention = lambda model: False
     try:
         with PeakRSS() as mem:
             run = train(recipe, run_dir=out_dir)
     finally:
-        loop.fit = fit
+        loop.fit, causal_lm.use_segment_attention = fit, segments
     lines = [json.loads(x) for x in (run.path / "metrics.jsonl").read_text().splitlines()]
     summary = next(x for x in lines if x.get("summary"))
     model = AutoModelForCausalLM.from_pretrained(run.path / "model")
-    return {"name": f"tunesmith ({precision}, packed)",
+    return {"name": f"tunesmith ({precision}, packed{', plain' if plain else ''})",
             "seconds": summary["train_seconds"] - summary["eval_seconds"], "tokens": summary["tokens"],
             "mem": (during.peak - mem.base) / 2**20, "loss": validation_loss(task, model, val_features)}
 
@@ -178,6 +184,8 @@ def main():
     ap.add_argument("--skip-bf16", action="store_true", help="only fp32 runs")
     ap.add_argument("--baseline", choices=["hf", "trl", "both"], default="both",
                     help="HF Trainer (padded batches), TRL's SFTTrainer (packed, padding-free), or both")
+    ap.add_argument("--ablate", action="store_true", help="also run tunesmith plain: attention over the whole "
+                    "masked row instead of per example, torch's dropout masks (train.fast_dropout=false)")
     args = ap.parse_args()
     if args.baseline != "hf":
         import importlib.util
@@ -218,11 +226,12 @@ def main():
         if args.baseline in ("trl", "both"):
             results.append(run_trl(recipe.model_copy(deep=True), task, train_rows, val_features, args.steps,
                                    pack_length, f"{tmp}/trl-{precision}", bf16=bf16))
-        results.append(run_tunesmith(recipe, task, val_features, args.steps, args.batch, mean_len,
-                                     f"{tmp}/ts-{precision}", precision))
-        results[-1]["precision"] = precision
+        for plain in ([True] if args.ablate else []) + [False]:
+            results.append(run_tunesmith(recipe, task, val_features, args.steps, args.batch, mean_len,
+                                         f"{tmp}/ts-{precision}{'-plain' if plain else ''}", precision, plain))
+            results[-1]["precision"] = precision
     base = {}
-    print(f"\n{'run':<32}{'real tokens':>12}{'seconds':>9}{'tokens/s':>10}{'vs HF':>7}{'vs TRL':>8}"
+    print(f"\n{'run':<40}{'real tokens':>12}{'seconds':>9}{'tokens/s':>10}{'vs HF':>7}{'vs TRL':>8}"
           f"{'peak MiB':>10}{'val loss':>10}")
     for r in results:
         tps = r["tokens"] / r["seconds"]
@@ -231,7 +240,7 @@ def main():
                 base[(kind, "bf16" if "bf16" in r["name"] else "fp32")] = tps
         ratio = {k: (f"{tps / base[(k, r['precision'])]:.2f}" if (k, r.get("precision")) in base else "")
                  for k in ("HF", "TRL")}
-        print(f"{r['name']:<32}{r['tokens']:>12,}{r['seconds']:>9.1f}{tps:>10.1f}{ratio['HF']:>7}{ratio['TRL']:>8}"
+        print(f"{r['name']:<40}{int(r['tokens']):>12,}{r['seconds']:>9.1f}{tps:>10.1f}{ratio['HF']:>7}{ratio['TRL']:>8}"
               f"{r['mem']:>10.0f}{r['loss']:>10.4f}")
     labelled = sum(sum(x != -100 for x in f["labels"]) for f in val_features)
     total = sum(len(f["input_ids"]) for f in val_features)

@@ -110,9 +110,10 @@ def run_hf(recipe, tables, task, out_dir: str) -> dict:
             "model": model, "precision": "fp32"}
 
 
-def run_tunesmith(recipe, out_dir: str, precision: str) -> dict:
+def run_tunesmith(recipe, out_dir: str, precision: str, fast_dropout: bool = True) -> dict:
     recipe = recipe.model_copy(deep=True)
     recipe.train.precision = precision
+    recipe.train.fast_dropout = fast_dropout
     with PeakRSS() as mem:
         run = train(recipe, run_dir=out_dir)
     lines = [json.loads(x) for x in (run.path / "metrics.jsonl").read_text().splitlines()]
@@ -120,7 +121,8 @@ def run_tunesmith(recipe, out_dir: str, precision: str) -> dict:
     result = json.loads((run.path / "eval.json").read_text())
     from transformers import AutoModelForSequenceClassification
     model = AutoModelForSequenceClassification.from_pretrained(run.path / "model")
-    return {"name": f"tunesmith ({precision})", "seconds": summary["train_seconds"] - summary["eval_seconds"],
+    name = f"tunesmith ({precision}{'' if fast_dropout else ', torch dropout'})"
+    return {"name": name, "seconds": summary["train_seconds"] - summary["eval_seconds"],
             "samples": summary["samples"], "tokens": summary["tokens"], "mem": mem.mib,
             "accuracy": result["accuracy"], "model": model, "precision": precision}
 
@@ -130,6 +132,8 @@ def main():
     ap.add_argument("--rows", type=int, default=None, help="cap on training rows (default: all ~9.8k)")
     ap.add_argument("--epochs", type=float, default=1)
     ap.add_argument("--skip-bf16", action="store_true", help="only fp32 runs")
+    ap.add_argument("--torch-dropout", action="store_true",
+                    help="also run tunesmith fp32 with torch's dropout masks (train.fast_dropout=false)")
     args = ap.parse_args()
     overrides = [f"train.epochs={args.epochs}", "train.min_steps=0", "eval.before=false"]   # epochs as HF runs them
     if args.rows:
@@ -155,6 +159,8 @@ def main():
 
     tmp = tempfile.mkdtemp(prefix="bench-")
     results = [run_hf(recipe, tables, task, f"{tmp}/hf"), run_tunesmith(recipe, f"{tmp}/ts-fp32", "fp32")]
+    if args.torch_dropout:
+        results.append(run_tunesmith(recipe, f"{tmp}/ts-fp32-torch-dropout", "fp32", fast_dropout=False))
     if bf16:
         results.append(run_tunesmith(recipe, f"{tmp}/ts-auto", "auto"))
         results[-1]["precision"] = "bf16"
@@ -162,13 +168,13 @@ def main():
         print(f"tunesmith auto precision here: {choose_precision('auto', torch.device('cpu'))[1]}; no bf16 run")
 
     base = results[0]
-    print(f"\n{'run':<28}{'samples/s':>10}{'ratio':>7}{'tokens/s':>10}{'GFLOP/s':>9}{'% peak':>8}"
+    print(f"\n{'run':<38}{'samples/s':>10}{'ratio':>7}{'tokens/s':>10}{'GFLOP/s':>9}{'% peak':>8}"
           f"{'peak MiB':>10}{'accuracy':>10}")
     for r in results:
         seq = r["tokens"] / r["samples"]
         gflops = flops_per_token(r["model"], seq) * r["tokens"] / r["seconds"] / 1e9
         sps = r["samples"] / r["seconds"]
-        print(f"{r['name']:<28}{sps:>10.1f}{sps / (base['samples'] / base['seconds']):>7.2f}"
+        print(f"{r['name']:<38}{sps:>10.1f}{sps / (base['samples'] / base['seconds']):>7.2f}"
               f"{r['tokens'] / r['seconds']:>10.0f}{gflops:>9.1f}{100 * gflops / peaks[r['precision']]:>8.1f}"
               f"{r['mem']:>10.0f}{r['accuracy']:>10.4f}")
     print("\nratio: samples/s relative to HF Trainer; % peak: achieved model GFLOP/s over the matmul peak of the "

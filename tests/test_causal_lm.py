@@ -146,6 +146,45 @@ def test_packing_loss_equals_token_weighted_mean_of_unpacked(tiny_llama, tmp_pat
         assert abs(mean_loss(leaky) - mean) > 1e-3                  # boundaries matter
 
 
+def test_segment_attention_equals_the_block_diagonal_mask(tiny_llama, tmp_path, monkeypatch):
+    """On CPU a packed row attends per example (tasks/causal_lm.segment_attention): the same loss and gradients as
+    SDPA under transformers' block-diagonal mask, and the training load switches the model to it."""
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.tasks import causal_lm
+
+    data = write_chats(tmp_path / "c.jsonl", n=30)
+    recipe = load(lm_recipe(tiny_llama, data, train={"packing": True, "pack_length": 64}))
+    task = get_task(recipe)
+    rows = [json.loads(x) for x in data.read_text().splitlines()]
+    batch = task.collate(task.encode(rows)[:3])
+    assert len(causal_lm.segments(batch["position_ids"])[0]) > 2            # several examples in a row
+
+    def loss_and_grads(model):
+        model.train()
+        torch.manual_seed(0)
+        loss = task.loss(model, batch)
+        loss.backward()
+        return float(loss.detach()), [p.grad.clone() for p in model.parameters()]
+
+    masked = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation="sdpa")
+    seg = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation="sdpa")
+    assert causal_lm.use_segment_attention(seg) and seg.config._attn_implementation == causal_lm.SEGMENT_ATTENTION
+    from transformers.integrations import sdpa_attention
+
+    widths, sdpa = [], sdpa_attention.sdpa_attention_forward
+    monkeypatch.setattr(sdpa_attention, "sdpa_attention_forward",
+                        lambda m, q, *a, **k: widths.append(q.shape[2]) or sdpa(m, q, *a, **k))
+    (l1, g1), (l2, g2) = loss_and_grads(masked), loss_and_grads(seg)
+    assert widths and max(widths) < batch["input_ids"].shape[1]             # attention ran per example
+    assert l2 == pytest.approx(l1, rel=1e-5)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(g1, g2))     # gradients up to ~17
+    assert causal_lm.SEGMENTS.get() is None                                  # reset after the forward
+    assert task.load_model().config._attn_implementation == causal_lm.SEGMENT_ATTENTION
+    recipe.train.packing = False
+    assert task.load_model().config._attn_implementation == "sdpa"
+
+
 def test_unusable_rows_are_reported_by_line_and_truncation_counted(tiny_llama, tmp_path, capsys):
     data = write_chats(tmp_path / "c.jsonl", n=60)
     long_prompt = "review " + " ".join(["the"] * 40)

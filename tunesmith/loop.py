@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from tunesmith import checkpoint, safety
 from tunesmith.adapt import trainable_state
 from tunesmith.device import autocast
+from tunesmith.dropout import CheapDropout
 from tunesmith.errors import TunesmithError
 from tunesmith.metrics import better
 
@@ -44,14 +45,14 @@ def plan(lengths: list[int], batch_size: int, seed: int, epoch: int, by_length: 
 
 
 def accumulate(task, model, batches: list[dict], accelerator, mixed: str = "no", weights: list[float] | None = None,
-               scaler=None):
+               scaler=None, cheap_dropout: bool = False):
     """Forward and backward over one optimizer step's micro-batches; returns the step's mean loss (a tensor).
 
     Each micro-batch's loss is a sum over its items (examples or label tokens, `task.count`); all are divided by
     the items of the whole step, summed over micro-batches and processes, so grad_accum=4 gives the gradient of
     one 4x batch and DDP's mean over processes gives that of one batch of all processes' items. weights: 0 for
     a stand-in micro-batch (a process with no examples left in a short last batch still joins DDP's reduction).
-    scaler: fp16's GradScaler, or None.
+    scaler: fp16's GradScaler, or None. cheap_dropout: CPU dropout masks from tunesmith.dropout (train.fast_dropout).
     """
     weights = weights or [1.0] * len(batches)
     counts = torch.tensor([task.count(b) * w for b, w in zip(batches, weights)], dtype=torch.float64)
@@ -62,7 +63,7 @@ def accumulate(task, model, batches: list[dict], accelerator, mixed: str = "no",
     for k, (batch, w) in enumerate(zip(batches, weights)):
         last = k == len(batches) - 1
         with accelerator.no_sync(model) if not last and world > 1 else nullcontext():
-            with autocast(accelerator.device, mixed):
+            with autocast(accelerator.device, mixed), CheapDropout() if cheap_dropout else nullcontext():
                 loss = task.loss(model, batch) * (w * world / items)
             if scaler is not None:
                 scaler.scale(loss).backward()
@@ -156,6 +157,7 @@ def fit(task, adapted, train, evalset, recipe, run, accelerator, mixed: str = "n
     names = adapted.trainable
     # fp16 needs loss scaling (its range underflows small gradients); bf16 and fp32 do not
     scaler = torch.amp.GradScaler(accelerator.device.type) if mixed == "fp16" else None
+    cheap = cfg.fast_dropout and accelerator.device.type == "cpu" and not cfg.compile   # compiled: inductor's own
 
     state = State()
     for last in checkpoint.candidates(run.checkpoints, log=accelerator.print) if resume else ():
@@ -231,7 +233,7 @@ def fit(task, adapted, train, evalset, recipe, run, accelerator, mixed: str = "n
                 batches = [send_to_device(task.collate([train[i] for i in mine]), accelerator.device)
                            for mine in pieces]
                 try:
-                    loss = accumulate(task, model, batches, accelerator, mixed, piece_weights, scaler)
+                    loss = accumulate(task, model, batches, accelerator, mixed, piece_weights, scaler, cheap)
                     break
                 except Exception as e:
                     if not safety.is_oom(e):

@@ -95,6 +95,7 @@ class TrainConfig(Section):
     metric: str | None = None                   # best checkpoint / early stopping: one of the task's metrics
     patience: int | None = Field(None, gt=0)    # evaluations without improvement; None: no early stop
     compile: bool = False                       # torch.compile the model (in place: checkpoints keep their names)
+    fast_dropout: bool = True                   # CPU: dropout masks from a cheaper generator (tunesmith/dropout.py)
     feature_cache: bool = True                  # frozen bottom blocks, no dropout there: compute their output once
     threads: int | None = Field(None, gt=0)     # torch threads on CPU; None: free cores (affinity, quota, load)
     report_to: list[Literal["tensorboard", "mlflow"]] = []  # trackers that get every metrics.jsonl record,

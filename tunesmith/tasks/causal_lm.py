@@ -11,10 +11,13 @@ restart at 0 for each example and the batch carries no 2D attention mask, from w
 block-diagonal causal mask (masking_utils.find_packed_sequence_indices; needs no KV cache, hence
 use_cache=False). No token attends across examples, and the first token of each example is never a label, so a
 packed row's loss equals the token-weighted mean loss of its examples run one by one.
+On CPU a packed row's attention runs per example (segment_attention below) instead of over the whole row under
+that mask: the same result, without the row-length-squared work between examples.
 """
 from __future__ import annotations
 
 import bisect
+import contextvars
 import json
 import math
 import sys
@@ -26,6 +29,53 @@ from tunesmith.tasks.base import Features, batches, load_hf, model_device
 from tunesmith.tasks.generation import Generative
 
 PROBE = [{"role": "user", "content": "Hello?"}, {"role": "assistant", "content": "Hi."}]
+
+# Why hand-written: a packed row of ~8 examples under transformers' block-diagonal mask costs attention over
+# row-length^2 query/key pairs, 8x the pairs that matter; CPU SDPA has no varlen kernel (flash-attn's is CUDA-only).
+# Per example, SDPA runs causal with no mask (its flash kernel on CPU). The segments of the batch being run are
+# set by CausalLM.loss (a context variable: they reach every attention call of any model without relying on
+# the model to pass extra forward arguments down); unset, or off CPU, it is transformers' SDPA with the mask.
+SEGMENT_ATTENTION = "tunesmith_segments"
+SEGMENTS: contextvars.ContextVar = contextvars.ContextVar(SEGMENT_ATTENTION, default=None)
+
+
+def segments(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
+    """Per row of a packed batch, the [start, end) of each example: where position_ids restart at 0 (the
+    padding after a row's last example is one more segment, attended within itself and never labelled)."""
+    width = position_ids.shape[1]
+    out = []
+    for row in position_ids.tolist():
+        starts = [t for t, p in enumerate(row) if p == 0] + [width]
+        out.append(list(zip(starts[:-1], starts[1:])))
+    return out
+
+
+def segment_attention(module, query, key, value, attention_mask, **kwargs):
+    """transformers attention function. query: [B, H, T, D]; key, value: [B, Hkv, T, D] -> ([B, T, H, D], None)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    rows = SEGMENTS.get()
+    if rows is None or query.device.type != "cpu" or query.shape[2] != key.shape[2] \
+            or getattr(module, "sliding_window", None) or kwargs.get("sliding_window"):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    kwargs.pop("is_causal", None)
+    out = [torch.cat([sdpa_attention_forward(module, query[b:b + 1, :, s:e], key[b:b + 1, :, s:e],
+                                             value[b:b + 1, :, s:e], None, is_causal=True, **kwargs)[0]
+                      for s, e in row], dim=1) for b, row in enumerate(rows)]
+    return torch.cat(out, dim=0), None
+
+
+def use_segment_attention(model) -> bool:
+    """Switch an SDPA model that takes transformers' attention functions to segment_attention; False if not."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    if model.config._attn_implementation != "sdpa" or not model._can_set_attn_implementation():
+        return False
+    AttentionInterface.register(SEGMENT_ATTENTION, segment_attention)
+    AttentionMaskInterface.register(SEGMENT_ATTENTION, sdpa_mask)    # the mask SDPA gets when not per segment
+    model.set_attn_implementation(SEGMENT_ATTENTION)
+    return True
 
 
 class CausalLM(Generative):
@@ -249,7 +299,10 @@ class CausalLM(Generative):
     def load_model(self):
         from transformers import AutoModelForCausalLM
 
-        return load_hf(AutoModelForCausalLM, self.recipe.model)[0]
+        model = load_hf(AutoModelForCausalLM, self.recipe.model)[0]
+        if self.recipe.train.packing:
+            use_segment_attention(model)
+        return model
 
     def load_trained(self, folder):
         from transformers import AutoModelForCausalLM
@@ -273,10 +326,14 @@ class CausalLM(Generative):
         target = batch["labels"][:, 1:]                          # [B, T-1]: position t predicts token t+1
         keep = torch.nn.functional.pad(target != -100, (0, 1))   # [B, T] bool: positions followed by a label
         inputs = {k: v for k, v in batch.items() if k != "labels"}
+        token = SEGMENTS.set(segments(batch["position_ids"])) if "position_ids" in batch else None
         try:
             logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits   # [N, V], N label tokens
         except TypeError:                    # a model without logits_to_keep: fails before computing anything
             logits = model(**inputs, use_cache=False).logits[:, :-1][keep[:, :-1]]
+        finally:
+            if token is not None:
+                SEGMENTS.reset(token)
         return torch.nn.functional.cross_entropy(logits.float(), target[keep[:, :-1]], reduction="sum")
 
     def count(self, batch: dict) -> float:
