@@ -20,9 +20,11 @@ over the assistant tokens of the same 200 held-out validation conversations (fp3
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import sys
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -208,6 +210,7 @@ def main():
           f"LoRA r={recipe.adapt.lora.r} on {recipe.adapt.lora.target_modules}")
 
     tmp = tempfile.mkdtemp(prefix="bench-lm-")
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)   # run folders: GBs per run
     t0 = time.perf_counter()
     pack_length = round(args.batch * mean_len / 0.96)   # best-fit decreasing fills rows ~96%
     precisions = ["fp32"]

@@ -11,9 +11,11 @@ a busy process throughput falls no more than in proportion to the cores taken (>
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import subprocess
 import sys
+import shutil
 import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -43,6 +45,7 @@ def main() -> None:
               "train": {"max_steps": args.steps, "batch_size": 32, "precision": "fp32", "eval_every": 10_000,
                         "log_every": 10, "seed": 0}}
     tmp = tempfile.mkdtemp(prefix="contention-")
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)   # run folders: GBs per run
     alone = run(recipe, f"{tmp}/alone", None)
     spin = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:

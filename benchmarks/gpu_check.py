@@ -10,9 +10,11 @@ Training FLOPs per real token = 6 x non-embedding parameters + 12 x layers x hid
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import random
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -208,6 +210,7 @@ def main():
     peak = matmul_peak()
     print(f"bf16 matmul peak: {peak:.0f} TFLOP/s")
     tmp = Path(tempfile.mkdtemp(prefix="gpu-"))
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)   # run folders: GBs per run
     for name in args.only.split(","):
         t = time.perf_counter()
         SECTIONS[name](tmp, args.steps, peak)

@@ -13,9 +13,11 @@ Prints images/s and the ratio to the plain loop, peak memory (resident set growt
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import sys
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -126,6 +128,7 @@ def main():
     ap.add_argument("--skip-bf16", action="store_true", help="only fp32 runs")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-img-"))
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)   # run folders: GBs per run
     overrides = [f"data.max_rows={args.rows}", f"train.epochs={args.epochs}", f"data.image_size={args.size}",
                  "augment.hflip=0", "augment.crop_scale=null", "train.eval_every=1000000", "train.min_steps=0"]
     if not Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").exists():

@@ -66,7 +66,8 @@ def main():
 
     loop.fit = profiled
     try:
-        ts.train(recipe, run_dir=Path(tempfile.mkdtemp(prefix="profile-")) / "run")
+        with tempfile.TemporaryDirectory(prefix="profile-") as tmp:
+            ts.train(recipe, run_dir=Path(tmp) / "run")
     finally:
         loop.fit = fit
     prof, wall = profiles[0]

@@ -18,6 +18,7 @@ tune ends when its plan is done).
 from __future__ import annotations
 
 import argparse
+import atexit
 import bz2
 import csv
 import glob
@@ -26,6 +27,7 @@ import os
 import random
 import site
 import sys
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -111,6 +113,7 @@ def main():
     p.add_argument("--no-tune", action="store_true", help="only the two plain arms")
     args = p.parse_args()
     out = Path(tempfile.mkdtemp(prefix="small-data-"))
+    atexit.register(shutil.rmtree, out, ignore_errors=True)   # run folders: GBs per run
     flags = " ".join(sorted(f for f in cpu_flags() if f.startswith(("avx", "amx"))))
     print(f"cpu flags: {flags}; {os.cpu_count()} cpus; load average {os.getloadavg()[0]:.2f}; "
           f"{args.folds}-fold cv; tune budget {args.budget} per fold; folder {out}", flush=True)

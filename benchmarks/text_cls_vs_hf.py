@@ -10,8 +10,10 @@ Training FLOPs per real token = 6 x non-embedding parameters + 12 x layers x hid
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -158,6 +160,7 @@ def main():
     print("matmul peak: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items()))
 
     tmp = tempfile.mkdtemp(prefix="bench-")
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)   # run folders: GBs per run
     results = [run_hf(recipe, tables, task, f"{tmp}/hf"), run_tunesmith(recipe, f"{tmp}/ts-fp32", "fp32")]
     if args.torch_dropout:
         results.append(run_tunesmith(recipe, f"{tmp}/ts-fp32-torch-dropout", "fp32", fast_dropout=False))
