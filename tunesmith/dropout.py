@@ -1,11 +1,10 @@
 """Dropout on CPU with masks from a cheaper random source: the same dropout, a fifth of its cost.
 
-Why hand-written: torch's CPU dropout draws one float Bernoulli per element (`bernoulli_`); on a 2-core CPU that is
-2.6 ms for a [32, 48, 384] activation, 6% of a MiniLM training step and 9% of a SmolLM2 LoRA step (profiled in
-docs/benchmarks.md), where the matmuls around it take microseconds per element less. Here a mask element is one
-16-bit word of numpy's SFC64 generator compared to a threshold (0.5 ms for the same tensor): each element is kept
-with probability thr/65536, thr = round((1-p) * 65536), so p is rounded to 1/65536 (0.1 -> 0.099991), and kept
-values are scaled by 65536/thr, so E[output] = input exactly.
+Why hand-written: torch's CPU dropout draws one float Bernoulli per element (`bernoulli_`): 2.6 ms for a
+[32, 48, 384] activation on 2 cores, 6.4% of the op time of a MiniLM training step (benchmarks/profile_text_step.py).
+Here a mask element is one 16-bit word of numpy's SFC64 generator compared to a threshold (about 0.5 ms with the
+multiply): each element is kept with probability thr/65536, thr = round((1-p) * 65536), so p is rounded to
+1/65536 (0.1 -> 0.100006), and kept values are scaled by 65536/thr, so E[output] = input exactly.
 
 Each mask's generator is seeded from torch's default generator, so a run stays a pure function of torch's RNG
 state (exact resume holds) while the bits themselves differ from torch's. Used by the loop around the training
