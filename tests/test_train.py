@@ -198,3 +198,25 @@ def test_min_steps_raises_the_epochs_of_small_data(tiny_bert, tmp_path, capsys):
     assert "fewer than train.min_steps: training 10 steps (2.5 epochs)" in capsys.readouterr().out
     same = train(load(recipe_dict(tiny_bert, data, train={"epochs": 1, "min_steps": 2})), run_dir=tmp_path / "b")
     assert [r["step"] for r in same.history if "loss" in r and "split" not in r][-1] == 4
+
+
+def test_fast_dropout_draws_the_training_masks_and_can_be_turned_off(tiny_bert, tmp_path, monkeypatch):
+    """train.fast_dropout (default on, CPU): the training forward's dropout masks come from tunesmith.dropout,
+    the same seed gives the same run; off, torch's dropout runs and the losses differ."""
+    import tunesmith.dropout as dropout
+
+    calls = []
+    keep_mask = dropout.keep_mask
+    monkeypatch.setattr(dropout, "keep_mask", lambda shape, p: calls.append(p) or keep_mask(shape, p))
+    data = write_reviews(tmp_path / "r.csv", n=60)
+
+    def losses(name, **train_cfg):
+        run = train(load(recipe_dict(tiny_bert, data, train={"epochs": 1, **train_cfg})), run_dir=tmp_path / name)
+        return [r["loss"] for r in run.history if "loss" in r and "split" not in r]
+
+    on = losses("on")
+    assert calls and set(calls) == {0.1}                       # the tiny BERT's dropout probabilities
+    assert losses("again") == on                               # a pure function of the seed
+    n = len(calls)
+    off = losses("off", fast_dropout=False)
+    assert len(calls) == n and off != on                       # torch's masks: no calls, other losses
