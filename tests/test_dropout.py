@@ -107,3 +107,16 @@ def test_probabilities_that_round_to_zero_or_one():
     with CheapDropout():
         assert torch.equal(F.dropout(x, 1e-7, training=True), x)                 # keeps all, scale 1
         assert torch.equal(F.dropout(x, 1 - 1e-7, training=True), torch.zeros_like(x))
+
+
+def test_attention_by_keyword_and_without_safe_softmax(monkeypatch):
+    """transformers may pass q, k, v by name; torch 2.4 (allowed by pyproject) has no torch._safe_softmax."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4)
+    m = torch.ones(1, 1, 5, 5, dtype=torch.bool)
+    m[0, 0, 2] = False
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=m)
+    monkeypatch.delattr(torch, "_safe_softmax")
+    with CheapDropout():
+        got = F.scaled_dot_product_attention(query=q, key=k, value=v, attn_mask=m, dropout_p=1e-7)
+    assert torch.allclose(got, want, atol=1e-6) and torch.all(got[0, :, 2] == 0)

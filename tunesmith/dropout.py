@@ -71,7 +71,9 @@ def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
     if attn_mask is not None:
         scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool \
             else scores + attn_mask
-    probs = torch._safe_softmax(scores, -1)                      # rows of -inf give 0, not NaN (torch's math path)
+    safe = getattr(torch, "_safe_softmax", None)                 # torch >= 2.5 (pyproject allows 2.4)
+    # a row of -inf gives 0, not NaN, as in torch's math path
+    probs = safe(scores, -1) if safe else torch.softmax(scores, -1).nan_to_num(0.0)
     return dropout(probs, dropout_p) @ v
 
 
@@ -91,6 +93,7 @@ class CheapDropout(TorchFunctionMode):
                     and not _arg(args, kwargs, 3, "inplace", False):
                 return dropout(x, p)
         elif func is F.scaled_dot_product_attention:
-            if _arg(args, kwargs, 4, "dropout_p", 0.0) > 0 and args[0].device.type == "cpu":
+            query = _arg(args, kwargs, 0, "query", None)
+            if _arg(args, kwargs, 4, "dropout_p", 0.0) > 0 and query.device.type == "cpu":
                 return attention(*args, **kwargs)
         return func(*args, **kwargs)
