@@ -157,7 +157,7 @@ def main():
         print(f"{'':<15}{'seconds':<10}" + "".join(f" | {res['seconds']:<36.0f}" for res in results[n].values()))
         if "tune" in results[n]:
             print(f"{'':<15}tune's picks: {', '.join(results[n]['tune']['picks'])}")
-    print(f"folders: {out}")
+    print(f"run folders: {out} (deleted on exit: GBs per run)")
 
 
 if __name__ == "__main__":
