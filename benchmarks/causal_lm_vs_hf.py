@@ -23,8 +23,8 @@ import argparse
 import atexit
 import json
 import os
-import sys
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -37,10 +37,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from text_cls_vs_hf import PeakRSS  # noqa: E402
 
+from tunesmith.pipeline import train
 from tunesmith.recipe import load  # noqa: E402
-from tunesmith.tasks import get_task  # noqa: E402
-from tunesmith.finetune import train
 from tunesmith.splits import load_splits  # noqa: E402
+from tunesmith.tasks import get_task  # noqa: E402
 
 RECIPE = Path(__file__).parent.parent / "tunesmith" / "recipes" / "reviews_chat.yaml"
 
@@ -68,7 +68,8 @@ def lora_model(recipe):
     (non-pad) tokens of each training forward: the attention mask's ones, or every id of a padding-free row."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, set_seed
-    from tunesmith.assets import resolve_model
+
+    from tunesmith.assets.bundled import resolve_model
 
     lora = recipe.adapt.lora
     set_seed(recipe.train.seed)

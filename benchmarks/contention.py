@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 import atexit
 import os
+import shutil
 import subprocess
 import sys
-import shutil
 import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

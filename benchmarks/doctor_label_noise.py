@@ -24,8 +24,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np
 
 from tunesmith import data as datalib
-from tunesmith.doctor import diagnose
-from tunesmith.doctor_noise import label_noise
+from tunesmith.diagnosis.diagnose import diagnose
+from tunesmith.diagnosis.noise import label_noise
 from tunesmith.recipe import load
 
 
@@ -59,8 +59,8 @@ def main() -> None:
         ranked = [c["origin"] for c in noise["candidates"]]
 
         # the same rows and labels in the doctor's order, for the baselines
-        from tunesmith.tasks import get_task
         from tunesmith.splits import load_data
+        from tunesmith.tasks import get_task
         tables = load_data(get_task(recipe), recipe).tables
         origins = [o for t in tables.values() for o in t.origins]
         texts = [r["text"] for t in tables.values() for r in t.rows]

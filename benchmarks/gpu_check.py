@@ -24,8 +24,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
 
+from tunesmith.pipeline import train
 from tunesmith.recipe import load
-from tunesmith.finetune import train
 
 WORDS = [f"w{i}" for i in range(3000)]
 
@@ -68,8 +68,13 @@ def text_setup(tmp: Path, rows: int):
 def hf_text(folder: Path, data: Path, batch: int, steps: int, max_length: int) -> dict:
     import csv
 
-    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding,
-                              Trainer, TrainingArguments)
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainingArguments,
+    )
 
     tok = AutoTokenizer.from_pretrained(folder)
     rows = list(csv.DictReader(open(data)))
@@ -93,7 +98,6 @@ def tunesmith_run(recipe: dict, out: Path) -> dict:
     run = train(load(recipe), run_dir=out)
     lines = [json.loads(x) for x in (run.path / "metrics.jsonl").read_text().splitlines()]
     s = next(x for x in lines if x.get("summary"))
-    from transformers import AutoConfig
     print(f"tunesmith: {s['train_seconds']:.1f}s in the loop, of which evaluation {s['eval_seconds']:.1f}s and "
           f"checkpoint writes {s['checkpoint_seconds']:.1f}s (both excluded below)")
     return {"seconds": s["train_seconds"] - s["eval_seconds"] - s["checkpoint_seconds"], "samples": s["samples"],
@@ -127,8 +131,9 @@ def image(tmp: Path, steps: int, peak: float) -> None:
 
     sys.path.insert(0, str(Path(__file__).parent))
     from image_cls_vs_torch import generated_images
-    from tunesmith import mobilenet
     from transformers import MobileNetV2ForImageClassification
+
+    from tunesmith.assets import mobilenet
 
     folder = tmp / "mnv2"
     MobileNetV2ForImageClassification(mobilenet.config(num_labels=3)).save_pretrained(folder)
@@ -148,8 +153,14 @@ def causal(tmp: Path, steps: int, peak: float) -> None:
     """SmolLM2-135M shape (30 x 576, GQA 9/3) from a config, word-level chat tokenizer, 40-200-word answers.
     tunesmith: full fine-tuning with packing; HF Trainer: the same examples padded per batch. Real tokens/s."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import (DataCollatorForSeq2Seq, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
-                              Trainer, TrainingArguments)
+    from transformers import (
+        DataCollatorForSeq2Seq,
+        LlamaConfig,
+        LlamaForCausalLM,
+        PreTrainedTokenizerFast,
+        Trainer,
+        TrainingArguments,
+    )
 
     folder = tmp / "llama"
     template = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
@@ -175,8 +186,8 @@ def causal(tmp: Path, steps: int, peak: float) -> None:
                         "learning_rate": 1e-4, "log_every": 20}, "eval": {"batch_size": 16}}
     ours = tunesmith_run(recipe, tmp / "ts-causal")
 
-    from tunesmith.tasks import get_task
     from tunesmith.splits import load_splits
+    from tunesmith.tasks import get_task
     rec = load({**recipe, "train": {**recipe["train"], "packing": False}})
     task = get_task(rec)
     tables, _ = load_splits(task, rec)

@@ -16,8 +16,8 @@ import argparse
 import atexit
 import json
 import os
-import sys
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,12 +28,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from text_cls_vs_hf import PeakRSS          # noqa: E402  (resident-memory sampler shared with the text bench)
+from text_cls_vs_hf import PeakRSS  # noqa: E402  (resident-memory sampler shared with the text bench)
 
-from tunesmith.recipe import load            # noqa: E402
-from tunesmith.tasks import get_task         # noqa: E402
-from tunesmith.finetune import train
+from tunesmith.pipeline import train
+from tunesmith.recipe import load  # noqa: E402
 from tunesmith.splits import load_splits  # noqa: E402
+from tunesmith.tasks import get_task  # noqa: E402
 
 RECIPE = Path(__file__).parent.parent / "tunesmith" / "recipes" / "fashion_mnist.yaml"
 

@@ -36,7 +36,7 @@ def recipe(args) -> dict:
 
 def run_tunesmith(args, folder) -> tuple[float, float]:
     import tunesmith as ts
-    from tunesmith.search import search
+    from tunesmith.selection.search import search
 
     t0 = time.perf_counter()
     out = search(ts.load_recipe(recipe(args)), folder, say=lambda *a: None)
@@ -49,7 +49,7 @@ def run_hf(args, folder) -> tuple[float, float]:
     from transformers import AutoModelForSequenceClassification, Trainer, TrainingArguments
 
     import tunesmith as ts
-    from tunesmith.assets import resolve_model
+    from tunesmith.assets.bundled import resolve_model
     from tunesmith.splits import load_splits
     from tunesmith.tasks import get_task
 

@@ -153,7 +153,7 @@ def main() -> None:
     texts = [json.loads(line)["text"] for line in (run / "data" / "test.jsonl").read_text().splitlines()]
     if args.export:
         import tunesmith as ts
-        from tunesmith.exporting import render
+        from tunesmith.deploy.export import render
 
         print(render(ts.export(run, quantize="int8")))
     levels = [int(x) for x in args.levels.split(",")]

@@ -11,7 +11,7 @@ MobileNetV2 at 64 px, the shipped fashion_mnist.yaml). Arms, per data set, on th
   tune     nested: on each fold, `tune` (starting from the minN recipe) sees only the fold's train rows within the
            budget; its best run (chosen on its validation split) is scored on the held-out fold
 Prints mean and 95% interval per arm and the paired corrected t-test over folds against steps0
-(tunesmith.cv.paired). The evidence a change of the small-data defaults (issue 10, item 6) needs; run it on a
+(tunesmith.selection.cv.paired). The evidence a change of the small-data defaults (issue 10, item 6) needs; run it on a
 quiet machine: at most folds x (budget + 2 min) per data set (43 min for all three with --folds 3 --budget 10m:
 tune ends when its plan is done).
 """
@@ -25,9 +25,9 @@ import glob
 import json
 import os
 import random
+import shutil
 import site
 import sys
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -46,7 +46,7 @@ def write(path: Path, rows: list[dict]) -> Path:
 
 
 def rotten_600(folder: Path) -> dict:
-    from tunesmith.assets import rotten_tomatoes
+    from tunesmith.assets.bundled import rotten_tomatoes
 
     rows = list(csv.DictReader(open(rotten_tomatoes(), newline="", encoding="utf-8")))
     rows = random.Random(0).sample(rows, 600)
@@ -83,8 +83,8 @@ METRICS = ("accuracy", "f1_macro")
 def nested_tune(recipe, plain_cv: dict, cv_dir: Path, out: Path, budget: str) -> dict:
     """tune on each fold's train rows (the files cross_validate wrote), its best run scored on the held-out fold."""
     import tunesmith as ts
-    from tunesmith.cv import fold_recipe, interval
-    from tunesmith.tune import tune
+    from tunesmith.selection.cv import fold_recipe, interval
+    from tunesmith.selection.tune import tune
 
     base = {**recipe.dump(), "search": None}
     values = {m: [] for m in METRICS}
@@ -102,8 +102,8 @@ def nested_tune(recipe, plain_cv: dict, cv_dir: Path, out: Path, budget: str) ->
 
 def main():
     import tunesmith as ts
-    from tunesmith.cv import cross_validate, paired
     from tunesmith.device import cpu_flags
+    from tunesmith.selection.cv import cross_validate, paired
 
     p = argparse.ArgumentParser()
     p.add_argument("--budget", default="15m")

@@ -25,10 +25,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np
 import torch
 
+from tunesmith.pipeline import train
 from tunesmith.recipe import load
-from tunesmith.tasks import get_task
-from tunesmith.finetune import train
 from tunesmith.splits import load_splits
+from tunesmith.tasks import get_task
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -82,9 +82,16 @@ def flops_per_token(model, seq_len: float) -> float:
 
 def run_hf(recipe, tables, task, out_dir: str) -> dict:
     """HF Trainer with its defaults; only the recipe's hyperparameters are set."""
-    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding,
-                              Trainer, TrainingArguments, set_seed)
-    from tunesmith.assets import resolve_model
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainingArguments,
+        set_seed,
+    )
+
+    from tunesmith.assets.bundled import resolve_model
 
     cfg = recipe.train
     path = resolve_model(recipe.model.name)

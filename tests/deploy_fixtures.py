@@ -8,10 +8,9 @@ import time
 from pathlib import Path
 
 import pytest
-
-import tunesmith as ts
 from conftest import recipe_dict, write_reviews
 
+import tunesmith as ts
 
 _RUNS: dict[str, Path] = {}         # one training per test session, whichever module asks first
 
@@ -33,7 +32,8 @@ def chat_run(tmp_path_factory) -> Path:
 @pytest.fixture
 def image_run(tmp_path_factory) -> Path:
     if "image" not in _RUNS:
-        from test_image_classification import image_folder, recipe_dict as image_recipe, save_processor, tiny_model
+        from test_image_classification import image_folder, save_processor, tiny_model
+        from test_image_classification import recipe_dict as image_recipe
 
         tmp = tmp_path_factory.mktemp("deploy-image")
         tiny_model("resnet").save_pretrained(tmp / "resnet")
@@ -73,7 +73,7 @@ class Server:
         self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
-    def __enter__(self) -> "Server":
+    def __enter__(self) -> Server:
         self.thread.start()
         deadline = time.monotonic() + 30
         while not self.server.started:

@@ -11,9 +11,9 @@ from typing import ClassVar, Literal
 
 import pytest
 import yaml
+from conftest import recipe_dict, tunesmith, write_reviews
 
 import tunesmith as ts
-from conftest import recipe_dict, tunesmith, write_reviews
 
 ROOT = Path(__file__).parent.parent
 
@@ -39,7 +39,7 @@ def test_readme_python_example_trains_evaluates_predicts(tiny_bert, tmp_path, mo
     assert "'label': 'pos'" in out[-3] or "'label': 'neg'" in out[-3]
     assert float(out[-2]) > 0.8                                     # evaluate() on a file
     assert int(out[-1].split()[0]) == len(ts.Run("runs/api-example").history) > 0
-    assert callable(ts.train) and ts.train.__module__ == "tunesmith.finetune"   # the function, not a module
+    assert callable(ts.train) and ts.train.__module__ == "tunesmith.pipeline"   # the function, not a module
 
 
 def test_flat_namespace_recipe_rejected_before_torch_naming_each_key(tmp_path):
@@ -93,7 +93,7 @@ def test_load_recipe_is_pure_and_train_leaves_the_recipe_alone(tiny_bert, tmp_pa
 
 def test_doctor_reads_the_processor_without_loading_weights(tiny_bert, tmp_path):
     """Checks that need no embeddings (label_noise off, text near-duplicates) load the tokenizer alone."""
-    from tunesmith.doctor import diagnose
+    from tunesmith.diagnosis.diagnose import diagnose
 
     given = recipe_dict(tiny_bert, write_reviews(tmp_path / "r.csv", n=120))
     given["doctor"] = {"label_noise": False, "near_method": "text"}

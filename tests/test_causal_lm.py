@@ -8,14 +8,14 @@ import shutil
 import pytest
 import torch
 import yaml
+from conftest import FILLER, NEGATIVE, POSITIVE, sentence, tunesmith
 from safetensors.torch import load_file
 
 from tunesmith.errors import TunesmithError
+from tunesmith.pipeline import train
 from tunesmith.recipe import load
-from tunesmith.tasks import get_task
-from tunesmith.finetune import train
 from tunesmith.splits import load_splits
-from conftest import FILLER, NEGATIVE, POSITIVE, sentence, tunesmith
+from tunesmith.tasks import get_task
 
 TEMPLATE = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
             "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}")
@@ -361,7 +361,7 @@ def test_chat_streams_multi_turn_and_trims_history(trained):
 def test_chat_streamer_writes_text_as_it_is_generated(tiny_llama, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from tunesmith.chat import streamer
+    from tunesmith.serving.repl import streamer
 
     class Recorder:
         def __init__(self):

@@ -4,13 +4,13 @@ import json
 import random
 
 import pytest
+from conftest import recipe_dict, write_reviews
 
 import tunesmith as ts
-from conftest import recipe_dict, write_reviews
 
 
 def test_folds_are_stratified_and_keep_groups_together(tiny_bert, tmp_path):
-    from tunesmith.cv import assignments
+    from tunesmith.selection.cv import assignments
 
     rows = [{"text": "x", "label": "pos" if i % 4 else "neg", "speaker": f"s{i // 3}"} for i in range(120)]
     keys = [r["label"] for r in rows]
@@ -58,7 +58,7 @@ def test_cv_command_and_paired_compare(tiny_bert, tmp_path, capsys):
 
 
 def test_paired_test_tells_a_real_gap_from_noise():
-    from tunesmith.cv import interval, paired
+    from tunesmith.selection.cv import interval, paired
 
     rng = random.Random(0)
     base = [0.7 + rng.gauss(0, 0.02) for _ in range(10)]

@@ -1,5 +1,4 @@
 """Readers keep each row's origin; malformed rows become rejects with file:line; splits are stratified."""
-import json
 
 import pyarrow as pa
 import pyarrow.parquet as pq

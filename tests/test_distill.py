@@ -4,11 +4,11 @@ import json
 
 import pytest
 import torch
-
-import tunesmith as ts
 from conftest import tunesmith
 from deploy_fixtures import text_run  # noqa: F401  (fixture)
-from tunesmith.distilling import Distillation
+
+import tunesmith as ts
+from tunesmith.deploy.distill import Distillation
 
 
 def test_distillation_loss_matches_its_definition(text_run):

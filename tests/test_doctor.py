@@ -10,15 +10,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from conftest import recipe_dict, sentence, write_reviews
 
 from tunesmith import data as datalib
 from tunesmith.cli import main
-from tunesmith.doctor import diagnose
+from tunesmith.diagnosis.diagnose import diagnose
+from tunesmith.pipeline import train
 from tunesmith.recipe import load
-from tunesmith.tasks.text_classification import TextClassification
-from tunesmith.finetune import train
 from tunesmith.splits import fingerprint
-from conftest import recipe_dict, sentence, write_reviews
+from tunesmith.tasks.text_classification import TextClassification
 
 QUICK = {"label_noise": False}          # the checks that need no embeddings
 

@@ -1,4 +1,4 @@
-"""Explanations (tunesmith.explanations, Task.explain): Integrated Gradients on a tiny BERT whose label is decided
+"""Explanations (tunesmith.insight.explain, Task.explain): Integrated Gradients on a tiny BERT whose label is decided
 by one planted token, the CLI's JSON and HTML, the most confident mistakes, image saliency, and the extra's
 error message."""
 import base64
@@ -86,7 +86,8 @@ def test_missing_captum_names_the_extra(planted_run, monkeypatch):
 def test_image_saliency_overlay(tmp_path):
     """A tiny ResNet on generated stripes: a saliency grid in [0, 1] over the 32x32 input and a PNG overlay."""
     from PIL import Image
-    from test_image_classification import image_folder, recipe_dict as image_recipe, save_processor, tiny_model
+    from test_image_classification import image_folder, save_processor, tiny_model
+    from test_image_classification import recipe_dict as image_recipe
 
     folder = tmp_path / "resnet"
     tiny_model("resnet").save_pretrained(folder)
@@ -104,5 +105,5 @@ def test_image_saliency_overlay(tmp_path):
     assert head == "data:image/png;base64"
     overlay = Image.open(io.BytesIO(base64.b64decode(b64)))
     assert overlay.size == (32, 32) and overlay.mode == "RGB"
-    from tunesmith.explanations import render
+    from tunesmith.insight.explain import render
     assert '<img class="saliency"' in render({"inputs": [e], "mistakes": []})

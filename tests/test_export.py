@@ -4,10 +4,10 @@ import json
 import shutil
 
 import pytest
-
-import tunesmith as ts
 from conftest import tunesmith
 from deploy_fixtures import chat_run, image_run, text_run  # noqa: F401  (fixtures)
+
+import tunesmith as ts
 
 
 def test_export_fp32_and_int8_match_the_run(text_run, tmp_path):
@@ -26,7 +26,7 @@ def test_export_fp32_and_int8_match_the_run(text_run, tmp_path):
     assert written["files"] == report["files"] and (out / "config.json").exists()
     # the exported file predicts what the run predicts, through the task's own predict
     texts = ["a great and lovely film", "dull boring plot"]
-    from tunesmith.exporting import load_onnx
+    from tunesmith.deploy.export import load_onnx
 
     shutil.copytree(out, text_run / "export", dirs_exist_ok=True)
     a, b = ts.Run(text_run).load("cpu").predict(texts), load_onnx(text_run, "fp32").predict(texts)

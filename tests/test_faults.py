@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import recipe_dict, write_reviews
 from safetensors.torch import load_file
 
 import tunesmith as ts
-from conftest import recipe_dict, write_reviews
 from tunesmith import checkpoint, safety
 from tunesmith.cli import main
 from tunesmith.errors import TunesmithError
@@ -296,7 +296,7 @@ def test_damaged_best_keeps_the_final_weights_and_the_run_finishes(finished, tmp
 def test_disk_full_is_one_line_and_leaves_previous_checkpoints_and_no_half_model(finished, tmp_path, monkeypatch):
     import shutil as sh
 
-    from tunesmith.finetune import save_model
+    from tunesmith.pipeline import save_model
 
     ckpts = tmp_path / "ckpts"
     shutil.copytree(finished.path / "checkpoints", ckpts)

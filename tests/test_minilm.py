@@ -2,10 +2,10 @@
 import json
 
 import pytest
-
-from tunesmith.recipe import load
-from tunesmith.finetune import train
 from conftest import tunesmith
+
+from tunesmith.pipeline import train
+from tunesmith.recipe import load
 
 pytestmark = pytest.mark.slow
 

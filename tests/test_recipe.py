@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import recipe_dict, tunesmith
 
 from tunesmith.recipe import RecipeError, load
-from conftest import recipe_dict, tunesmith
 
 RECIPES = Path(__file__).parent.parent / "tunesmith" / "recipes"
 

@@ -1,5 +1,5 @@
-"""The HTML run report (tunesmith.run_report), per-slice evaluation (tunesmith.fairness) and the tracking
-callbacks (tunesmith.tracking) on tiny real runs.
+"""The HTML run report (tunesmith.insight.report), per-slice evaluation (tunesmith.insight.fairness) and the tracking
+callbacks (tunesmith.insight.tracking) on tiny real runs.
 
 Two tiny text-classification runs are trained once per module (different learning rates, a few seconds each).
 Run A has eval.before, eval.slices (a `source` column) and train.report_to: [tensorboard, mlflow], and a
@@ -22,8 +22,8 @@ from conftest import recipe_dict, write_reviews
 pytest.importorskip("matplotlib", reason="the report needs matplotlib: pip install 'tunesmith[report]'")
 
 import tunesmith as ts
-from tunesmith.fairness import evaluate_slices, largest_gap
-from tunesmith.run_report import NO_PREDICTIONS, reliability, write_report
+from tunesmith.insight.fairness import evaluate_slices, largest_gap
+from tunesmith.insight.report import NO_PREDICTIONS, reliability, write_report
 
 SECTIONS = ["overview", "curves", "confusion", "per-class", "reliability", "before-after", "slices", "explanations",
             "doctor", "samples", "recipe-diff"]
@@ -290,7 +290,7 @@ def test_tracking_reads_back_from_a_run_trained_with_report_to(runs):
 def test_report_to_without_the_package_names_the_extra(monkeypatch, tmp_path):
     import sys
 
-    from tunesmith.tracking import callbacks_for
+    from tunesmith.insight.tracking import callbacks_for
 
     monkeypatch.setitem(sys.modules, "mlflow.tracking", None)
     train = ts.load_recipe({"task": "text-classification", "model": "m", "data": {"train": "x.csv"},

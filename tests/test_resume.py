@@ -9,9 +9,8 @@ import time
 
 import torch
 import yaml
-from safetensors.torch import load_file
-
 from conftest import recipe_dict, tunesmith, write_reviews
+from safetensors.torch import load_file
 
 
 def tensors_equal(a, b):

@@ -9,9 +9,9 @@ import time
 
 import pytest
 import yaml
+from conftest import recipe_dict, tunesmith, write_reviews
 
 import tunesmith as ts
-from conftest import recipe_dict, tunesmith, write_reviews
 
 pytest.importorskip("optuna")
 
@@ -41,7 +41,7 @@ def test_callback_stop_training_ends_the_run_cleanly(tiny_bert, tmp_path):
 
 
 def test_search_prunes_and_best_yaml_reproduces_the_best_trial(tiny_bert, tmp_path):
-    from tunesmith.search import search
+    from tunesmith.selection.search import search
 
     data = write_reviews(tmp_path / "r.csv", n=160)
     recipe = ts.load_recipe(search_recipe(tiny_bert, data, trials=6, pruner="halving"))
@@ -94,7 +94,7 @@ def test_interrupted_search_resumes_and_retries_the_interrupted_trial(tiny_bert,
 
 
 def test_space_is_checked_before_any_trial(tiny_bert, tmp_path):
-    from tunesmith.search import search
+    from tunesmith.selection.search import search
 
     data = write_reviews(tmp_path / "r.csv", n=60)
     bad = recipe_dict(tiny_bert, data, search={"space": {"train.lerning_rate": {"low": 1e-4, "high": 1e-2},
@@ -109,7 +109,7 @@ def test_space_is_checked_before_any_trial(tiny_bert, tmp_path):
 
 
 def test_default_space_follows_the_task_and_method(tiny_bert, tmp_path):
-    from tunesmith.searchspace import default_space
+    from tunesmith.selection.space import default_space
 
     data = tmp_path / "r.csv"
     text = default_space(ts.load_recipe(recipe_dict(tiny_bert, data)))
@@ -121,7 +121,7 @@ def test_default_space_follows_the_task_and_method(tiny_bert, tmp_path):
 
 
 def test_search_scores_trials_by_cross_validation(tiny_bert, tmp_path):
-    from tunesmith.search import search
+    from tunesmith.selection.search import search
 
     data = write_reviews(tmp_path / "r.csv", n=60)
     recipe = ts.load_recipe(search_recipe(tiny_bert, data, trials=1, cv=2))
@@ -134,7 +134,7 @@ def test_search_scores_trials_by_cross_validation(tiny_bert, tmp_path):
 def test_sampled_epochs_are_what_a_trial_trains(tiny_bert, tmp_path):
     """train.min_steps (100 here) must not raise a sampled epoch count: 60 train rows, batch 16, 4 steps per epoch,
     so a trial of 1 or 2 epochs trains 4 or 8 steps, and its recipe.yaml (best.yaml) says min_steps 0."""
-    from tunesmith.search import search
+    from tunesmith.selection.search import search
 
     data = write_reviews(tmp_path / "r.csv", n=100)
     recipe = ts.load_recipe(recipe_dict(tiny_bert, data, train={"min_steps": 100},

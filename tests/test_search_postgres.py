@@ -13,7 +13,6 @@ import uuid
 
 import pytest
 import yaml
-
 from conftest import recipe_dict, write_reviews
 
 pytest.importorskip("optuna")
@@ -41,7 +40,7 @@ def postgres_url():
 def test_two_workers_share_a_study_and_retry_a_killed_workers_trial(tiny_bert, tmp_path, postgres_url):
     import optuna
 
-    from tunesmith.search import storage_url
+    from tunesmith.selection.search import storage_url
 
     data = write_reviews(tmp_path / "r.csv", n=100)
     recipe = tmp_path / "s.yaml"

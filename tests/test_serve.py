@@ -12,10 +12,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+from deploy_fixtures import Server, chat_run, image_run, text_run  # noqa: F401  (fixtures)
 
 import tunesmith as ts
-from deploy_fixtures import Server, chat_run, image_run, text_run  # noqa: F401  (fixtures)
-from tunesmith.serving import Limits
+from tunesmith.serving.app import Limits
 
 TEXTS = ["a great and lovely film", "dull boring plot and weak acting", "the cast was superb", "awful"]
 

@@ -3,10 +3,10 @@ import json
 
 import pytest
 import yaml
-
-from tunesmith.recipe import load
-from tunesmith.finetune import train
 from conftest import recipe_dict, tunesmith, write_reviews
+
+from tunesmith.pipeline import train
+from tunesmith.recipe import load
 
 EVAL_KEYS = {"accuracy", "precision_macro", "recall_macro", "f1_macro", "f1_weighted", "per_class",
              "confusion_matrix", "n_examples"}

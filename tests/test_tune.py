@@ -2,12 +2,13 @@
 more than one evaluation."""
 import time
 
-import tunesmith as ts
 from conftest import recipe_dict, tunesmith, write_reviews
+
+import tunesmith as ts
 
 
 def test_tune_stays_within_its_budget(tiny_bert, tmp_path):
-    from tunesmith.tune import tune
+    from tunesmith.selection.tune import tune
 
     data = write_reviews(tmp_path / "r.csv", n=400)
     recipe = ts.load_recipe(recipe_dict(tiny_bert, data, train={"epochs": 1000, "batch_size": 8}))
@@ -47,7 +48,7 @@ def test_a_failing_candidate_is_reported_and_the_race_goes_on(tiny_bert, tmp_pat
     """A candidate that cannot run (here LoRA on modules the model lacks) is a failed row with its reason, not
     the end of tune; the first rung is a third of train.min_steps (40 train rows, batch 16: 3 steps per epoch,
     min_steps 30: plain 10 epochs, first rung ceil(10 / 3) = 4 epochs)."""
-    import tunesmith.tune as tune_mod
+    import tunesmith.selection.tune as tune_mod
 
     def candidates(recipe, prof):
         return [("broken", {"adapt.method": "lora", "adapt.lora.target_modules": ["no_such_module"],
@@ -75,7 +76,7 @@ def test_blocks_are_counted_as_freeze_layers_counts_them(tiny_bert):
     inverted-residual blocks of MobileNetV2, whose config has no num_hidden_layers."""
     from transformers import AutoConfig, MobileNetV2Config
 
-    from tunesmith.tune import count_blocks
+    from tunesmith.selection.tune import count_blocks
 
     assert count_blocks(AutoConfig.from_pretrained(tiny_bert), False) == 2
     assert not hasattr(MobileNetV2Config(), "num_hidden_layers")
@@ -85,7 +86,7 @@ def test_blocks_are_counted_as_freeze_layers_counts_them(tiny_bert):
 def test_one_standard_error_rule_keeps_the_plain_recipe_within_noise():
     """On 40 validation rows an accuracy of 0.80 has a standard error of 0.063: a candidate at 0.825 does not
     replace the plain recipe, one at 0.875 does; metrics without a standard error pick the top score."""
-    from tunesmith.tune import choose
+    from tunesmith.selection.tune import choose
 
     plain = {"name": "plain", "score": 0.80, "n": 40}
     close, far = {"name": "close", "score": 0.825, "n": 40}, {"name": "far", "score": 0.875, "n": 40}

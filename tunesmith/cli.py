@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from tunesmith import safety
+from tunesmith import io, safety
 from tunesmith.errors import TunesmithError
 from tunesmith.recipe import RecipeError, load
 
@@ -37,7 +37,7 @@ def cmd_eval(args) -> int:
     import tunesmith as ts
 
     model = ts.Run(args.run_dir).load(args.device)
-    print(safety.dumps(model.evaluate(args.data), lambda m: print(m, file=sys.stderr), indent=2))
+    print(io.dumps(model.evaluate(args.data), lambda m: print(m, file=sys.stderr), indent=2))
     return 0
 
 
@@ -95,8 +95,8 @@ def cmd_demo(args) -> int:
 
 def cmd_doctor(args) -> int:
     """Check a recipe's data; print the report, write doctor.json; 1 when something blocks training."""
-    from tunesmith.doctor import diagnose, write
-    from tunesmith.doctor_report import render
+    from tunesmith.diagnosis.diagnose import diagnose, write
+    from tunesmith.diagnosis.report import render
 
     recipe = load(args.recipe, args.overrides)
     report = diagnose(recipe)
@@ -134,8 +134,8 @@ def cmd_compare(args) -> int:
 
 
 def compare_cv(a: str, b: str) -> int:
-    """Two cv folders over the same folds: mean per metric and a paired test over folds (tunesmith.cv.paired)."""
-    from tunesmith.cv import paired
+    """Two cv folders over the same folds: mean per metric and a paired test over folds (tunesmith.selection.cv.paired)."""
+    from tunesmith.selection.cv import paired
 
     ra, rb = (json.loads((Path(p) / "cv.json").read_text()) for p in (a, b))
     test = paired(ra, rb)
@@ -149,7 +149,7 @@ def compare_cv(a: str, b: str) -> int:
 
 def cmd_cv(args) -> int:
     """K-fold cross-validation: one run per fold, mean / std / 95% interval per metric, out-of-fold predictions."""
-    from tunesmith.cv import cross_validate
+    from tunesmith.selection.cv import cross_validate
 
     recipe = load(args.recipe, args.overrides)
     folder = args.dir or Path("runs") / f"cv-{recipe.name or recipe.task}"
@@ -160,7 +160,7 @@ def cmd_cv(args) -> int:
 
 def cmd_tune(args) -> int:
     """Automated fine-tuning in a wall-time budget: plan, successive halving, table against the plain recipe."""
-    from tunesmith.tune import tune
+    from tunesmith.selection.tune import tune
 
     recipe = load(args.recipe, args.overrides)
     folder = args.dir or Path("runs") / f"tune-{recipe.name or recipe.task}"
@@ -169,15 +169,15 @@ def cmd_tune(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    """Interactive chat with a causal-lm run's model: streaming, multi-turn (tunesmith/chat.py)."""
-    from tunesmith.chat import chat
+    """Interactive chat with a causal-lm run's model: streaming, multi-turn (tunesmith/serving/repl.py)."""
+    from tunesmith.serving.repl import chat
 
     return chat(args.run_dir, args.max_new_tokens, args.context, args.system)
 
 
 def cmd_search(args) -> int:
     """Optuna search over the recipe's search space; trials are run folders under the study folder."""
-    from tunesmith.search import search
+    from tunesmith.selection.search import search
 
     recipe = load(args.recipe, args.overrides)
     folder = args.dir or Path("runs") / f"search-{args.study or recipe.name or recipe.task}"
@@ -191,7 +191,7 @@ def cmd_search(args) -> int:
 
 
 def cmd_report(args) -> int:
-    """One self-contained HTML page about one or several runs (tunesmith/run_report.py)."""
+    """One self-contained HTML page about one or several runs (tunesmith/insight/report.py)."""
     import tunesmith as ts
 
     print(f"report: {ts.report(args.run_dirs, args.out, explain=not args.no_explain)}")
@@ -199,9 +199,9 @@ def cmd_report(args) -> int:
 
 
 def cmd_explain(args) -> int:
-    """Token attributions / saliency for inputs and the most confident mistakes (tunesmith/explanations.py)."""
+    """Token attributions / saliency for inputs and the most confident mistakes (tunesmith/insight/explain.py)."""
     import tunesmith as ts
-    from tunesmith.explanations import write_html
+    from tunesmith.insight.explain import write_html
 
     result = ts.explain(args.run_dir, args.inputs, mistakes=args.mistakes, device=args.device)
     if args.json:
@@ -217,7 +217,7 @@ def cmd_explain(args) -> int:
 def cmd_export(args) -> int:
     """ONNX (and int8) files checked against the run's test split; 1 when a file fails the --max-drop gate."""
     import tunesmith as ts
-    from tunesmith.exporting import render
+    from tunesmith.deploy.export import render
 
     report = ts.export(args.run_dir, args.format, args.quantize, args.out, args.max_drop)
     print(render(report))
@@ -227,7 +227,7 @@ def cmd_export(args) -> int:
 def cmd_distill(args) -> int:
     """A smaller student trained on a classifier run's soft labels; prints size, speed and metric vs the teacher."""
     import tunesmith as ts
-    from tunesmith.distilling import render
+    from tunesmith.deploy.distill import render
 
     print(render(ts.distill(args.run_dir, args.student, run_dir=args.run_dir_out, overrides=args.overrides,
                             temperature=args.temperature, alpha=args.alpha)))

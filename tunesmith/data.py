@@ -37,7 +37,7 @@ class Table:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def subset(self, index) -> "Table":
+    def subset(self, index) -> Table:
         return Table([self.rows[i] for i in index], [self.origins[i] for i in index], [], self.source)
 
 
@@ -221,7 +221,7 @@ def read(source: str, split: str = "train", path_columns: tuple[str, ...] = ()) 
     """Rows of a file, IDX files, an image folder (one subfolder per class), a bundled dataset alias, or a HF
     dataset (name or saved folder; `name:split`). path_columns: relative paths there are read relative to
     the data file (CSV/JSONL/Parquet) and made absolute."""
-    from tunesmith.assets import DATASETS
+    from tunesmith.assets.bundled import DATASETS
 
     if source in DATASETS:
         source = str(DATASETS[source]())

@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tunesmith.errors import TunesmithError
-from tunesmith.searchspace import SearchConfig
+from tunesmith.selection.space import SearchConfig
 
 SCHEMA = 2                      # run folder / recipe layout version; 1: one flat namespace for every task
 
@@ -99,7 +99,7 @@ class TrainConfig(Section):
     feature_cache: bool = True                  # frozen bottom blocks, no dropout there: compute their output once
     threads: int | None = Field(None, gt=0)     # torch threads on CPU; None: free cores (affinity, quota, load)
     report_to: list[Literal["tensorboard", "mlflow"]] = []  # trackers that get every metrics.jsonl record,
-                                                # the recipe and eval.json (tunesmith/tracking.py)
+                                                # the recipe and eval.json (tunesmith/insight/tracking.py)
     mlflow_uri: str | None = None               # MLflow tracking URI; None: sqlite:///<run>/mlflow.db
     max_bad_steps: int = Field(10, ge=1)        # optimizer steps in a row with a non-finite loss/gradient before stopping
 
@@ -134,7 +134,7 @@ class Recipe(Section):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     doctor: DoctorConfig = DoctorConfig()
-    search: SearchConfig | None = None          # `tunesmith search` / `tune` (tunesmith/searchspace.py); None: defaults
+    search: SearchConfig | None = None          # `tunesmith search` / `tune` (tunesmith/selection/space.py); None: defaults
 
     @model_validator(mode="before")
     @classmethod

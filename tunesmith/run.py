@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from tunesmith import safety
+from tunesmith import io, safety
 from tunesmith.errors import TunesmithError
 from tunesmith.recipe import SCHEMA, Recipe, load
 
@@ -42,7 +42,7 @@ class Callback:
     def on_log(self, record: dict) -> None:
         pass
 
-    def on_end(self, run: "Run") -> None:
+    def on_end(self, run: Run) -> None:
         pass
 
 
@@ -79,7 +79,7 @@ class Run:
             raise TunesmithError(f"{path} {what.format(path)}")
 
     @classmethod
-    def create(cls, recipe: Recipe, run_dir: str | Path | None = None, callbacks: list = ()) -> "Run":
+    def create(cls, recipe: Recipe, run_dir: str | Path | None = None, callbacks: list = ()) -> Run:
         """A new run folder, claimed atomically: mkdir of a new folder (or the lock file of an empty one) fails
         in every process but one. The folder stays locked (tunesmith/safety.py) until `unlock`."""
         path = Path(run_dir or cls.default_path(recipe))
@@ -152,7 +152,7 @@ class Run:
             return []
         return [r for r in map(_record, path.read_text().splitlines()) if r is not None]
 
-    def load(self, device: str = "auto") -> "Predictor":
+    def load(self, device: str = "auto") -> Predictor:
         """The fine-tuned model, ready to predict and evaluate."""
         return Predictor(self, device)
 
@@ -160,8 +160,7 @@ class Run:
     def log(self, record: dict) -> None:
         if not self.writer:
             return
-        with open(self.path / "metrics.jsonl", "a") as f:
-            f.write(safety.dumps(record) + "\n")
+        io.append_jsonl(self.path / "metrics.jsonl", record)
         for c in self.callbacks:
             try:
                 c.on_log(record)
@@ -187,11 +186,7 @@ class Run:
 
     def write_json(self, name: str, obj) -> None:
         """Write atomically; NaN/inf become null, with a warning naming them (JSON has no NaN)."""
-        path = self.path / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(safety.dumps(obj, print, name, indent=2) + "\n")
-        os.replace(tmp, path)
+        io.write_json(self.path / name, obj, print)
 
     def write_rows(self, name: str, rows: list[dict], path_columns: tuple[str, ...] = ()) -> None:
         """JSONL rows; values in path_columns that are local files are copied under data/files/ (hard links

@@ -1,11 +1,10 @@
-"""What keeps a run from losing work or reporting something wrong: JSON without NaN, the run folder's lock,
+"""What keeps a run from losing work or reporting something wrong: the run folder's lock,
 SIGTERM/Ctrl-C turned into a checkpoint and a clean exit, out-of-memory back-off, disk-full messages.
 docs/faults.md lists every fault scenario, what happens, and the test that shows it."""
 from __future__ import annotations
 
 import errno
 import json
-import math
 import os
 import signal
 import socket
@@ -21,34 +20,6 @@ class Interrupted(TunesmithError):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
-
-
-# --- JSON -------------------------------------------------------------------------------------------
-
-def finite(obj, where: str = "") -> tuple[object, list[str]]:
-    """(obj with every NaN/inf float replaced by None, the dotted keys replaced): JSON has no NaN."""
-    bad: list[str] = []
-
-    def walk(x, path):
-        if isinstance(x, float) and not math.isfinite(x):
-            bad.append(path or "value")
-            return None
-        if isinstance(x, dict):
-            return {k: walk(v, f"{path}.{k}" if path else str(k)) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return [walk(v, f"{path}[{i}]") for i, v in enumerate(x)]
-        return x
-
-    return walk(obj, where), bad
-
-
-def dumps(obj, say=None, name: str = "", **kw) -> str:
-    """json.dumps that writes null for NaN/inf (and says which keys through `say`); never invalid JSON."""
-    clean, bad = finite(obj)
-    if bad and say:
-        say(f"warning: {name + ': ' if name else ''}{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''} "
-            f"not a finite number; written as null")
-    return json.dumps(clean, allow_nan=False, **kw)
 
 
 # --- the run folder's lock ----------------------------------------------------------------------------
@@ -129,7 +100,7 @@ class StopFlag:
         print(f"\n{signal.Signals(signum).name}: stopping after this step (a checkpoint is written first; "
               f"send it again to stop at once)", flush=True)
 
-    def __enter__(self) -> "StopFlag":
+    def __enter__(self) -> StopFlag:
         if threading.current_thread() is threading.main_thread():
             for s in (signal.SIGTERM, signal.SIGINT):
                 self._old[s] = signal.signal(s, self._handle)

@@ -29,7 +29,7 @@ def _load(ref):
 def register_task(recipe_cls, name: str | None = None) -> None:
     """Make a task available to recipes: `recipe_cls` subclasses tunesmith.Recipe with `task: Literal[name]`
     and `task_class` naming (or being) its Task subclass."""
-    from pydantic import BaseModel        # not tunesmith.recipe: that module reads this table (no import cycle)
+    from pydantic import BaseModel  # not tunesmith.recipe: that module reads this table (no import cycle)
 
     if not (isinstance(recipe_cls, type) and issubclass(recipe_cls, BaseModel) and "task" in recipe_cls.model_fields):
         raise TypeError(f"register_task takes a subclass of tunesmith.Recipe, got {recipe_cls!r}")

@@ -81,7 +81,8 @@ class Task:
     # --- processor ----------------------------------------------------------------------------------
     def setup(self, source: str | None = None) -> None:
         """Load the processor from `source` (default: the recipe's model); no weights."""
-        from tunesmith.assets import resolve_model
+        from tunesmith.assets.bundled import resolve_model
+        from tunesmith.tasks.hf import load_error
 
         name = source or resolve_model(self.recipe.model.name)
         try:
@@ -137,7 +138,7 @@ class Task:
     def collate(self, features: list[dict]) -> dict:
         raise NotImplementedError
 
-    # --- data doctor (tunesmith/doctor.py); features = encode(rows) ------------------------------------
+    # --- data doctor (tunesmith/diagnosis/diagnose.py); features = encode(rows) ------------------------------------
     def length_stats(self, rows: list[dict], features: list[dict]) -> dict:
         """Tokens per row, for the doctor (features may be packed); each value is a list with one entry per row,
         or a list of row indices:
@@ -263,75 +264,3 @@ def batches(task: Task, features: list[dict], batch_size: int, device):
 
 def model_device(model) -> torch.device:
     return next(model.parameters()).device
-
-
-DROPOUT_KEYS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout", "dropout",
-                "attention_dropout", "hidden_dropout", "classifier_dropout_prob", "activation_dropout",
-                "resid_pdrop", "embd_pdrop", "attn_pdrop", "summary_first_dropout", "drop_path_rate")
-
-
-def load_error(name: str, e: Exception):
-    """A failed model or processor load as one line that says what to do."""
-    import os
-    from pathlib import Path
-
-    from tunesmith.errors import TunesmithError
-
-    text = str(e)
-    if "trust_remote_code" in text or "custom code" in text:
-        return TunesmithError(f"model '{name}' ships its own Python code (auto_map in config.json); it runs only "
-                              f"with model.trust_remote_code: true, which you should set only if you trust it")
-    if "weights_only" in text or "Unpickl" in type(e).__name__ or "Unpickl" in text:
-        return TunesmithError(f"model '{name}': pytorch_model.bin holds more than plain tensors, refused by "
-                              f"torch.load(weights_only=True) ({text.splitlines()[0][:200]}); use a safetensors copy "
-                              f"from a source you trust")
-    if Path(name).exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:     # a hub id: [org/]name
-        what = "exists but is not a model folder" if Path(name).exists() else "does not exist"
-        return TunesmithError(f"model '{name}': {what}; give a folder with config.json (save_pretrained), a "
-                              f"bundled alias (minilm, smollm2, mobilenet_v2) or a hub id")
-    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
-        return TunesmithError(f"model '{name}' is not a local folder and the hub is offline (HF_HUB_OFFLINE=1): "
-                              f"download it where there is a network (hf download {name} --local-dir DIR) and give "
-                              f"that folder")
-    return TunesmithError(f"model '{name}' could not be loaded from the hub ({text.splitlines()[0][:200]}); check "
-                          f"the name and the network, or give a local folder")
-
-
-def load_hf(auto_cls, model_cfg, **config_kwargs):
-    """An HF model from a bundled alias, hub id or folder; `pretrained: false` keeps only the config.
-
-    config_kwargs set task fields (num_labels, id2label, ...); `model.dropout` overrides every dropout
-    probability the config has. A model folder's own code runs only with model.trust_remote_code; pickle
-    weights (pytorch_model.bin) load only as plain tensors (weights_only=True) and are reported.
-    """
-    import pickle
-    from pathlib import Path
-
-    from transformers import AutoConfig
-
-    from tunesmith.assets import resolve_model
-
-    path = resolve_model(model_cfg.name)
-    trust = model_cfg.trust_remote_code
-    try:
-        config = AutoConfig.from_pretrained(path, revision=model_cfg.revision, trust_remote_code=trust,
-                                            **config_kwargs)
-    except (OSError, ValueError) as e:
-        raise load_error(model_cfg.name, e) from None
-    if model_cfg.dropout is not None:
-        for key in DROPOUT_KEYS:
-            if isinstance(getattr(config, key, None), float):
-                setattr(config, key, model_cfg.dropout)
-    if not model_cfg.pretrained:
-        return auto_cls.from_config(config, trust_remote_code=trust), path
-    # a checkpoint's own head (other label count) is replaced: that is the point of fine-tuning
-    folder = Path(path)
-    if folder.is_dir() and not any(folder.glob("*.safetensors")) and any(folder.glob("pytorch_model*.bin")):
-        print(f"model: {path} has pickle weights only (pytorch_model.bin): loaded as plain tensors with "
-              f"torch.load(weights_only=True), which runs no code; prefer safetensors")
-    try:
-        model = auto_cls.from_pretrained(path, config=config, revision=model_cfg.revision, weights_only=True,
-                                         trust_remote_code=trust, ignore_mismatched_sizes=True)
-    except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as e:
-        raise load_error(model_cfg.name, e) from None
-    return model, path

@@ -25,8 +25,9 @@ import sys
 import torch
 
 from tunesmith.errors import TunesmithError
-from tunesmith.tasks.base import Features, batches, load_hf, model_device
+from tunesmith.tasks.base import Features, batches, model_device
 from tunesmith.tasks.generation import Generative
+from tunesmith.tasks.hf import load_hf
 
 PROBE = [{"role": "user", "content": "Hello?"}, {"role": "assistant", "content": "Hi."}]
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from tunesmith import metrics
 from tunesmith.errors import TunesmithError
-from tunesmith.fairness import MISSING, evaluate_slices, slice_value
+from tunesmith.insight.fairness import MISSING, evaluate_slices, slice_value
 from tunesmith.tasks.base import Task, batches, model_device
 
 
@@ -166,7 +166,7 @@ class Classification(Task):
     def evaluate_final(self, model, rows: list[dict], features: list[dict], batch_size: int,
                        out_dir=None) -> dict:
         """`evaluate`'s metrics, the task's `final_metrics`, per-slice metrics and gaps (eval.slices:
-        tunesmith/fairness.py) and, with out_dir, predictions.jsonl: one {row, label, predicted, confidence,
+        tunesmith/insight/fairness.py) and, with out_dir, predictions.jsonl: one {row, label, predicted, confidence,
         probabilities} per evaluated row (row: its position in `rows`, data/test.jsonl for a run's test split;
         probabilities: every label up to PREDICTION_LABELS labels, else the most probable ones)."""
         result, labels, probs = self.scores(model, features, batch_size)

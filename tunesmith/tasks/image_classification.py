@@ -20,8 +20,9 @@ from tqdm.auto import tqdm
 
 from tunesmith import metrics, vision
 from tunesmith.errors import TunesmithError
-from tunesmith.tasks.base import Features, load_hf, model_device
+from tunesmith.tasks.base import Features, model_device
 from tunesmith.tasks.classification import Classification, captum_attr
+from tunesmith.tasks.hf import load_hf
 
 CHUNK = 256                 # images per image-processor call
 MISCLASSIFIED = 100         # most confident mistakes listed in misclassified.jsonl

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from tunesmith.tasks.base import Features, load_hf, model_device
+from tunesmith.tasks.base import Features, model_device
 from tunesmith.tasks.classification import EXPLAIN_STEPS, Classification, captum_attr
+from tunesmith.tasks.hf import load_hf
 
 CHARS_PER_TOKEN = 100       # no tokenizer makes a token of more characters (WordPiece: 100 -> [UNK])
 

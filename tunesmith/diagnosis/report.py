@@ -1,10 +1,10 @@
 """How the doctor's findings read on a terminal: `render(report)` for `tunesmith doctor`, `rejects_report` for
-`train` when it stops on unusable rows. Pure text from the doctor.json dict (tunesmith/doctor.py)."""
+`train` when it stops on unusable rows. Pure text from the doctor.json dict (tunesmith/diagnosis/diagnose.py)."""
 from __future__ import annotations
 
 from collections import Counter
 
-from tunesmith.doctor_checks import excerpt, reason_kind
+from tunesmith.diagnosis.checks import excerpt, reason_kind
 
 
 def table(header: list[str], rows: list[list], indent: str = "  ") -> list[str]:

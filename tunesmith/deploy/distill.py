@@ -113,7 +113,7 @@ def _logits(model, task, features, batch_size) -> list[list[float]]:
 
 
 def _profile(model, task, features, batch_size, folder: Path) -> dict:
-    from tunesmith.exporting import latency
+    from tunesmith.deploy.export import latency
 
     one, many = task.collate(features[:1]), task.collate([features[i % len(features)] for i in range(32)])
     for b in (one, many):
@@ -133,8 +133,8 @@ def distill(teacher_dir, student: str = "half", run_dir=None, overrides=(), temp
 
     from tunesmith.adapt import adapt
     from tunesmith.device import choose_precision
-    from tunesmith.finetune import save_model
     from tunesmith.loop import fit
+    from tunesmith.pipeline import save_model
     from tunesmith.recipe import load
     from tunesmith.run import Run
     from tunesmith.splits import fingerprint, load_data

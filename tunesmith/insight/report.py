@@ -16,7 +16,7 @@ Sections (every one is always present, with a note where it does not apply, so t
                   predictions.jsonl: one {"label", "probabilities": {name: p}} per test row)
   before-after    eval.json `before` against the fine-tuned metrics
   slices          per-slice metrics (eval.slices), gaps, parity differences; the largest gap flagged
-  explanations    token attributions / saliency for the most confident mistakes (tunesmith/explanations.py: loads
+  explanations    token attributions / saliency for the most confident mistakes (tunesmith/insight/explain.py: loads
                   the model, so this section alone needs torch and captum; write_report(explain=False) skips it)
   doctor          doctor.json status, blocking problems, warnings
   samples         generations of chat runs (samples.jsonl: prompt, reference, output)
@@ -34,7 +34,7 @@ from pathlib import Path
 import yaml
 
 from tunesmith.errors import TunesmithError
-from tunesmith.fairness import GAP_METRICS, largest_gap
+from tunesmith.insight.fairness import GAP_METRICS, largest_gap
 
 COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
           "#bcbd22", "#17becf"]                       # matplotlib tab10, one per run (cycled past 10 runs)
@@ -341,7 +341,7 @@ def _slices(run: dict) -> str:
 
 
 def _explanations(run: dict) -> str:
-    from tunesmith import explanations as explain
+    from tunesmith.insight import explain
 
     if not run.get("explained"):
         return _note(run.get("explain_note") or "explanations not computed (--no-explain)")
@@ -350,7 +350,7 @@ def _explanations(run: dict) -> str:
 
 def explain_runs(runs: list[dict]) -> None:
     """Each run's most confident mistakes, explained (needs its model/, torch and captum); else a note why not."""
-    from tunesmith import explanations as explain
+    from tunesmith.insight import explain
 
     for r in runs:
         if not (r["path"] / "model").is_dir() or not (r["path"] / "predictions.jsonl").exists():

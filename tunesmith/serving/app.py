@@ -2,7 +2,7 @@
 
 Routes: POST /v1/predict (texts, images as data: URIs, or rows; batched), GET /health, GET /metrics (Prometheus
 text), /openapi.json and /docs, GET / (a small web page); generative runs add POST /v1/chat/completions (the OpenAI
-API, SSE streaming included; tunesmith/serving_chat.py) and GET /v1/models.
+API, SSE streaming included; tunesmith/serving/openai_chat.py) and GET /v1/models.
 
 Micro-batching: every input joins one queue; one worker takes the first waiting input, waits at most max_wait_ms for
 more (up to max_batch), and runs them as one `Predictor.predict` call on the single model thread (the model and
@@ -264,7 +264,7 @@ def create_app(run, api_key: str | None = None, onnx: str | None = None, device:
     if isinstance(run, Predictor):
         predictor = run
     elif onnx:
-        from tunesmith.exporting import load_onnx
+        from tunesmith.deploy.export import load_onnx
 
         predictor = load_onnx(run, onnx)
     else:
@@ -334,7 +334,7 @@ def create_app(run, api_key: str | None = None, onnx: str | None = None, device:
         return HTMLResponse(PAGE.read_text())
 
     if task.generative:
-        from tunesmith.serving_chat import add_chat_routes
+        from tunesmith.serving.openai_chat import add_chat_routes
 
         add_chat_routes(app, predictor, batcher, limits, name, wait)
     app.add_middleware(Guard, limit=limits.max_body, api_key=api_key, metrics=metrics,

@@ -38,7 +38,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from tunesmith.doctor_checks import (
+from tunesmith.diagnosis.checks import (
     balance,
     conflicts,
     duplicates,
@@ -207,7 +207,7 @@ def _leakage(keys, vectors, origins, method, threshold, embed_note, warnings) ->
 
 
 def _label_noise(cfg, recipe, labels, vectors, embed_note, tables, keys, warnings) -> dict:
-    from tunesmith.doctor_noise import label_noise
+    from tunesmith.diagnosis.noise import label_noise
 
     if not cfg.label_noise:
         return {"available": False, "note": "off (doctor.label_noise: false)"}

@@ -46,7 +46,7 @@ def _start(recipe: Recipe, run_dir, resume, callbacks) -> Run:
     from accelerate.utils import broadcast_object_list
 
     from tunesmith.device import choose_device
-    from tunesmith.doctor_report import rejects_report
+    from tunesmith.diagnosis.report import rejects_report
 
     task = get_task(recipe)
     task.setup()                                        # the processor: no weights yet
@@ -118,7 +118,7 @@ def _train(recipe, task, loaded, run: Run, accelerator, resume, named: bool) -> 
         run.path = Path(broadcast_object_list([str(run.path)])[0])
         accelerator.wait_for_everyone()
     if main and recipe.train.report_to:         # TensorBoard / MLflow mirror the run folder (now that it exists)
-        from tunesmith.tracking import callbacks_for
+        from tunesmith.insight.tracking import callbacks_for
 
         run.callbacks += callbacks_for(recipe.train, run.path)
     features = {}

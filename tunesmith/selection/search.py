@@ -24,7 +24,7 @@ from tunesmith.errors import TunesmithError
 from tunesmith.recipe import Recipe, RecipeError, load
 from tunesmith.run import Callback, StopTraining
 from tunesmith.safety import LOCK, Interrupted
-from tunesmith.searchspace import Param, SearchConfig, default_space, seconds
+from tunesmith.selection.space import Param, SearchConfig, default_space, seconds
 
 
 def optuna_module():
@@ -163,7 +163,7 @@ def objective(recipe: Recipe, folder: Path, say=print):
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         say(f"trial {trial.number}: {values}")
         if cfg.cv:
-            from tunesmith.cv import cross_validate
+            from tunesmith.selection.cv import cross_validate
 
             try:
                 result = cross_validate(trial_recipe, run_dir, folds=cfg.cv)

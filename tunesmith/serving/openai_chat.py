@@ -2,7 +2,7 @@
 `openai` client works unchanged; `stream: true` answers with server-sent events (chat.completion.chunk objects, then
 `data: [DONE]`). The prompt is the run's own chat template (Task.prompt_ids); settings start from the recipe's
 eval.generate and take the request's max_tokens, temperature (under 0.01: greedy), top_p and seed. Generation runs on the
-model thread (tunesmith/serving.py); a request past its timeout, or whose client went away, stops at the next token.
+model thread (tunesmith/serving/app.py); a request past its timeout, or whose client went away, stops at the next token.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The data doctor's checks on rows: duplicates, conflicting labels, leakage, class balance, token lengths.
 
 Every function takes plain lists (keys, labels, origins) per split, so it knows nothing about tasks; see
-tunesmith/doctor.py for how they are gathered through the Task protocol and for the doctor.json layout.
+tunesmith/diagnosis/diagnose.py for how they are gathered through the Task protocol and for the doctor.json layout.
 """
 from __future__ import annotations
 

@@ -1,0 +1,2 @@
+"""Understanding runs: the HTML report (report), attributions (explain), per-slice metrics (fairness) and the
+TensorBoard / MLflow mirrors (tracking)."""
