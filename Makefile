@@ -18,7 +18,7 @@ SHELL := /bin/bash
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-fast bench demo-images bench-images fashion-mnist demo-chat bench-chat
+.PHONY: setup demo test lint test-fast bench demo-images bench-images fashion-mnist demo-chat bench-chat
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
@@ -33,8 +33,11 @@ $(STAMP): pyproject.toml Makefile
 demo: setup
 	$(BIN)/tunesmith demo
 
-test: setup
+test: setup lint
 	$(BIN)/python -m pytest -q -m "not slow" && $(BIN)/python -m pytest -q -m slow
+
+lint: setup
+	$(BIN)/ruff check .
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"

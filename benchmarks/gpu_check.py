@@ -111,7 +111,8 @@ def report(name: str, peak: float, ours: dict, base: dict, model) -> None:
         tflops = flops_per_token(model, seq) * r["tokens"] / r["seconds"] / 1e12
         print(f"{name:<7}{label:<18}{r['samples'] / r['seconds']:>10.1f} samples/s {r['tokens'] / r['seconds']:>10.0f}"
               f" tokens/s  MFU {100 * tflops / peak:5.1f}%  peak mem {r['mem']:5.1f} GiB")
-    print(f"{name:<7}ratio tunesmith / HF: {(ours['samples'] / ours['seconds']) / (base['samples'] / base['seconds']):.2f}")
+    ratio = (ours['samples'] / ours['seconds']) / (base['samples'] / base['seconds'])
+    print(f"{name:<7}ratio tunesmith / HF: {ratio:.2f}")
 
 
 def text(tmp: Path, steps: int, peak: float) -> None:
@@ -178,8 +179,10 @@ def causal(tmp: Path, steps: int, peak: float) -> None:
     rng = random.Random(0)
     with open(tmp / "chat.jsonl", "w") as f:
         for _ in range(16 * steps + 600):
-            q, a = " ".join(rng.choices(WORDS, k=rng.randint(10, 60))), " ".join(rng.choices(WORDS, k=rng.randint(40, 200)))
-            f.write(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n")
+            q = " ".join(rng.choices(WORDS, k=rng.randint(10, 60)))
+            a = " ".join(rng.choices(WORDS, k=rng.randint(40, 200)))
+            messages = [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+            f.write(json.dumps({"messages": messages}) + "\n")
     recipe = {"task": "causal-lm", "model": str(folder), "adapt": {"method": "full"},
               "data": {"train": str(tmp / "chat.jsonl"), "validation_size": 64, "test_size": 64, "max_length": 512},
               "train": {"max_steps": steps, "batch_size": 8, "packing": True, "pack_length": 2048,

@@ -91,7 +91,7 @@ def nested_tune(recipe, plain_cv: dict, cv_dir: Path, out: Path, budget: str) ->
     picks = []
     for name in plain_cv["runs"]:
         r = fold_recipe(base, cv_dir / "folds" / name)          # the fold's files, as cross_validate wrote them
-        result = tune(r, out / name, budget, say=lambda s: print(f"  [{name}] {s}", flush=True))
+        result = tune(r, out / name, budget, say=lambda s, name=name: print(f"  [{name}] {s}", flush=True))
         metrics = ts.Run(result["best"]["run_dir"]).metrics
         picks.append(f"{result['best']['name']} {result['best']['epochs']:g}ep")
         for m in METRICS:

@@ -47,7 +47,7 @@ def _train_text(tiny_bert, tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("deploy")
     data = write_reviews(tmp / "reviews.csv", n=240)
     run = ts.train(ts.load_recipe(recipe_dict(tiny_bert, data)), run_dir=tmp / "run")
-    assert run.metrics["accuracy"] > 0.9                # a model that learned: its labels and soft labels mean something
+    assert run.metrics["accuracy"] > 0.9        # a model that learned: its labels and soft labels mean something
     return run.path
 
 

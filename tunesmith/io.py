@@ -121,7 +121,8 @@ def write_jsonl(path: str | Path, records, say=None) -> Path:
 
 
 def cell(value, digits: int = 4) -> str:
-    """How a table shows one value: floats to `digits` places (3 significant digits when smaller), ints with thousands separators, None as "-"."""
+    """How a table shows one value: floats to `digits` places (3 significant digits when smaller), ints with
+    thousands separators, None as "-"."""
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "-"
     if isinstance(value, bool):

@@ -39,12 +39,12 @@ class ModelConfig(Section):
     pretrained: bool = True                     # false: same architecture, random weights (baseline)
     dropout: float | None = Field(None, ge=0, lt=1)  # overrides every dropout probability in the config
     revision: str | None = None
-    trust_remote_code: bool = False             # run Python code shipped in the model folder (auto_map); only if you trust it
+    trust_remote_code: bool = False             # run the model folder's own Python code (auto_map); only if trusted
 
 
 class DataConfig(Section):
     """Keys every task reads; a task's recipe adds its own (columns, lengths, sizes)."""
-    train: str                                  # file (.csv .jsonl .parquet, IDX), image folder, bundled alias, HF dataset
+    train: str                                  # file (.csv .jsonl .parquet, IDX), image folder, alias, HF dataset
     validation: str | None = None               # None: split from train (stratified where the task has labels)
     test: str | None = None                     # None: split from train
     validation_size: float = Field(0.1, gt=0)   # fraction (<1) or row count (>=1) split from train
@@ -101,7 +101,7 @@ class TrainConfig(Section):
     report_to: list[Literal["tensorboard", "mlflow"]] = []  # trackers that get every metrics.jsonl record,
                                                 # the recipe and eval.json (tunesmith/insight/tracking.py)
     mlflow_uri: str | None = None               # MLflow tracking URI; None: sqlite:///<run>/mlflow.db
-    max_bad_steps: int = Field(10, ge=1)        # optimizer steps in a row with a non-finite loss/gradient before stopping
+    max_bad_steps: int = Field(10, ge=1)        # steps in a row with a non-finite loss/gradient before stopping
 
 
 class EvalConfig(Section):
@@ -122,7 +122,8 @@ class Recipe(Section):
     """The sections every task has. A task's recipe subclasses this: `task: Literal["its-name"]`, its own
     section classes, and the class variables below."""
     task_class: ClassVar[str] = ""              # "module:Class" of the Task; imported only when training
-    metrics: ClassVar[dict[str, Literal["max", "min"]]] = {"loss": "min"}  # what evaluate() reports, and which way is better
+    # what evaluate() reports, and which way is better
+    metrics: ClassVar[dict[str, Literal["max", "min"]]] = {"loss": "min"}
     default_metric: ClassVar[str] = "loss"      # train.metric when unset
     default_method: ClassVar[str] = "full"      # adapt.method when unset
 
@@ -134,7 +135,7 @@ class Recipe(Section):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     doctor: DoctorConfig = DoctorConfig()
-    search: SearchConfig | None = None          # `tunesmith search` / `tune` (tunesmith/selection/space.py); None: defaults
+    search: SearchConfig | None = None          # `search` / `tune` (tunesmith/selection/space.py); None: defaults
 
     @model_validator(mode="before")
     @classmethod
