@@ -13,7 +13,6 @@
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import threading
@@ -103,7 +102,7 @@ class Run:
         from importlib.metadata import version
 
         run.write_json("run.json", {"schema": SCHEMA, "tunesmith": version("tunesmith"), "task": recipe.task})
-        (run.path / "recipe.yaml").write_text(yaml.safe_dump(recipe.dump(), sort_keys=False))
+        io.atomic_write(run.path / "recipe.yaml", yaml.safe_dump(recipe.dump(), sort_keys=False))
         return run
 
     def lock(self) -> None:
@@ -127,8 +126,8 @@ class Run:
     @property
     def schema(self) -> int:
         """Layout version of this folder: 1 for runs written before run.json existed."""
-        stamp = self.path / "run.json"
-        return json.loads(stamp.read_text())["schema"] if stamp.exists() else 1
+        stamp = io.read_json(self.path / "run.json")
+        return 1 if stamp is None else stamp["schema"]
 
     @cached_property
     def recipe(self) -> Recipe:
@@ -141,16 +140,12 @@ class Run:
     def metrics(self) -> dict:
         """The final metrics (eval.json: test split, best checkpoint; `before` when eval.before ran); {} while
         the run has not finished."""
-        path = self.path / "eval.json"
-        return json.loads(path.read_text()) if path.exists() else {}
+        return io.read_json(self.path / "eval.json", {})
 
     @property
     def history(self) -> list[dict]:
         """Every metrics.jsonl record, in order (training steps, validations, summaries)."""
-        path = self.path / "metrics.jsonl"
-        if not path.exists():
-            return []
-        return [r for r in map(_record, path.read_text().splitlines()) if r is not None]
+        return io.read_jsonl(self.path / "metrics.jsonl")
 
     def load(self, device: str = "auto") -> Predictor:
         """The fine-tuned model, ready to predict and evaluate."""
@@ -176,13 +171,11 @@ class Run:
         path = self.path / "metrics.jsonl"
         if path.exists() and self.writer:
             lines = path.read_text().splitlines()
-            keep = [ln for ln in lines if (r := _record(ln)) is not None and r.get("step", 0) <= step]
-            broken = sum(_record(ln) is None for ln in lines if ln.strip())
+            keep = [ln for ln in lines if (r := io.parse_line(ln)) is not None and r.get("step", 0) <= step]
+            broken = sum(io.parse_line(ln) is None for ln in lines if ln.strip())
             if broken:                                  # a crash or a full disk in the middle of an append
                 print(f"resume: dropped {broken} unreadable line(s) of {path} (a write that did not finish)")
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(ln + "\n" for ln in keep))
-            os.replace(tmp, path)
+            io.atomic_write(path, "".join(ln + "\n" for ln in keep))     # the kept lines byte for byte
 
     def write_json(self, name: str, obj) -> None:
         """Write atomically; NaN/inf become null, with a warning naming them (JSON has no NaN)."""
@@ -192,22 +185,14 @@ class Run:
         """JSONL rows; values in path_columns that are local files are copied under data/files/ (hard links
         where the file system allows) and written relative to the JSONL file, so the folder moves as a whole."""
         path = self.path / name
-        path.parent.mkdir(parents=True, exist_ok=True)
         files = path.parent / "files"
-        with open(path, "w") as f:
-            for i, row in enumerate(rows):
-                for col in path_columns:
-                    if isinstance(row.get(col), str) and row[col]:
-                        row = {**row, col: _keep_file(row[col], files, f"{path.stem}-{i:07d}", path.parent)}
-                f.write(json.dumps(row, default=str) + "\n")
-
-
-def _record(line: str) -> dict | None:
-    """One metrics.jsonl line, or None for a blank or partly written one."""
-    try:
-        return json.loads(line) if line.strip() else None
-    except ValueError:
-        return None
+        kept = []
+        for i, row in enumerate(rows):
+            for col in path_columns:
+                if isinstance(row.get(col), str) and row[col]:
+                    row = {**row, col: _keep_file(row[col], files, f"{path.stem}-{i:07d}", path.parent)}
+            kept.append(row)
+        io.write_jsonl(path, kept, print)
 
 
 def _keep_file(value: str, folder: Path, stem: str, base: Path) -> str:
