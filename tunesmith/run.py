@@ -1,6 +1,7 @@
 """A run is a folder; everything after training (eval, predict, chat, export, serve) takes only that folder.
 
-  run.json         {"schema": layout version, "tunesmith": version, "task": name}; absent in schema-1 runs
+  run.json         {"schema": layout version, "tunesmith": version, "task": name, "made_by": {"command": "train"
+                   or "distill", with that command's settings}}; absent in schema-1 runs, made_by in runs before it
   recipe.yaml      the resolved recipe (overrides applied, the task's defaults filled in)
   metrics.jsonl    one JSON object per log or evaluation step
   eval.json        final metrics of the best checkpoint on the test split (+ `before`)
@@ -78,9 +79,11 @@ class Run:
             raise TunesmithError(f"{path} {what.format(path)}")
 
     @classmethod
-    def create(cls, recipe: Recipe, run_dir: str | Path | None = None, callbacks: list = ()) -> Run:
+    def create(cls, recipe: Recipe, run_dir: str | Path | None = None, callbacks: list = (),
+               made_by: dict | None = None) -> Run:
         """A new run folder, claimed atomically: mkdir of a new folder (or the lock file of an empty one) fails
-        in every process but one. The folder stays locked (tunesmith/safety.py) until `unlock`."""
+        in every process but one. The folder stays locked (tunesmith/safety.py) until `unlock`. made_by: how the
+        run is made (the command and its settings), kept in run.json so `train --resume` continues it alike."""
         path = Path(run_dir or cls.default_path(recipe))
         for n in range(2, 100):                         # default names: a second run in the same second gets -2
             try:
@@ -101,7 +104,8 @@ class Run:
         run = cls(path, callbacks)
         from importlib.metadata import version
 
-        run.write_json("run.json", {"schema": SCHEMA, "tunesmith": version("tunesmith"), "task": recipe.task})
+        run.write_json("run.json", {"schema": SCHEMA, "tunesmith": version("tunesmith"), "task": recipe.task,
+                                    **({"made_by": made_by} if made_by else {})})
         io.atomic_write(run.path / "recipe.yaml", yaml.safe_dump(recipe.dump(), sort_keys=False))
         return run
 
@@ -128,6 +132,11 @@ class Run:
         """Layout version of this folder: 1 for runs written before run.json existed."""
         stamp = io.read_json(self.path / "run.json")
         return 1 if stamp is None else stamp["schema"]
+
+    @property
+    def made_by(self) -> dict | None:
+        """How the run was made ({"command": "train" | "distill", ...}: run.json), or None for runs from before."""
+        return io.read_json(self.path / "run.json", {}).get("made_by")
 
     @cached_property
     def recipe(self) -> Recipe:

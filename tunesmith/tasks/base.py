@@ -6,6 +6,8 @@ Data:   check(row, split) -> reason or None;  prepare(train_rows);  encode(rows)
 Model:  load_model() -> model for training;  load_trained(folder) -> model;  save(model, folder)
 Train:  loss(model, batch) -> sum over items;  count(batch) -> items;  evaluate(model, features, batch_size)
         evaluate_final(...) for eval.json (adds slow metrics and per-example files)
+Distil: teacher_outputs(model, features, batch_size);  distillation(temperature, alpha) -> objective, where
+        `distills` (tunesmith distill)
 Use:    check_input(input) -> reason or None;  predict(model, inputs) -> JSON-ready dicts (shared by `predict`,
         the Python API and `serve`); generate(...) and prompt_ids(...) where `generative`;
         explain(model, inputs) where `explainable`; export_inputs() where `exportable` (ONNX)
@@ -26,7 +28,8 @@ class Features(list):
 
 class Task:
     """Lifecycle, the same for every caller (train, doctor, eval, predict, chat, serve):
-      1. task = TaskClass(recipe)          nothing loaded, nothing read
+      1. task = TaskClass(recipe)          nothing loaded, nothing read; TaskClass(recipe, pad_multiple) for
+                                           training (set once here: shared code never assigns task attributes)
       2. task.setup(source=None)           processor (tokenizer, image processor) from a model folder, hub id or a
                                            run's model/; no weights. Default: the recipe's model. Done on first use
                                            of `task.processor` if not called.
@@ -48,9 +51,14 @@ class Task:
                                     # block k, tunesmith/featcache.py) and passes it as the model's inputs_embeds
     explainable = False             # True: explain() works (tunesmith explain, the report's explanations)
     exportable = False              # True: export_inputs() works and the model returns `.logits` (tunesmith export)
+    distills = False                # True: teacher_outputs() and distillation() work (tunesmith distill trains a
+                                    # smaller student on this task's fine-tuned model)
 
-    def __init__(self, recipe):
+    def __init__(self, recipe, pad_multiple: int = 1):
         self.recipe = recipe
+        # collate rounds batch widths up to a multiple of this: training passes train.pad_multiple (16 on GPUs,
+        # where each new width costs kernel selection; 1 on CPUs); predict and eval keep 1
+        self.pad_multiple = pad_multiple
         self._processor = None
 
     @property
@@ -126,9 +134,6 @@ class Task:
 
     def length(self, feature: dict) -> int:
         return len(feature["input_ids"])
-
-    pad_multiple = 1                # the loop sets it from train.pad_multiple: 16 on GPUs (each new width
-                                    # costs kernel selection there), 1 on CPUs (widths cost nothing)
 
     def padded(self, width: int) -> int:
         """`width` rounded up to pad_multiple, never past max(width, data.max_length)."""
@@ -212,6 +217,18 @@ class Task:
         (samples, misclassified examples), or None."""
         return self.evaluate(model, features, batch_size)
 
+    # --- distillation (where `distills`; tunesmith/deploy/distill.py) ------------------------------------------
+    def teacher_outputs(self, model, features: list[dict], batch_size: int) -> list:
+        """What a student learns from this task's fine-tuned `model`: one JSON-ready value per feature, in order;
+        distill stores each as the feature's `teacher`. Default: the model's logits (batch_logits)."""
+        return batch_logits(model, self, features, batch_size)
+
+    def distillation(self, temperature: float, alpha: float):
+        """The objective a student minimises, as fit() takes it: collate(features) -> batch (train features carry
+        `teacher`), loss(model, batch) -> the SUM over the batch's items of alpha x the soft loss against the
+        teacher's outputs at `temperature` + (1 - alpha) x the loss on the true labels, count(batch) -> items."""
+        raise NotImplementedError(f"task '{self.name}' cannot be distilled")
+
     def loggable(self, metrics: dict) -> dict:
         """The scalar part of `metrics`, for metrics.jsonl."""
         return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
@@ -260,6 +277,17 @@ def batches(task: Task, features: list[dict], batch_size: int, device):
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
         yield idx, send_to_device(task.collate([features[i] for i in idx]), device)
+
+
+def batch_logits(model, task: Task, features: list[dict], batch_size: int) -> list[list[float]]:
+    """The model's `.logits` for each feature (labels left out), as float lists in the order of `features`."""
+    out = [None] * len(features)
+    with torch.no_grad():
+        for idx, batch in batches(task, features, batch_size, model_device(model)):
+            batch.pop("labels", None)
+            for i, row in zip(idx, model(**batch).logits.float().cpu().tolist()):
+                out[i] = row
+    return out
 
 
 def model_device(model) -> torch.device:

@@ -50,6 +50,7 @@ PREDICTION_LABELS = 20     # probabilities kept per row in predictions.jsonl (th
 class Classification(Task):
     names: list[str] = []           # label names in id order (set by prepare or load_trained)
     weights: torch.Tensor | None = None
+    distills = True                 # a student learns the teacher's logits (Distillation below)
 
     @property
     def labels(self) -> list[str]:
@@ -114,11 +115,13 @@ class Classification(Task):
         elif isinstance(spec, dict):
             unknown = set(spec) - set(self.names)
             if unknown:
-                raise TunesmithError(f"train.class_weights names unknown labels {sorted(unknown)}; labels: {self.names}")
+                raise TunesmithError(f"train.class_weights names unknown labels {sorted(unknown)}; "
+                                     f"labels: {self.names}")
             w = np.array([spec.get(n, 1.0) for n in self.names])
         else:
             if len(spec) != len(self.names):
-                raise TunesmithError(f"train.class_weights has {len(spec)} values for {len(self.names)} labels {self.names}")
+                raise TunesmithError(f"train.class_weights has {len(spec)} values for {len(self.names)} labels "
+                                     f"{self.names}")
             w = np.array(spec)
         return torch.tensor(w, dtype=torch.float32)
 
@@ -141,6 +144,9 @@ class Classification(Task):
         if self.weights is None:
             return float(len(batch["labels"]))
         return float(self.weights[batch["labels"].cpu()].sum())
+
+    def distillation(self, temperature: float, alpha: float) -> Distillation:
+        return Distillation(self, temperature, alpha)
 
     def logits(self, model, features: list[dict], batch_size: int) -> torch.Tensor:
         """[N, C] float logits in the order of `features`."""
@@ -203,3 +209,29 @@ class Classification(Task):
         probs = logits.softmax(-1)
         return [{"label": self.names[int(p.argmax())],
                  "probabilities": {n: round(float(x), 6) for n, x in zip(self.names, p)}} for p in probs]
+
+
+class Distillation:
+    """The objective of a student classifier (Hinton et al., 2015), summed over examples as fit() asks:
+        alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - alpha) * cross-entropy(true label)
+    Train features carry `teacher`: the teacher's logits ([C], Task.teacher_outputs). Every example weighs 1, in
+    the sum and in `count` (train.class_weights shaped the teacher, not this loss)."""
+
+    def __init__(self, task: Classification, temperature: float, alpha: float):
+        self.task, self.temperature, self.alpha = task, temperature, alpha
+
+    def collate(self, features: list[dict]) -> dict:
+        batch = self.task.collate(features)
+        batch["teacher"] = torch.tensor([f["teacher"] for f in features])            # [B, C]
+        return batch
+
+    def loss(self, model, batch: dict) -> torch.Tensor:
+        t = self.temperature
+        logits = model(**{k: v for k, v in batch.items() if k not in ("labels", "teacher")}).logits.float()
+        soft = F.kl_div(F.log_softmax(logits / t, -1), F.log_softmax(batch["teacher"].float() / t, -1),
+                        log_target=True, reduction="sum") * t * t
+        hard = F.cross_entropy(logits, batch["labels"], reduction="sum")
+        return self.alpha * soft + (1 - self.alpha) * hard
+
+    def count(self, batch: dict) -> float:
+        return float(len(batch["labels"]))
