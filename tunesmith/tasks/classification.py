@@ -48,6 +48,7 @@ PREDICTION_LABELS = 20     # probabilities kept per row in predictions.jsonl (th
 
 
 class Classification(Task):
+    prediction = "label"            # {"label", "probabilities"} (tunesmith/tasks/outputs.py)
     names: list[str] = []           # label names in id order (set by prepare or load_trained)
     weights: torch.Tensor | None = None
 
@@ -114,11 +115,13 @@ class Classification(Task):
         elif isinstance(spec, dict):
             unknown = set(spec) - set(self.names)
             if unknown:
-                raise TunesmithError(f"train.class_weights names unknown labels {sorted(unknown)}; labels: {self.names}")
+                raise TunesmithError(f"train.class_weights names unknown labels {sorted(unknown)}; "
+                                     f"labels: {self.names}")
             w = np.array([spec.get(n, 1.0) for n in self.names])
         else:
             if len(spec) != len(self.names):
-                raise TunesmithError(f"train.class_weights has {len(spec)} values for {len(self.names)} labels {self.names}")
+                raise TunesmithError(f"train.class_weights has {len(spec)} values for {len(self.names)} labels "
+                                     f"{self.names}")
             w = np.array(spec)
         return torch.tensor(w, dtype=torch.float32)
 

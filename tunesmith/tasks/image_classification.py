@@ -34,7 +34,6 @@ class ImageClassification(Classification):
     input_key = "image"
     near_method = "embedding"       # Task.key is a pixel hash: near duplicates need the model's embeddings
     explainable = True
-    exportable = True
 
     @property
     def path_columns(self) -> tuple[str, ...]:
@@ -195,6 +194,10 @@ class ImageClassification(Classification):
                         "probability": round(float(p[t]), 6), "saliency": grid.round(decimals=4).tolist(),
                         "overlay": vision.data_uri(buf.getvalue())})
         return out
+
+    def export_outputs(self) -> dict[str, dict[int, str]]:
+        return {"logits": {0: "batch"}}                                                # [B, C]
+
     def export_inputs(self) -> dict[str, tuple[torch.Tensor, dict[int, str]]]:
         side = vision.input_size(self.processor)
         pixels = torch.zeros((2, 3, side, side), dtype=torch.uint8)
