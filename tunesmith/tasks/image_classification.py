@@ -10,7 +10,6 @@ generator seeded from the global torch RNG: checkpoints restore that RNG, so a r
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ from tqdm.auto import tqdm
 
 from tunesmith import metrics, vision
 from tunesmith.errors import TunesmithError
+from tunesmith.io import write_jsonl
 from tunesmith.tasks.base import Features, model_device
 from tunesmith.tasks.classification import Classification, captum_attr
 from tunesmith.tasks.hf import load_hf
@@ -152,12 +152,10 @@ class ImageClassification(Classification):
             confidence = probs.max(-1).values
             wrong = sorted((i for i in range(len(rows)) if pred[i] != labels[i]), key=lambda i: -float(confidence[i]))
             col = self.recipe.data.image_column
-            with open(Path(out_dir) / "misclassified.jsonl", "w") as f:
-                for i in wrong[:MISCLASSIFIED]:
-                    f.write(json.dumps({"row": i, "image": vision.describe(rows[i][col]),
-                                        "label": self.names[int(labels[i])], "predicted": self.names[int(pred[i])],
-                                        "confidence": round(float(confidence[i]), 4),
-                                        "label_probability": round(float(probs[i, labels[i]]), 4)}) + "\n")
+            write_jsonl(Path(out_dir) / "misclassified.jsonl",
+                        [{"row": i, "image": vision.describe(rows[i][col]), "label": self.names[int(labels[i])],
+                          "predicted": self.names[int(pred[i])], "confidence": round(float(confidence[i]), 4),
+                          "label_probability": round(float(probs[i, labels[i]]), 4)} for i in wrong[:MISCLASSIFIED]])
             result["misclassified"] = len(wrong)
         return result
 
