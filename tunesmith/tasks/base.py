@@ -8,14 +8,29 @@ Train:  loss(model, batch) -> sum over items;  count(batch) -> items;  evaluate(
         evaluate_final(...) for eval.json (adds slow metrics and per-example files)
 Distil: teacher_outputs(model, features, batch_size);  distillation(temperature, alpha) -> objective, where
         `distills` (tunesmith distill)
-Use:    check_input(input) -> reason or None;  predict(model, inputs) -> JSON-ready dicts (shared by `predict`,
-        the Python API and `serve`); generate(...) and prompt_ids(...) where `generative`;
-        explain(model, inputs) where `explainable`; export_inputs() where `exportable` (ONNX)
+Use:    check_input(input) -> reason or None;  predict(model, inputs) -> one dict per input, in the task's
+        output schema (shared by `predict`, the Python API and `serve`)
 Doctor: key(row); stratify_key(row); length_stats(rows, features); embed(model, features, batch_size)
+
+Capabilities are declared here, on the class, and shared code reads the declarations; it never compares a task's
+name and never probes for a method (tests/test_layering.py checks the first):
+  prediction        the kind of one prediction: "label", "spans", "text" or "boxes" (tunesmith/tasks/outputs.py);
+                    output_schema() is its pydantic schema. /v1/predict documents it, the serve page and the report
+                    draw predictions by it
+  chats             True: prompt_ids(messages), generation_settings() and complete() work, so `tunesmith chat` and
+                    POST /v1/chat/completions are offered. Generation itself is one implementation for every
+                    caller (tunesmith/tasks/generation.py: decoder-only and encoder-decoder models)
+  explainable       True: explain() works (tunesmith explain, the report's explanations)
+  export_outputs()  the ONNX graph's outputs {name: dynamic axes}, or None: the task is not exportable to ONNX
+                    (tunesmith export then offers --format hf); export_inputs() gives the graph's inputs
+  distills          True: teacher_outputs() and distillation() work (tunesmith distill)
+  feature_cache     True: collate takes cached hidden states (tunesmith/featcache.py)
 """
 from __future__ import annotations
 
 import torch
+
+from tunesmith.tasks.outputs import SCHEMAS, Prediction
 
 
 class Features(list):
@@ -39,18 +54,20 @@ class Task:
       5. task.load_model() -> model        pretrained weights + a new head (training); or load_trained(folder)
       6. loss, count, evaluate, evaluate_final, predict, generate: read-only on the task (no state kept between
          calls), so one task and model can serve several threads (callers serialise the model's own use).
-    Every capability a caller may use is declared here; a task says what it lacks by its flags
-    (`generative`) and `labels` (None), never by a missing attribute.
+    Every capability a caller may use is declared here (the module docstring lists them); a task says what it
+    lacks by its declarations (`chats` False, export_outputs() None) and `labels` (None), never by a missing
+    attribute.
     """
     name = ""
     peft_task_type: str | None = None
     input_key = "text"              # what a bare command-line input becomes: {input_key: value}
     near_method = "text"            # doctor.near_method auto: "text" (Task.key strings) or "embedding" (Task.embed)
-    generative = False              # True: generate(), prompt_ids() and generation settings work (chat, serve)
+    prediction = "label"            # the kind of one prediction: "label", "spans", "text", "boxes" (tasks/outputs.py)
+    chats = False                   # True: `tunesmith chat` and /v1/chat/completions (prompt_ids, complete) work
+    generative = False              # True: the model writes text through tasks/generation.py (generate, complete)
     feature_cache = False           # True: collate takes features carrying `hidden` ([T, H], the cached input of
                                     # block k, tunesmith/featcache.py) and passes it as the model's inputs_embeds
     explainable = False             # True: explain() works (tunesmith explain, the report's explanations)
-    exportable = False              # True: export_inputs() works and the model returns `.logits` (tunesmith export)
     distills = False                # True: teacher_outputs() and distillation() work (tunesmith distill trains a
                                     # smaller student on this task's fine-tuned model)
 
@@ -245,9 +262,15 @@ class Task:
             return "empty input"
         return None
 
+    @classmethod
+    def output_schema(cls) -> type[Prediction]:
+        """The pydantic schema of one prediction (what `predict` returns per input): by default the one of its
+        kind, `prediction`; a task with more fields returns a subclass of it."""
+        return SCHEMAS[cls.prediction]
+
     def predict(self, model, inputs: list) -> list[dict]:
-        """One JSON-ready dict per input, in order (shared by `predict`, the Python API and `serve`); every input
-        passed `check_input`."""
+        """One JSON-ready dict per input, in order, following `output_schema()` (shared by `predict`, the Python
+        API and `serve`); every input passed `check_input`."""
         raise NotImplementedError
 
     def explain(self, model, inputs: list) -> list[dict]:
@@ -256,16 +279,34 @@ class Task:
         "attributions"} (one per token), images {"saliency" (rows of [0, 1] values), "overlay" (PNG data URI)}.
         Needs captum (the `explain` extra)."""
         raise NotImplementedError(f"task '{self.name}' has no explanations")
+
+    # --- ONNX export (tunesmith/deploy/export.py) ------------------------------------------------------
+    def export_outputs(self) -> dict[str, dict[int, str]] | None:
+        """The ONNX graph's outputs: each name (an attribute of what the model returns, `.logits`) and its dynamic
+        axes ({0: "batch"}); None: this task is not exported to ONNX (the default)."""
+        return None
+
     def export_inputs(self) -> dict[str, tuple[torch.Tensor, dict[int, str]]]:
         """ONNX export: the model's inputs by name (what `collate` gives, without labels), each as a small example
-        tensor and its dynamic axes ({0: "batch", 1: "sequence"}); the graph's one output is `logits`."""
+        tensor and its dynamic axes ({0: "batch", 1: "sequence"}); needed where export_outputs() is not None."""
         raise NotImplementedError(f"task '{self.name}' cannot be exported to ONNX")
 
-    # --- generation (generative tasks; see tunesmith/tasks/generation.py) ----------------------------
+    # --- generation (see tunesmith/tasks/generation.py) -----------------------------------------------
     def generate(self, model, prompts: list, batch_size: int, settings=None) -> list[str]:
+        """The generated text of each prompt (batched; evaluation and predict), where `generative`."""
+        raise NotImplementedError(f"task '{self.name}' does not generate text")
+
+    def generation_settings(self):
+        """The recipe's generation settings (a GenerateConfig), where `generative`."""
         raise NotImplementedError(f"task '{self.name}' does not generate text")
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
+        """Token ids of a conversation the model answers, where `chats`."""
+        raise NotImplementedError(f"task '{self.name}' does not chat")
+
+    def complete(self, model, prompts: list[list[int]], settings=None, stop=None, on_text=None) -> list:
+        """Completions (text, new tokens, finish reason) of token-id prompts, streamed through on_text and ended
+        early by the `stop` event, where `generative` (tunesmith/tasks/generation.py)."""
         raise NotImplementedError(f"task '{self.name}' does not generate text")
 
 

@@ -48,6 +48,7 @@ PREDICTION_LABELS = 20     # probabilities kept per row in predictions.jsonl (th
 
 
 class Classification(Task):
+    prediction = "label"            # {"label", "probabilities"} (tunesmith/tasks/outputs.py)
     names: list[str] = []           # label names in id order (set by prepare or load_trained)
     weights: torch.Tensor | None = None
     distills = True                 # a student learns the teacher's logits (Distillation below)
