@@ -223,7 +223,8 @@ def finish(recipe, folder: Path, results: list[dict], plain: dict | None, prof: 
     if best:
         shutil.copyfile(Path(best["run_dir"]) / "recipe.yaml", folder / "best.yaml")
     rows = [[r["name"], f"{r['epochs']:g}", r["score"], r["test"],
-             ("best " if r is best else "") + (f"({r['stopped']})" if r["stopped"] else "")] for r in results]
+             (("best " if r is best else "") + (f"({r['stopped']})" if r["stopped"] else "")).strip()]
+            for r in results]
     say("\n" + io.table(["run", "epochs", f"{m} val", f"{m} test", "note"], rows))
     if best and plain and plain["test"] is not None and best["test"] is not None:
         say(f"best vs plain recipe: {m} {best['test']:.4f} vs {plain['test']:.4f} on the test split "
