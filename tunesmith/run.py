@@ -262,6 +262,27 @@ class Predictor:
         out = [{"error": p} if p else next(done) for p in problems]
         return out[0] if one else out
 
+    def predict_file(self, path: str | Path) -> list[dict]:
+        """One result per input of a file, in file order: .txt holds one input per line (blank lines skipped);
+        .jsonl .csv .parquet hold rows, read as `data.train` reads them. A row that cannot be read or used keeps
+        its place as {"error": reason, "input": "file:line"}."""
+        from tunesmith import data as datalib
+
+        path = str(path)
+        if path.endswith(".txt"):
+            if not Path(path).is_file():
+                raise TunesmithError(f"{path}: no such file")
+            lines = [(n, ln) for n, ln in enumerate(Path(path).read_text().splitlines(), 1) if ln.strip()]
+            items, where = [ln for _, ln in lines], [f"{path}:{n}" for n, _ in lines]
+        else:
+            table = datalib.read(path, "predict", self.task.path_columns)
+            order = sorted([(datalib.position(o), o, r) for o, r in zip(table.origins, table.rows)]
+                           + [(datalib.position(r.origin), r.origin, r) for r in table.rejects], key=lambda x: x[0])
+            items, where = [item for _, _, item in order], [origin for _, origin, _ in order]
+        done = iter(self.predict([x for x in items if not isinstance(x, datalib.Reject)]))
+        out = [{"error": x.reason} if isinstance(x, datalib.Reject) else next(done) for x in items]
+        return [{**o, "input": origin} if "error" in o else o for o, origin in zip(out, where)]
+
     def evaluate(self, data: str | Path | list[dict] | None = None, out_dir: str | Path | None = None) -> dict:
         """Metrics on labelled rows: a file (as `data.train` reads them), a list of rows, or None for the run's
         own test split. out_dir: where per-example files go (samples.jsonl, misclassified.jsonl)."""
