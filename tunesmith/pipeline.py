@@ -26,7 +26,7 @@ from tunesmith.errors import TunesmithError
 from tunesmith.recipe import Recipe
 from tunesmith.run import Run
 from tunesmith.splits import fingerprint, load_data, report
-from tunesmith.tasks import task_class
+from tunesmith.tasks import get_task
 
 # run.json's made_by.command -> the Trainer that continues such a run on `train --resume` (import paths: the
 # trainers import this module)
@@ -116,7 +116,7 @@ def prepare(trainer: Trainer, recipe: Recipe, device):
     trainer's."""
     from tunesmith.diagnosis.report import rejects_report
 
-    task = task_class(recipe)(recipe, pad_multiple(recipe.train, device))
+    task = get_task(recipe, pad_multiple(recipe.train, device))
     task.setup()                                        # the processor: no weights yet
     loaded = load_data(task, recipe)
     if loaded.rejects and recipe.data.bad_rows == "error":

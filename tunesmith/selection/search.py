@@ -14,7 +14,6 @@ same command resumes the study (finished trials are kept; the target counts them
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
@@ -120,8 +119,8 @@ def resumable(folder: Path, name: str | None) -> Path | None:
         return None
     lock = folder / name / LOCK
     try:
-        owner = json.loads(lock.read_text() or "{}") if lock.exists() else {}
-    except (OSError, ValueError):
+        owner = (io.parse_line(lock.read_text()) or {}) if lock.exists() else {}
+    except OSError:
         owner = {}
     return folder / name if owner.get("host", socket.gethostname()) == socket.gethostname() else None
 

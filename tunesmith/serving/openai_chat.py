@@ -8,7 +8,6 @@ request past its timeout, or whose client went away, stops at the next token.
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 import time
 import uuid
@@ -17,6 +16,7 @@ from typing import Literal
 from fastapi import HTTPException
 from pydantic import BaseModel, ConfigDict, Field
 
+from tunesmith import io
 from tunesmith.errors import TunesmithError
 
 MAX_TEXT = 100_000                  # characters per message
@@ -122,7 +122,7 @@ def add_chat_routes(app, predictor, batcher, limits, name: str, wait) -> None:
         def event(delta: dict, finish: str | None) -> str:
             chunk = envelope(ident, created, "chat.completion.chunk",
                              {"index": 0, "delta": delta, "finish_reason": finish})
-            return f"data: {json.dumps(chunk)}\n\n"
+            return f"data: {io.dumps(chunk)}\n\n"
 
         async def events():
             deadline = loop.time() + limits.timeout_s

@@ -5,14 +5,13 @@ config), ordered as `data.labels` says or sorted (numerically when every label i
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tunesmith import metrics
+from tunesmith import io, metrics
 from tunesmith.errors import TunesmithError
 from tunesmith.insight.fairness import MISSING, evaluate_slices, slice_value
 from tunesmith.tasks.base import Task, batches, model_device
@@ -187,12 +186,11 @@ class Classification(Task):
                 labels.numpy(), pred.numpy(), self.names, groups, ev.min_slice_size, ev.positive_label)
         if out_dir is not None:
             top = min(len(self.names), PREDICTION_LABELS)
-            with open(Path(out_dir) / "predictions.jsonl", "w") as f:
-                for i, p in enumerate(probs):
-                    keep = p.argsort(descending=True)[:top].tolist()
-                    f.write(json.dumps({"row": i, "label": self.names[int(labels[i])],
-                                        "predicted": self.names[int(pred[i])], "confidence": round(float(p.max()), 6),
-                                        "probabilities": {self.names[c]: round(float(p[c]), 6) for c in keep}}) + "\n")
+            io.write_jsonl(Path(out_dir) / "predictions.jsonl", (
+                {"row": i, "label": self.names[int(labels[i])], "predicted": self.names[int(pred[i])],
+                 "confidence": round(float(p.max()), 6),
+                 "probabilities": {self.names[c]: round(float(p[c]), 6) for c in p.argsort(descending=True)[:top].tolist()}}
+                for i, p in enumerate(probs)))
         return result
 
     def final_metrics(self, rows: list[dict], labels: torch.Tensor, probs: torch.Tensor, out_dir) -> dict:
