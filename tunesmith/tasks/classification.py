@@ -186,10 +186,11 @@ class Classification(Task):
                 labels.numpy(), pred.numpy(), self.names, groups, ev.min_slice_size, ev.positive_label)
         if out_dir is not None:
             top = min(len(self.names), PREDICTION_LABELS)
+            keep = probs.argsort(-1, descending=True)[:, :top].tolist()     # [N, top] class ids
             io.write_jsonl(Path(out_dir) / "predictions.jsonl", (
                 {"row": i, "label": self.names[int(labels[i])], "predicted": self.names[int(pred[i])],
                  "confidence": round(float(p.max()), 6),
-                 "probabilities": {self.names[c]: round(float(p[c]), 6) for c in p.argsort(descending=True)[:top].tolist()}}
+                 "probabilities": {self.names[c]: round(float(p[c]), 6) for c in keep[i]}}
                 for i, p in enumerate(probs)))
         return result
 
