@@ -33,9 +33,10 @@ def violations(g: dict[str, set[str]]) -> list[str]:
     bad = []
     for mod, deps in g.items():
         for dep in deps:
-            if mod == "tunesmith.loop" and dep.startswith("tunesmith.tasks"):
+            if mod in ("tunesmith.loop", "tunesmith.steps") and dep.startswith("tunesmith.tasks"):
                 bad.append(f"{mod} imports {dep}: the loop knows tasks only through the Task contract")
-            if mod.startswith("tunesmith.tasks") and dep in ("tunesmith.cli", "tunesmith.loop", "tunesmith.pipeline"):
+            if mod.startswith("tunesmith.tasks") and dep in ("tunesmith.cli", "tunesmith.loop", "tunesmith.steps",
+                                                             "tunesmith.pipeline"):
                 bad.append(f"{mod} imports {dep}: tasks import neither the CLI nor the loop nor training")
             if dep == "tunesmith.cli" and mod != "tunesmith.__main__":
                 bad.append(f"{mod} imports the CLI: the CLI is the top layer")
