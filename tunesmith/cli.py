@@ -189,7 +189,7 @@ ABOUT = {
                "lengths, label noise; prints a report, writes doctor.json; exit 1 when something blocks training."),
     "compare": ("metrics of several runs (or cv folders) side by side", "Run folders: eval.json and training time. "
                 "cv folders: the mean per metric; two of them: a paired test over their (shared) folds."),
-    "chat": ("talk to a chat run's model in the terminal (tasks that chat: causal-lm)",
+    "chat": ("talk to a run's model in the terminal (tasks that chat)",
              "Replies stream; the conversation is multi-turn."),
     "search": ("hyperparameter search (Optuna TPE + pruning), resumable", "Each trial is a run folder in the study "
                "folder (default runs/search-<study>); best.yaml trains the best again. Workers given one --storage "
