@@ -1,6 +1,11 @@
 """Where and in what precision a model runs: one place for the choice and its reason (train, eval, predict, serve)."""
 from __future__ import annotations
 
+import math
+import os
+import statistics
+import time
+
 import torch
 
 
@@ -57,8 +62,6 @@ def _cgroup_cores() -> float | None:
 def busy_elsewhere(samples: int = 5, interval: float = 0.02) -> float:
     """How many other threads are runnable right now: /proc/loadavg's running count less this one, the median
     of a few samples (instantaneous, unlike the load averages, which also count this process's own past work)."""
-    import statistics
-    import time
 
     counts = []
     for _ in range(samples):
@@ -66,7 +69,6 @@ def busy_elsewhere(samples: int = 5, interval: float = 0.02) -> float:
             with open("/proc/loadavg") as f:
                 counts.append(int(f.read().split()[3].split("/")[0]) - 1)
         except (OSError, ValueError, IndexError):
-            import os
             return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
         time.sleep(interval)
     return float(statistics.median(counts))
@@ -79,8 +81,6 @@ def choose_threads(asked: int | None, processes: int = 1) -> tuple[int, str]:
     ones other processes keep busy right now, shared among this run's processes."""
     if asked:
         return asked, f"{asked} (train.threads)"
-    import math
-    import os
 
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     quota = _cgroup_cores()

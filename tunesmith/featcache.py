@@ -12,8 +12,11 @@ it in memory-mapped files in a temporary folder (removed at exit).
 """
 from __future__ import annotations
 
+import atexit
 import hashlib
 import inspect
+import shutil
+import tempfile
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
@@ -81,9 +84,6 @@ class Cache:
 
 def spill(store: dict) -> None:
     """Move the in-RAM states of `store` into one memory-mapped float32 file; the entries become views of it."""
-    import atexit
-    import shutil
-    import tempfile
 
     import numpy as np
 

@@ -19,6 +19,7 @@ import shutil
 import threading
 import time
 from functools import cached_property
+from importlib.metadata import version
 from pathlib import Path
 
 import yaml
@@ -102,7 +103,6 @@ class Run:
                 raise TunesmithError(f"{path} is being used by another process: give another --run-dir")
             path = Path(f"{cls.default_path(recipe)}-{n}")
         run = cls(path, callbacks)
-        from importlib.metadata import version
 
         run.write_json("run.json", {"schema": SCHEMA, "tunesmith": version("tunesmith"), "task": recipe.task,
                                     **({"made_by": made_by} if made_by else {})})

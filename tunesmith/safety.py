@@ -4,7 +4,9 @@ docs/faults.md lists every fault scenario, what happens, and the test that shows
 from __future__ import annotations
 
 import errno
+import gc
 import os
+import shutil
 import signal
 import socket
 import threading
@@ -131,7 +133,6 @@ def is_oom(e: BaseException) -> bool:
 
 
 def free_memory() -> None:
-    import gc
 
     import torch
 
@@ -160,7 +161,6 @@ def with_backoff(fn, batch_size: int, what: str, say=print):
 
 def disk_error(e: OSError, path: Path, needed: int) -> TunesmithError:
     """One line for a failed write: disk full (with the space needed and free) or another OS error."""
-    import shutil
 
     try:
         free = shutil.disk_usage(next(p for p in [Path(path), *Path(path).parents] if p.exists())).free
@@ -175,7 +175,6 @@ def disk_error(e: OSError, path: Path, needed: int) -> TunesmithError:
 
 def check_space(path: Path, needed: int) -> None:
     """OSError(ENOSPC) before writing `needed` bytes into the folder `path` when its file system has less free."""
-    import shutil
 
     if shutil.disk_usage(path).free < needed:
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -19,6 +19,7 @@ import shutil
 import socket
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from tunesmith import io
@@ -34,7 +35,6 @@ def optuna_module():
         import optuna
     except ImportError:
         raise TunesmithError("tunesmith search needs optuna: pip install 'tunesmith[search]'") from None
-    import warnings
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)   # heartbeat API

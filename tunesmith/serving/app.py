@@ -22,6 +22,7 @@ import sys
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -263,7 +264,6 @@ def create_app(run, api_key: str | None = None, onnx: str | None = None, device:
         from fastapi.responses import HTMLResponse, PlainTextResponse
     except ImportError:
         raise TunesmithError("tunesmith serve needs FastAPI and uvicorn: pip install 'tunesmith[serve]'") from None
-    from contextlib import asynccontextmanager
 
     from tunesmith.run import Predictor, Run
 

@@ -1,6 +1,8 @@
 """Text classification (BERT-like encoders): one text column, one label column."""
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from tunesmith.tasks.base import Features, model_device
@@ -54,7 +56,6 @@ class TextClassification(Classification):
 
     def save(self, model, folder) -> None:
         # pipeline(..., truncation=True) then cuts where training did; a copy: the task's tokenizer is shared
-        import copy
 
         tokenizer = copy.copy(self.tokenizer)
         tokenizer.model_max_length = self.recipe.data.max_length
