@@ -338,7 +338,8 @@ def test_moved_chat_run_still_evaluates_predicts_and_chats(trained, tmp_path):
     trained.path.rename(hidden)
     try:
         out = tunesmith("eval", moved)
-        assert out.returncode == 0 and json.loads(out.stdout)["loss"] == pytest.approx(saved["loss"], rel=1e-5), out.stderr
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout)["loss"] == pytest.approx(saved["loss"], rel=1e-5)
         out = tunesmith("predict", moved, "review the film was superb verdict")
         assert out.returncode == 0 and json.loads(out.stdout)["output"] == "pos", out.stderr
         out = tunesmith("chat", moved, "--max-new-tokens", "3", input="review awful acting verdict\n", timeout=120)
@@ -359,29 +360,76 @@ def test_chat_streams_multi_turn_and_trims_history(trained):
 
 
 def test_chat_streamer_writes_text_as_it_is_generated(tiny_llama, tmp_path):
+    """The shared generation streams a reply piece by piece (what `tunesmith chat` prints as it comes)."""
     from transformers import AutoModelForCausalLM
 
-    from tunesmith.serving.repl import streamer
-
-    class Recorder:
-        def __init__(self):
-            self.writes = []
-
-        def write(self, text):
-            self.writes.append(text)
-
-        def flush(self):
-            pass
+    from tunesmith.tasks.schema import GenerateConfig
 
     task = get_task(load(lm_recipe(tiny_llama, tmp_path / "x.jsonl")))
-    ids = torch.tensor([task.prompt_ids([{"role": "user", "content": "review good film verdict"}])])
+    ids = task.prompt_ids([{"role": "user", "content": "review good film verdict"}])
     model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()     # untrained: several words
-    out = Recorder()
-    gen = model.generate(ids, attention_mask=torch.ones_like(ids), streamer=streamer(task.tokenizer, out),
+    pieces = []
+    done = task.complete(model, [ids], GenerateConfig(max_new_tokens=6, min_new_tokens=6), on_text=pieces.append)[0]
+    gen = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                          max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
-    text = task.tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)
-    pieces = [w for w in out.writes if w.strip()]
-    assert len(pieces) >= 3 and "".join(out.writes).split() == text.split()
+    text = task.tokenizer.decode(gen[0, len(ids):], skip_special_tokens=True)
+    assert len([w for w in pieces if w.strip()]) >= 3 and "".join(pieces).split() == text.split() == done.text.split()
+    assert (done.tokens, done.finish) == (6, "length")
+
+
+def tiny_t5(folder):
+    """A 2-layer, d_model-32 T5 (encoder-decoder) built from a config, with the word-level tokenizer above."""
+    from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
+
+    build_tiny_llama(folder)                                        # for its tokenizer: pad 0, EOS <|im_end|> = 3
+    tok = AutoTokenizer.from_pretrained(folder)
+    config = T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, pad_token_id=0,
+                      eos_token_id=3, decoder_start_token_id=0, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = T5ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight[:len(SPECIAL)] = 0             # logit 0 for the special tokens: it writes words
+    return model, tok
+
+
+@pytest.mark.parametrize("family", ["encoder-decoder", "decoder-only"])
+def test_shared_generation_equals_model_generate(family, tiny_llama, tmp_path):
+    """tasks/generation.complete (used by evaluation, chat and the OpenAI routes) gives model.generate's own reply,
+    one prompt at a time or batched (prompts of different lengths), for both model families: an encoder-decoder's
+    output holds no prompt (cutting len(prompt) tokens off it, as a decoder-only model needs, loses reply tokens);
+    streaming gives the same text; a set stop event ends generation after one token."""
+    import threading
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunesmith.tasks.generation import complete
+    from tunesmith.tasks.schema import GenerateConfig
+
+    if family == "encoder-decoder":
+        model, tok = tiny_t5(tmp_path / "t5")
+    else:
+        model, tok = AutoModelForCausalLM.from_pretrained(tiny_llama).eval(), AutoTokenizer.from_pretrained(tiny_llama)
+    assert model.config.is_encoder_decoder == (family == "encoder-decoder")
+    prompts = [tok("review good film verdict")["input_ids"], tok("review a dull and clumsy plot verdict")["input_ids"]]
+    settings = GenerateConfig(max_new_tokens=6, min_new_tokens=6)
+    expected = []
+    for ids in prompts:
+        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=3)[0]
+        reply = out[1:] if family == "encoder-decoder" else out[len(ids):]       # T5: the decoder start token
+        expected.append(tok.decode(reply, skip_special_tokens=True).strip())
+        assert len(reply) == 6 and expected[-1]
+    alone = [complete(model, tok, [ids], settings)[0] for ids in prompts]
+    assert [c.text for c in alone] == expected
+    assert [(c.tokens, c.finish) for c in alone] == [(6, "length")] * 2
+    assert [c.text for c in complete(model, tok, prompts, settings)] == expected       # batched, padded
+    pieces = []
+    assert complete(model, tok, prompts[:1], settings, on_text=pieces.append)[0].text == expected[0]
+    assert "".join(pieces).split() == expected[0].split()
+    stop = threading.Event()
+    stop.set()
+    stopped = complete(model, tok, prompts[:1], settings, stop=stop)[0]
+    assert (stopped.tokens, stopped.finish) == (1, "stop")
 
 
 def test_full_and_freeze_methods_and_resume_bitwise(tiny_llama, tmp_path):
@@ -418,7 +466,7 @@ def test_full_and_freeze_methods_and_resume_bitwise(tiny_llama, tmp_path):
 def test_template_without_eos_is_an_error_and_a_recipe_template_fixes_it(tmp_path):
     no_eos = build_tiny_llama(tmp_path / "a", template="{% for m in messages %}{{ m['content'] }} {% endfor %}")
     with pytest.raises(TunesmithError, match="does not end an assistant turn with the EOS token"):
-        get_task(load(lm_recipe(no_eos, tmp_path / "x.jsonl"))).tokenizer
+        get_task(load(lm_recipe(no_eos, tmp_path / "x.jsonl"))).setup()
     fixed = lm_recipe(no_eos, tmp_path / "x.jsonl", data={"chat_template": TEMPLATE})
     assert get_task(load(fixed)).tokenizer.chat_template == TEMPLATE
 

@@ -12,8 +12,10 @@ import json
 import re
 import shutil
 import subprocess
+from html import unescape
 from pathlib import Path
 from types import SimpleNamespace
+from typing import ClassVar, Literal
 
 import pytest
 import yaml
@@ -23,7 +25,8 @@ pytest.importorskip("matplotlib", reason="the report needs matplotlib: pip insta
 
 import tunesmith as ts
 from tunesmith.insight.fairness import evaluate_slices, largest_gap
-from tunesmith.insight.report import NO_PREDICTIONS, reliability, write_report
+from tunesmith.insight.kinds import NO_PREDICTIONS, reliability
+from tunesmith.insight.report import write_report
 
 SECTIONS = ["overview", "curves", "confusion", "per-class", "reliability", "before-after", "slices", "explanations",
             "doctor", "samples", "recipe-diff"]
@@ -103,12 +106,14 @@ def test_report_has_every_section_embedded_images_and_no_external_urls(runs, rep
     assert 'class="warnings">warnings<' in doctor and "3 exact duplicate rows" in doctor and "blocking (0)" in doctor
     assert "one run: nothing to compare" in section(html, "recipe-diff")
     slices = section(html, "slices")
-    assert 'class="flag">largest gap' in slices and "<td class=\"l\">print</td>" in slices and "too small to judge" in slices
+    assert 'class="flag">largest gap' in slices and "<td class=\"l\">print</td>" in slices
+    assert "too small to judge" in slices
     explained = section(html, "explanations")
     wrong = [p for p in jsonl(runs.a / "predictions.jsonl") if p["predicted"] != p["label"]]
     assert explained.count('class="explained"') == min(5, len(wrong))
     if wrong:
-        assert 'class="tok"' in explained and f"test row {max(wrong, key=lambda p: p['confidence'])['row']}" in explained
+        top = max(wrong, key=lambda p: p["confidence"])
+        assert 'class="tok"' in explained and f"test row {top['row']}" in explained
 
 
 def test_predictions_jsonl_matches_pipeline_and_eval_json_ece(runs, report_a):
@@ -118,7 +123,8 @@ def test_predictions_jsonl_matches_pipeline_and_eval_json_ece(runs, report_a):
 
     preds = jsonl(runs.a / "predictions.jsonl")
     rows = jsonl(runs.a / "data" / "test.jsonl")
-    assert [p["row"] for p in preds] == list(range(len(rows))) and [p["label"] for p in preds] == [r["label"] for r in rows]
+    assert [p["row"] for p in preds] == list(range(len(rows)))
+    assert [p["label"] for p in preds] == [r["label"] for r in rows]
     pipe = pipeline("text-classification", model=str(runs.a / "model"), top_k=None)
     for p, out in zip(preds[:8], pipe([r["text"] for r in rows[:8]])):
         assert p["probabilities"] == pytest.approx({o["label"]: o["score"] for o in out}, abs=1e-5)
@@ -153,7 +159,9 @@ def test_several_runs_overlaid_with_recipe_diff(runs, tmp_path):
 
 
 def test_chat_run_shows_sample_generations(tmp_path):
-    """A causal-LM run folder (written by hand: format of CausalLM.evaluate_final) shows its samples."""
+    """A causal-LM run folder (written by hand: format of CausalLM.evaluate_final) shows its samples, as its task
+    declares (prediction "text": no label sections); a torn last line of metrics.jsonl (a crash mid-write) is
+    skipped."""
     run = tmp_path / "chat"
     run.mkdir()
     (run / "recipe.yaml").write_text(yaml.safe_dump({"task": "causal-lm", "model": {"name": "tiny-gpt"},
@@ -162,7 +170,7 @@ def test_chat_run_shows_sample_generations(tmp_path):
         {"step": 1, "epoch": 0.5, "loss": 3.0, "lr": 1e-3, "samples_per_s": 10.0, "tokens_per_s": 900.0},
         {"step": 2, "epoch": 1.0, "loss": 2.5, "lr": 5e-4, "samples_per_s": 11.0, "tokens_per_s": 950.0},
         {"step": 2, "epoch": 1, "split": "validation", "loss": 2.7, "perplexity": 14.9},
-        {"step": 2, "summary": True, "train_seconds": 1.5}]))
+        {"step": 2, "summary": True, "train_seconds": 1.5}]) + '{"step": 3, "lo')
     (run / "eval.json").write_text(json.dumps({"loss": 2.6, "perplexity": 13.5, "exact_match": 0.25,
                                                "rouge_l": 0.5}))
     (run / "samples.jsonl").write_text(json.dumps({"prompt": [{"role": "user", "content": "What is 2 + <b>2</b>?"}],
@@ -170,9 +178,67 @@ def test_chat_run_shows_sample_generations(tmp_path):
     html = write_report([run], tmp_path / "chat.html").read_text()
     samples = section(html, "samples")
     assert "user: What is 2 + &lt;b&gt;2&lt;/b&gt;?" in samples and "<td class=\"l\"><pre>four</pre></td>" in samples
-    assert "not a classification run" in section(html, "confusion")
+    assert "does not apply: task 'causal-lm' predicts text" in unescape(section(html, "confusion"))
+    assert '<td class="l">text</td>' in section(html, "overview")                       # what it predicts
     assert "<td>0.5000</td>" in section(html, "overview")            # rouge_l among the test metrics
     assert len(IMG.findall(section(html, "curves"))) == 1
+
+
+class Boxes(ts.Task):
+    name, prediction = "report-boxes", "boxes"
+
+
+class Spans(ts.Task):
+    name, prediction = "report-spans", "spans"
+
+
+class BoxesRecipe(ts.Recipe):
+    task_class: ClassVar = Boxes
+    task: Literal["report-boxes"]
+
+
+class SpansRecipe(ts.Recipe):
+    task_class: ClassVar = Spans
+    task: Literal["report-spans"]
+
+
+SAMPLES = {
+    "report-boxes": {"input": "street.png",
+                     "output": {"boxes": [{"box": [1, 2, 30.4, 40], "label": "car", "score": .9}]},
+                     "reference": {"boxes": [{"box": [0, 2, 31, 41], "label": "car", "score": 1.0},
+                                             {"box": [50, 5, 60, 20], "label": "sign", "score": 1.0}]}},
+    "report-spans": {"input": "Ada met <Bob> in Paris",
+                     "output": {"spans": [{"text": "Ada", "start": 0, "end": 3, "label": "PER", "score": .97},
+                                          {"text": "Paris", "start": 17, "end": 22, "label": "LOC", "score": .8}]},
+                     "reference": {"spans": [{"text": "<Bob>", "start": 8, "end": 13, "label": "PER", "score": 1}]}},
+}
+
+
+@pytest.mark.parametrize("task", ["report-boxes", "report-spans"])
+def test_spans_and_boxes_runs_are_drawn_by_their_kind(task, tmp_path):
+    """Runs of tasks that predict boxes or spans (hand-written folders; the tasks are declarations only): the
+    samples section draws their predictions by kind, the label sections say they do not apply; a run of a task this
+    process does not know still gets its report, with a note."""
+    ts.register_task(BoxesRecipe if task == "report-boxes" else SpansRecipe)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "recipe.yaml").write_text(yaml.safe_dump({"task": task, "model": {"name": "tiny"}}))
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0, "lr": 1e-3}) + "\n")
+    (run / "samples.jsonl").write_text(json.dumps(SAMPLES[task]) + "\n")
+    html = write_report([run], tmp_path / "r.html", explain=False).read_text()
+    samples = section(html, "samples")
+    kind = task.split("-")[1]
+    assert f"does not apply: task '{task}' predicts {kind}" in unescape(section(html, "confusion"))
+    if kind == "boxes":
+        assert "street.png" in samples and "car 0.9000 at [1, 2, 30, 40]" in samples
+        assert "car 1.0000 at [0, 2, 31, 41]<br>sign 1.0000 at [50, 5, 60, 20]" in samples       # the reference
+    else:
+        assert '<mark title="PER 0.970">Ada<sub>PER</sub></mark> met &lt;Bob&gt; in <mark title="LOC 0.800">Paris' \
+               '<sub>LOC</sub></mark>' in samples
+        assert 'Ada met <mark title="PER 1.000">&lt;Bob&gt;<sub>PER</sub></mark> in Paris' in samples
+    (run / "recipe.yaml").write_text(yaml.safe_dump({"task": "nobody-knows", "model": {"name": "tiny"}}))
+    html = write_report([run], tmp_path / "r.html", explain=False).read_text()
+    assert "task 'nobody-knows' is not known to this tunesmith" in unescape(section(html, "samples"))
 
 
 def test_missing_matplotlib_names_the_extra(runs, tmp_path, monkeypatch):

@@ -1,12 +1,14 @@
 """tunesmith serve: answers equal `tunesmith predict`, micro-batching, every limit (401, 413, 422, 503, 504), a bad
 input that fails only its own request, the official `openai` client (chat and streaming), schemathesis against
-/openapi.json (no 5xx), and the web page in headless Chromium. Servers bind 127.0.0.1 only; every wait is bounded."""
+/openapi.json (no 5xx), predictions in the task's declared schema (documented in /openapi.json), and the web page
+in headless Chromium drawing each prediction kind. Servers bind 127.0.0.1 only; every wait is bounded."""
 import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -189,5 +191,107 @@ def test_page_in_headless_chromium_shows_the_label(predictor):
             page.wait_for_function("document.getElementById('label').textContent.length > 0", timeout=20_000)
             assert page.text_content("#label") == predictor.predict(text)["label"]
             assert len(page.query_selector_all("#probs .row")) == 2
+        finally:
+            browser.close()
+
+
+# ---------------------------------------------------------------- declarations: schema, /health, the page by kind
+
+def test_predictions_follow_the_declared_schema_which_openapi_documents(predictor, image_run, chat_run):
+    """Each built-in task's predict output validates against its declared schema (extra fields forbidden);
+    /openapi.json names that schema for /v1/predict; /health reports the prediction kind and whether it chats, and
+    only a chatting run has the chat routes."""
+    from fastapi.testclient import TestClient
+
+    from tunesmith.tasks.outputs import LabelPrediction, TextPrediction
+
+    image = ts.Run(image_run).load("cpu")
+    first = json.loads((image_run / "data" / "test.jsonl").read_text().splitlines()[0])
+    picture = str(image_run / "data" / first["image"])
+    chat = ts.Run(chat_run).load("cpu")
+    for served, inputs, schema, kind, chats in [(predictor, TEXTS, LabelPrediction, "label", False),
+                                                 (image, [picture], LabelPrediction, "label", False),
+                                                 (chat, ["review good film verdict"], TextPrediction, "text", True)]:
+        assert served.task.output_schema() is schema and served.task.prediction == kind
+        for p in served.predict(inputs):
+            schema.model_validate(p)
+        client = TestClient(ts.create_app(served))
+        health = client.get("/health").json()
+        assert (health["prediction"], health["chats"]) == (kind, chats)
+        api = client.get("/openapi.json").json()
+        ref = api["paths"]["/v1/predict"]["post"]["responses"]["200"]["content"]["application/json"]["schema"]["$ref"]
+        answer = api["components"]["schemas"][ref.rsplit("/", 1)[1]]["properties"]["predictions"]
+        assert answer["items"]["$ref"].endswith(f"/{schema.__name__}")
+        assert set(api["components"]["schemas"][schema.__name__]["properties"]) == set(schema.model_fields)
+        assert ("/v1/chat/completions" in api["paths"]) == chats
+
+
+class Declared(ts.Task):
+    """A task of declarations and a fixed answer: what the page draws for kinds no built-in task has yet."""
+
+    def __init__(self, prediction: str, input_key: str):
+        super().__init__(recipe=None)
+        self.name, self.prediction, self.input_key = f"fake-{prediction}", prediction, input_key
+        self.answers = []
+
+    @property
+    def path_columns(self):
+        return (self.input_key,) if self.input_key == "image" else ()
+
+    def output_schema(self):
+        from tunesmith.tasks.outputs import SCHEMAS
+
+        return SCHEMAS[self.prediction]
+
+    def predict(self, model, inputs):
+        self.answers += inputs
+        if self.prediction == "boxes":
+            return [{"boxes": [{"box": [2, 3, 20, 24], "label": "cat", "score": 0.9},
+                               {"box": [22, 1, 31, 9], "label": "dog", "score": 0.6}]} for _ in inputs]
+        return [{"prompt": x, "output": x.upper()} for x in inputs]
+
+
+def declared_predictor(task, folder):
+    """A Predictor around a task without a model (create_app serves any Predictor)."""
+    predictor = ts.Predictor.__new__(ts.Predictor)
+    predictor.run, predictor.task, predictor.model, predictor.device = ts.Run(folder), task, None, "cpu"
+    predictor._lock = threading.Lock()
+    return predictor
+
+
+@pytest.mark.skipif(not shutil.which("chromium") and not os.environ.get("CI"),
+                    reason="Debian's chromium is not installed (.ci/run installs it)")
+@pytest.mark.parametrize("kind", ["text", "boxes"])
+def test_page_draws_text_and_boxes_predictions(kind, tmp_path):
+    """The page draws by the declared kind: generated text as text; boxes as a list and over the dropped image."""
+    from PIL import Image
+    from playwright.sync_api import sync_playwright
+
+    task = Declared(kind, "image" if kind == "boxes" else "text")
+    (tmp_path / "run").mkdir()
+    Image.new("RGB", (32, 32), (40, 120, 200)).save(tmp_path / "blue.png")
+    with Server(ts.create_app(declared_predictor(task, tmp_path / "run"))) as srv, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=shutil.which("chromium"), args=["--no-sandbox"], timeout=60_000)
+        try:
+            page = browser.new_page()
+            page.goto(srv.url, timeout=30_000)
+            page.wait_for_function("document.getElementById('about').textContent.includes('fake')", timeout=20_000)
+            if kind == "text":
+                page.fill("#text", "hello there", timeout=10_000)
+                page.click("#send", timeout=10_000)
+                page.wait_for_function("document.getElementById('output').textContent.length > 0", timeout=20_000)
+                assert page.text_content("#output") == "HELLO THERE" and page.is_visible("#output")
+                assert not page.is_visible("#canvas") and page.query_selector_all("#probs .row") == []
+            else:
+                assert page.is_hidden("#text") and page.is_visible("#drop")
+                page.set_input_files("#file", str(tmp_path / "blue.png"), timeout=10_000)
+                page.wait_for_function("document.getElementById('canvas').dataset.drawn === '2'", timeout=20_000)
+                items = [li.text_content() for li in page.query_selector_all("#boxes li")]
+                assert items == ["cat 90.0% at [2, 3, 20, 24]", "dog 60.0% at [22, 1, 31, 9]"]
+                assert page.eval_on_selector("#canvas", "c => [c.width, c.height]") == [32, 32]
+                red = page.eval_on_selector("#canvas", "c => Array.from(c.getContext('2d').getImageData(2, 10, 1, 1)"
+                                                       ".data)")
+                assert red[0] > 200 and red[2] < 100                 # the box's left edge, drawn in red
+                assert task.answers[0].startswith("data:image/png;base64,")
         finally:
             browser.close()

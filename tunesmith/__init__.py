@@ -3,11 +3,19 @@
     import tunesmith as ts
     recipe = ts.load_recipe("recipe.yaml", overrides=["train.epochs=1"])   # typed; never changes its input
     run = ts.train(recipe, run_dir="runs/try1")                             # a Run; run.metrics = eval.json
-    model = ts.Run("runs/try1").load(device="auto")                         # .predict(inputs), .evaluate(data)
+    model = ts.Run("runs/try1").load(device="auto")                         # .predict(x), .predict_file(f), .evaluate()
     ts.report(["runs/try1"], "report.html")                                 # HTML: curves, confusion, slices, ...
     ts.explain("runs/try1", ["a gripping film"])                            # attributions (the explain extra)
+    ts.doctor("recipe.yaml")                                                # data problems; writes doctor.json
+    ts.cross_validate(recipe, folds=5)                                      # runs/cv-<name>: cv.json, oof.jsonl
+    ts.search(recipe, trials=20)                                            # Optuna study in runs/search-<name>
+    ts.tune(recipe, budget="15m")                                           # plan and race in runs/tune-<name>
+    ts.compare(["runs/a", "runs/b"])                                        # metrics side by side (cv: paired test)
 
-Names are imported on first use, so `import tunesmith` stays light (no torch until something trains).
+Where a function takes a recipe, it takes a Recipe or what load_recipe reads (a YAML path, a dict). Names are
+imported on first use, so `import tunesmith` stays light (no torch until something trains). An API name never
+equals a subpackage's (importing tunesmith.diagnosis would set ts.diagnosis over it): ts.doctor lives in
+tunesmith.diagnosis.diagnose, ts.search in tunesmith.selection.search.
 """
 from __future__ import annotations
 
@@ -34,6 +42,11 @@ _API = {
     "distill": "tunesmith.deploy.distill:distill",
     "serve": "tunesmith.serving.app:serve",
     "create_app": "tunesmith.serving.app:create_app",
+    "doctor": "tunesmith.diagnosis.diagnose:doctor",
+    "cross_validate": "tunesmith.selection.cv:cross_validate",
+    "search": "tunesmith.selection.search:search",
+    "tune": "tunesmith.selection.tune:tune",
+    "compare": "tunesmith.selection.compare:compare",
 }
 __all__ = [*_API, "__version__"]
 

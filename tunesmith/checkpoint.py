@@ -7,13 +7,14 @@ A checkpoint folder holds:
   state.json             step, epoch, position, scheduler, python/numpy RNG scalars, optimizer groups
   COMMITTED              written last: {"step", "sha256": {file: hex digest}}; a folder without it is incomplete
                          and never loaded, one whose files do not match it is damaged and skipped
-Writing goes to "<name>.tmp", every file is fsynced, the folder is renamed, then COMMITTED is written.
+Writing goes to "<name>.tmp", every file is fsynced, the folder is renamed, then COMMITTED is written (itself
+atomically, tunesmith.io). The folder protocol stays here: io.atomic_folder neither fsyncs each file nor names
+its temporary folder "<name>.tmp", which `damage` recognises and the next save clears.
 A full disk is one line naming the folder and the space needed; the previous checkpoints stay as they were.
 """
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import random
 import shutil
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from tunesmith import safety
+from tunesmith import io, safety
 
 MARKER = "COMMITTED"
 
@@ -45,7 +46,7 @@ def damage(folder: Path) -> str | None:
     if not (folder / MARKER).exists():
         return f"no {MARKER} marker, the write did not finish"
     try:
-        sums = json.loads((folder / MARKER).read_text()).get("sha256", {})
+        sums = io.read_json(folder / MARKER).get("sha256", {})
     except (ValueError, AttributeError, OSError):
         sums = {}                                    # an older checkpoint: its marker holds the step alone
     for name in sums or ["model.safetensors", "state.json"]:
@@ -70,7 +71,7 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 
 def _write_json(obj, path: Path) -> None:
-    path.write_text(json.dumps(obj, indent=1))
+    path.write_text(io.dumps(obj, print, path.name, indent=1))    # inside the temporary folder: atomic with it
 
 
 def rng_state() -> tuple[dict, dict]:
@@ -136,10 +137,7 @@ def _write(folder: Path, tmp: Path, model_state: dict, opt: dict, optimizer, sch
         shutil.rmtree(folder)
     os.replace(tmp, folder)
     _fsync_dir(folder.parent)
-    with open(folder / MARKER, "w") as fh:
-        fh.write(json.dumps({"step": state.get("step"), "sha256": sums}))
-        fh.flush()
-        os.fsync(fh.fileno())
+    io.atomic_write(folder / MARKER, io.dumps({"step": state.get("step"), "sha256": sums}))   # fsynced
     _fsync_dir(folder)
     return folder
 
@@ -167,7 +165,9 @@ def load(folder: Path, model: torch.nn.Module, optimizer, scheduler) -> dict:
     """Restore model, optimizer, scheduler and every RNG from `folder`; return its state dict."""
     folder = Path(folder)
     load_model_state(model, folder / "model.safetensors")
-    state = json.loads((folder / "state.json").read_text())
+    state = io.read_json(folder / "state.json")
+    if state is None:
+        raise FileNotFoundError(f"{folder / 'state.json'} is missing")
     tensors = load_file(str(folder / "optimizer.safetensors"))
     per_param: dict[int, dict] = {}
     for key, v in tensors.items():

@@ -136,7 +136,8 @@ def _read_hf(name: str, split: str, table: Table) -> None:
     try:
         import datasets
     except ImportError:
-        raise DataError(f"'{name}' is not a file; reading HF datasets needs: pip install 'tunesmith[datasets]'") from None
+        raise DataError(f"'{name}' is not a file; reading HF datasets needs: "
+                        "pip install 'tunesmith[datasets]'") from None
     try:
         ds = datasets.load_from_disk(name) if Path(name).is_dir() else datasets.load_dataset(name)
     except (OSError, ValueError, ConnectionError) as e:     # not found, offline (DatasetNotFoundError: OSError)

@@ -40,15 +40,23 @@ def atomic_write(path: str | Path, data: str | bytes) -> Path:
 
 
 @contextmanager
-def atomic_folder(path: str | Path):
+def atomic_folder(path: str | Path, keep_existing: bool = False):
     """`with atomic_folder(folder) as tmp:` write into `tmp`; on success `tmp` replaces `folder` (an old one is
-    removed first), on any error `tmp` is removed and `folder` stays as it was."""
+    removed first), on any error `tmp` is removed and `folder` stays as it was.
+    keep_existing: a non-empty `folder` present when the writing is done (another process finished first) is
+    kept and `tmp` discarded, so a reader of that folder never sees it removed (shared caches)."""
     path = Path(path)
     tmp = _tmp(path)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         yield tmp
+        if keep_existing:
+            try:
+                os.replace(tmp, path)                   # refused when `path` is a folder with files in it
+            except OSError:
+                shutil.rmtree(tmp, ignore_errors=True)
+            return
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
     except BaseException:
@@ -73,12 +81,16 @@ def finite(obj, where: str = "") -> tuple[object, list[str]]:
     return walk(obj, where), bad
 
 
-def dumps(obj, say=None, name: str = "", **kw) -> str:
-    """json.dumps that writes null for NaN/inf (and says which keys through `say`); never invalid JSON."""
-    clean, bad = finite(obj)
+def _say_bad(bad: list[str], say, name: str) -> None:
     if bad and say:
         say(f"warning: {name + ': ' if name else ''}{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''} "
             f"not a finite number; written as null")
+
+
+def dumps(obj, say=None, name: str = "", **kw) -> str:
+    """json.dumps that writes null for NaN/inf (and says which keys through `say`); never invalid JSON."""
+    clean, bad = finite(obj)
+    _say_bad(bad, say, name)
     return json.dumps(clean, allow_nan=False, **kw)
 
 
@@ -116,8 +128,11 @@ def append_jsonl(path: str | Path, record: dict, say=None) -> None:
 
 
 def write_jsonl(path: str | Path, records, say=None) -> Path:
-    """Records as a JSONL file, atomically."""
-    return atomic_write(path, "".join(dumps(r, say, Path(path).name, default=str) + "\n" for r in records))
+    """Records as a JSONL file, atomically; NaN/inf become null, named once for the file through `say`
+    ("[row].key")."""
+    clean, bad = finite(list(records))
+    _say_bad(bad, say, Path(path).name)
+    return atomic_write(path, "".join(json.dumps(r, allow_nan=False, default=str) + "\n" for r in clean))
 
 
 def cell(value, digits: int = 4) -> str:

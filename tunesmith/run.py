@@ -1,6 +1,7 @@
 """A run is a folder; everything after training (eval, predict, chat, export, serve) takes only that folder.
 
-  run.json         {"schema": layout version, "tunesmith": version, "task": name}; absent in schema-1 runs
+  run.json         {"schema": layout version, "tunesmith": version, "task": name, "made_by": {"command": "train"
+                   or "distill", with that command's settings}}; absent in schema-1 runs, made_by in runs before it
   recipe.yaml      the resolved recipe (overrides applied, the task's defaults filled in)
   metrics.jsonl    one JSON object per log or evaluation step
   eval.json        final metrics of the best checkpoint on the test split (+ `before`)
@@ -13,7 +14,6 @@
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import threading
@@ -79,9 +79,11 @@ class Run:
             raise TunesmithError(f"{path} {what.format(path)}")
 
     @classmethod
-    def create(cls, recipe: Recipe, run_dir: str | Path | None = None, callbacks: list = ()) -> Run:
+    def create(cls, recipe: Recipe, run_dir: str | Path | None = None, callbacks: list = (),
+               made_by: dict | None = None) -> Run:
         """A new run folder, claimed atomically: mkdir of a new folder (or the lock file of an empty one) fails
-        in every process but one. The folder stays locked (tunesmith/safety.py) until `unlock`."""
+        in every process but one. The folder stays locked (tunesmith/safety.py) until `unlock`. made_by: how the
+        run is made (the command and its settings), kept in run.json so `train --resume` continues it alike."""
         path = Path(run_dir or cls.default_path(recipe))
         for n in range(2, 100):                         # default names: a second run in the same second gets -2
             try:
@@ -102,8 +104,9 @@ class Run:
         run = cls(path, callbacks)
         from importlib.metadata import version
 
-        run.write_json("run.json", {"schema": SCHEMA, "tunesmith": version("tunesmith"), "task": recipe.task})
-        (run.path / "recipe.yaml").write_text(yaml.safe_dump(recipe.dump(), sort_keys=False))
+        run.write_json("run.json", {"schema": SCHEMA, "tunesmith": version("tunesmith"), "task": recipe.task,
+                                    **({"made_by": made_by} if made_by else {})})
+        io.atomic_write(run.path / "recipe.yaml", yaml.safe_dump(recipe.dump(), sort_keys=False))
         return run
 
     def lock(self) -> None:
@@ -127,8 +130,13 @@ class Run:
     @property
     def schema(self) -> int:
         """Layout version of this folder: 1 for runs written before run.json existed."""
-        stamp = self.path / "run.json"
-        return json.loads(stamp.read_text())["schema"] if stamp.exists() else 1
+        stamp = io.read_json(self.path / "run.json")
+        return 1 if stamp is None else stamp["schema"]
+
+    @property
+    def made_by(self) -> dict | None:
+        """How the run was made ({"command": "train" | "distill", ...}: run.json), or None for runs from before."""
+        return io.read_json(self.path / "run.json", {}).get("made_by")
 
     @cached_property
     def recipe(self) -> Recipe:
@@ -141,16 +149,12 @@ class Run:
     def metrics(self) -> dict:
         """The final metrics (eval.json: test split, best checkpoint; `before` when eval.before ran); {} while
         the run has not finished."""
-        path = self.path / "eval.json"
-        return json.loads(path.read_text()) if path.exists() else {}
+        return io.read_json(self.path / "eval.json", {})
 
     @property
     def history(self) -> list[dict]:
         """Every metrics.jsonl record, in order (training steps, validations, summaries)."""
-        path = self.path / "metrics.jsonl"
-        if not path.exists():
-            return []
-        return [r for r in map(_record, path.read_text().splitlines()) if r is not None]
+        return io.read_jsonl(self.path / "metrics.jsonl")
 
     def load(self, device: str = "auto") -> Predictor:
         """The fine-tuned model, ready to predict and evaluate."""
@@ -176,13 +180,11 @@ class Run:
         path = self.path / "metrics.jsonl"
         if path.exists() and self.writer:
             lines = path.read_text().splitlines()
-            keep = [ln for ln in lines if (r := _record(ln)) is not None and r.get("step", 0) <= step]
-            broken = sum(_record(ln) is None for ln in lines if ln.strip())
+            keep = [ln for ln in lines if (r := io.parse_line(ln)) is not None and r.get("step", 0) <= step]
+            broken = sum(io.parse_line(ln) is None for ln in lines if ln.strip())
             if broken:                                  # a crash or a full disk in the middle of an append
                 print(f"resume: dropped {broken} unreadable line(s) of {path} (a write that did not finish)")
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(ln + "\n" for ln in keep))
-            os.replace(tmp, path)
+            io.atomic_write(path, "".join(ln + "\n" for ln in keep))     # the kept lines byte for byte
 
     def write_json(self, name: str, obj) -> None:
         """Write atomically; NaN/inf become null, with a warning naming them (JSON has no NaN)."""
@@ -192,22 +194,14 @@ class Run:
         """JSONL rows; values in path_columns that are local files are copied under data/files/ (hard links
         where the file system allows) and written relative to the JSONL file, so the folder moves as a whole."""
         path = self.path / name
-        path.parent.mkdir(parents=True, exist_ok=True)
         files = path.parent / "files"
-        with open(path, "w") as f:
-            for i, row in enumerate(rows):
-                for col in path_columns:
-                    if isinstance(row.get(col), str) and row[col]:
-                        row = {**row, col: _keep_file(row[col], files, f"{path.stem}-{i:07d}", path.parent)}
-                f.write(json.dumps(row, default=str) + "\n")
-
-
-def _record(line: str) -> dict | None:
-    """One metrics.jsonl line, or None for a blank or partly written one."""
-    try:
-        return json.loads(line) if line.strip() else None
-    except ValueError:
-        return None
+        kept = []
+        for i, row in enumerate(rows):
+            for col in path_columns:
+                if isinstance(row.get(col), str) and row[col]:
+                    row = {**row, col: _keep_file(row[col], files, f"{path.stem}-{i:07d}", path.parent)}
+            kept.append(row)
+        io.write_jsonl(path, kept, print)
 
 
 def _keep_file(value: str, folder: Path, stem: str, base: Path) -> str:
@@ -267,6 +261,27 @@ class Predictor:
             done = iter(self.task.predict(self.model, good) if good else [])
         out = [{"error": p} if p else next(done) for p in problems]
         return out[0] if one else out
+
+    def predict_file(self, path: str | Path) -> list[dict]:
+        """One result per input of a file, in file order: .txt holds one input per line (blank lines skipped);
+        .jsonl .csv .parquet hold rows, read as `data.train` reads them. A row that cannot be read or used keeps
+        its place as {"error": reason, "input": "file:line"}."""
+        from tunesmith import data as datalib
+
+        path = str(path)
+        if path.endswith(".txt"):
+            if not Path(path).is_file():
+                raise TunesmithError(f"{path}: no such file")
+            lines = [(n, ln) for n, ln in enumerate(Path(path).read_text().splitlines(), 1) if ln.strip()]
+            items, where = [ln for _, ln in lines], [f"{path}:{n}" for n, _ in lines]
+        else:
+            table = datalib.read(path, "predict", self.task.path_columns)
+            order = sorted([(datalib.position(o), o, r) for o, r in zip(table.origins, table.rows)]
+                           + [(datalib.position(r.origin), r.origin, r) for r in table.rejects], key=lambda x: x[0])
+            items, where = [item for _, _, item in order], [origin for _, origin, _ in order]
+        done = iter(self.predict([x for x in items if not isinstance(x, datalib.Reject)]))
+        out = [{"error": x.reason} if isinstance(x, datalib.Reject) else next(done) for x in items]
+        return [{**o, "input": origin} if "error" in o else o for o, origin in zip(out, where)]
 
     def evaluate(self, data: str | Path | list[dict] | None = None, out_dir: str | Path | None = None) -> dict:
         """Metrics on labelled rows: a file (as `data.train` reads them), a list of rows, or None for the run's

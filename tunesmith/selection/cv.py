@@ -1,6 +1,6 @@
-"""`tunesmith cv`: K-fold cross-validation through the public API; each fold is a run folder.
+"""`ts.cross_validate(recipe)` and `tunesmith cv`: K-fold cross-validation; each fold is a run folder.
 
-A cv folder:
+A cv folder (default runs/cv-<recipe name or task>):
   recipe.yaml       the recipe cross-validated (search section dropped)
   folds/NAME/       each fold's rows: train.jsonl (the fold's train side; its validation split is cut from it for
                     checkpoint choice) and test.jsonl (the held-out fold)
@@ -16,10 +16,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 from pathlib import Path
 
 import yaml
 
+from tunesmith import io
 from tunesmith.errors import TunesmithError
 from tunesmith.recipe import Recipe, load
 
@@ -74,16 +76,22 @@ def interval(values: list[float]) -> dict:
     return {"mean": mean, "std": std, "low": mean - half, "high": mean + half, "values": values}
 
 
-def cross_validate(recipe: Recipe, folder: str | Path, folds: int = 5, repeats: int = 1, callbacks: list = (),
+def default_folder(recipe: Recipe) -> Path:
+    return Path("runs") / f"cv-{recipe.name or recipe.task}"
+
+
+def cross_validate(recipe, folder: str | Path | None = None, folds: int = 5, repeats: int = 1, callbacks: list = (),
                    say=print) -> dict:
-    """Train one run per fold (and repeat); write cv.json and oof.jsonl; return cv.json's content."""
+    """Train one run per fold (and repeat); write cv.json and oof.jsonl; return cv.json's content and `folder`.
+    recipe: a Recipe, or what ts.load_recipe takes (a YAML path, a dict). folder: default runs/cv-<name>."""
     import tunesmith as ts
     from tunesmith.splits import load_data
     from tunesmith.tasks import get_task
 
     if folds < 2 or repeats < 1:
         raise TunesmithError("cv needs --folds >= 2 and --repeats >= 1")
-    folder = Path(folder)
+    recipe = recipe if isinstance(recipe, Recipe) else load(recipe)
+    folder = Path(folder or default_folder(recipe))
     task = get_task(recipe)
     task.setup()
     loaded = load_data(task, recipe)
@@ -92,21 +100,17 @@ def cross_validate(recipe: Recipe, folder: str | Path, folds: int = 5, repeats: 
     plan = assignments(recipe, rows, keys, folds, repeats)
     base = {**recipe.dump(), "search": None}
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "recipe.yaml").write_text(yaml.safe_dump(base, sort_keys=False))
+    io.atomic_write(folder / "recipe.yaml", yaml.safe_dump(base, sort_keys=False))
     digest = hashlib.sha256(json.dumps([[n, te] for n, _, te in plan]).encode()).hexdigest()[:16]
     results, oof = {}, []
     for name, tr, te in plan:
         data_dir, run_dir = folder / "folds" / name, folder / name
         if not (run_dir / "eval.json").exists():
-            data_dir.mkdir(parents=True, exist_ok=True)
             for split, idx in (("train", tr), ("test", te)):
-                with open(data_dir / f"{split}.jsonl", "w") as f:
-                    f.writelines(json.dumps(rows[i], default=str) + "\n" for i in idx)
+                io.write_jsonl(data_dir / f"{split}.jsonl", [rows[i] for i in idx])
             fold = fold_recipe(base, data_dir)
             say(f"cv: {name} ({len(tr)} train rows, {len(te)} held out)")
             if run_dir.exists():                        # an interrupted fold: start it again
-                import shutil
-
                 shutil.rmtree(run_dir)
             ts.train(fold, run_dir=run_dir, callbacks=callbacks)
         results[name] = ts.Run(run_dir).metrics
@@ -118,14 +122,13 @@ def cross_validate(recipe: Recipe, folder: str | Path, folds: int = 5, repeats: 
            "group_column": recipe.data.group_column, "runs": list(results),
            "metrics": {m: interval([float(results[n][m]) for n in results]) for m in metrics},
            "test_fraction": sum(len(te) for _, _, te in plan) / (len(plan) * len(rows))}
-    with open(folder / "oof.jsonl", "w") as f:
-        f.writelines(json.dumps(r, default=str) + "\n" for r in oof)
-    (folder / "cv.json").write_text(json.dumps(out, indent=2) + "\n")
+    io.write_jsonl(folder / "oof.jsonl", oof, say)
+    io.write_json(folder / "cv.json", out, say)
     for m in list(type(recipe).metrics)[:4]:
         if m in out["metrics"]:
             s = out["metrics"][m]
             say(f"{m:<12} {s['mean']:.4f} +- {s['std']:.4f} (95% interval {s['low']:.4f} .. {s['high']:.4f})")
-    return out
+    return {**out, "folder": str(folder)}
 
 
 def paired(a: dict, b: dict) -> dict:

@@ -1,6 +1,7 @@
-"""`tunesmith search`: Optuna TPE over the recipe's `search.space`, pruning on the validation metric.
+"""`ts.search(recipe)` and `tunesmith search`: Optuna TPE over the recipe's `search.space`, pruning on the
+validation metric.
 
-A study is a folder:
+A study is a folder (default runs/search-<study name>; the study name defaults to the recipe's name or task):
   study.db          Optuna's SQLite storage (default; --storage postgresql://... shares a study across machines)
   trial-NNNN/       one run folder per trial (tunesmith.train through the public API), or a cv folder (search.cv)
   best.yaml         the best trial's resolved recipe: `tunesmith train best.yaml` trains that trial again
@@ -13,13 +14,14 @@ same command resumes the study (finished trials are kept; the target counts them
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
+import sys
 import time
 from pathlib import Path
 
+from tunesmith import io
 from tunesmith.errors import TunesmithError
 from tunesmith.recipe import Recipe, RecipeError, load
 from tunesmith.run import Callback, StopTraining
@@ -117,8 +119,8 @@ def resumable(folder: Path, name: str | None) -> Path | None:
         return None
     lock = folder / name / LOCK
     try:
-        owner = json.loads(lock.read_text() or "{}") if lock.exists() else {}
-    except (OSError, ValueError):
+        owner = (io.parse_line(lock.read_text()) or {}) if lock.exists() else {}
+    except OSError:
         owner = {}
     return folder / name if owner.get("host", socket.gethostname()) == socket.gethostname() else None
 
@@ -196,13 +198,19 @@ def objective(recipe: Recipe, folder: Path, say=print):
     return run_trial
 
 
-def search(recipe: Recipe, folder: str | Path, trials: int | None = None, budget: str | None = None,
+def search(recipe, folder: str | Path | None = None, trials: int | None = None, budget: str | None = None,
            storage: str | None = None, study: str | None = None, say=print) -> dict:
     """Run (or resume, or join) a study until `trials` trials are complete or pruned, or `budget` has passed
-    (no trial starts after it). Returns the summary written to trials.json, with `best` (trial, run, score)."""
+    (no trial starts after it). recipe: a Recipe, or what ts.load_recipe takes (a YAML path, a dict); trials and
+    budget default to the recipe's search section; study: default the recipe's name or task; folder: default
+    runs/search-<study>. Returns the summary written to trials.json, with `best` (trial, run, score) once a
+    trial completed, and `folder`. Ctrl-C: Interrupted (the trial that was running runs again on resume)."""
     optuna = optuna_module()
     from optuna.trial import TrialState
 
+    recipe = recipe if isinstance(recipe, Recipe) else load(recipe)
+    name = study or recipe.name or recipe.task
+    folder = Path(folder or Path("runs") / f"search-{name}")
     cfg = settings(recipe)
     trials = trials if trials is not None else (None if budget else cfg.trials)
     budget = budget or cfg.budget
@@ -210,9 +218,7 @@ def search(recipe: Recipe, folder: str | Path, trials: int | None = None, budget
     if trials is None and deadline is None:
         raise RecipeError("search", ["give search.trials or a budget"])
     check_space(recipe)
-    folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    name = study or recipe.name or recipe.task
     st = open_study(recipe, folder, storage, name)
     run_trial = objective(recipe, folder, say)
     finished = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -238,7 +244,8 @@ def search(recipe: Recipe, folder: str | Path, trials: int | None = None, budget
             last = [t for t in st.get_trials(deepcopy=False) if t.state == TrialState.FAIL][-1:]
             for t in last:
                 RetryHeartbeatStaleTrialCallback(max_retry=cfg.max_retry)(st, t)
-            raise
+            raise Interrupted(f"interrupted: the trial that was running will run again; resume with the same "
+                              f"command (study folder {folder})", 130) from None
         mine = st.get_trials(deepcopy=False)[-1:]
         failures = failures + 1 if mine and mine[0].state == TrialState.FAIL else 0
         if failures >= 3:
@@ -262,30 +269,51 @@ def summarize(st, recipe: Recipe, folder: Path, say=print) -> dict:
         shutil.copyfile(run_dir / "recipe.yaml", folder / "best.yaml")
         out["best"] = {"number": best.number, "score": best.value, "run_dir": str(run_dir),
                        "test": best.user_attrs.get("test"), "params": best.params}
-    (folder / "trials.json").write_text(json.dumps(out, indent=2, default=str) + "\n")
-    table(out, say)
+    io.write_json(folder / "trials.json", out, say)
+    if say is print:
+        show_table(out)
+    else:
+        say(render(out))
     if complete:
         say(f"best trial {out['best']['number']}: {recipe.train.metric} {out['best']['score']:.4f} "
             f"(validation, best checkpoint); run {out['best']['run_dir']}; recipe {folder / 'best.yaml'}")
-    return out
+    return {**out, "folder": str(folder)}
 
 
-def table(summary: dict, say=print) -> None:
-    """The trials as a rich table (plain text when rich is missing)."""
+def trials_table(summary: dict) -> tuple[list[str], list[list]]:
+    """(header, rows) of the trials: number, state, scores, seconds and every searched key by its full name."""
     keys = list(dict.fromkeys(k for t in summary["trials"] for k in t["params"]))
-    head = ["trial", "state", f"{summary['metric']} (val)", "test", "s", *[k.split(".")[-1] for k in keys]]
-    fmt = lambda v: "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
-    rows = [[str(t["number"]), t["state"], fmt(t["score"]), fmt(t["test"]), fmt(t["seconds"]),
-             *[fmt(t["params"].get(k)) for k in keys]] for t in summary["trials"]]
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:
-        say("  ".join(head))
-        for r in rows:
-            say("  ".join(r))
-        return
-    t = Table(*head, title=f"study {summary['study']}")
-    for r in rows:
-        t.add_row(*r)
-    Console().print(t)
+    head = ["trial", "state", f"{summary['metric']} (val)", "test", "seconds", *keys]
+    rows = [[t["number"], t["state"], t["score"], t["test"], t["seconds"], *[t["params"].get(k) for k in keys]]
+            for t in summary["trials"]]
+    return head, rows
+
+
+def render(summary: dict) -> str:
+    """The trials as plain text (tunesmith.io.table): full column names, whole values, as wide as it needs."""
+    return f"study {summary['study']}\n" + io.table(*trials_table(summary))
+
+
+def show_table(summary: dict, file=None) -> None:
+    """On a terminal wide enough for every column whole, a rich table; otherwise (a pipe, a file, a narrow
+    terminal, no rich) the plain text of render(): full column names, never cut to "…"."""
+    file = file or sys.stdout
+    plain = render(summary)
+    if file.isatty():
+        try:
+            from rich.console import Console
+            from rich.table import Table
+        except ImportError:
+            Console = None
+        head, rows = trials_table(summary)
+        console = Console(file=file) if Console else None
+        # rich draws "│" borders: 3 characters a column and one more, where the plain text has 2 between columns
+        if console and max(map(len, plain.splitlines())) + len(head) + 3 <= console.width:
+            t = Table(title=f"study {summary['study']}")
+            for h in head:
+                t.add_column(h, overflow="fold")
+            for r in rows:
+                t.add_row(*(io.cell(v) for v in r))
+            console.print(t)
+            return
+    print(plain, file=file)

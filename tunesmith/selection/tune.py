@@ -1,4 +1,5 @@
-"""`tunesmith tune RECIPE --budget 15m`: automated fine-tuning within a wall-time budget.
+"""`ts.tune(recipe, budget="15m")` and `tunesmith tune RECIPE --budget 15m`: automated fine-tuning within a
+wall-time budget, in a tune folder (default runs/tune-<recipe name or task>).
 
 1. profile the data (rows, classes, balance, tokens) and measure a step (a 5-step probe run);
 2. plan: the plain recipe, then candidates (head only on cached features, top blocks, full at two learning
@@ -11,14 +12,14 @@ It ends with the table of runs against the plain recipe, tune.json and best.yaml
 """
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import statistics
 import time
 from pathlib import Path
 
-from tunesmith.recipe import Recipe
+from tunesmith import io
+from tunesmith.recipe import Recipe, RecipeError, load
 from tunesmith.run import Callback, StopTraining
 from tunesmith.selection.search import best_validation, with_values
 from tunesmith.selection.space import seconds
@@ -86,21 +87,28 @@ def candidates(recipe: Recipe, prof: dict) -> list[tuple[str, dict]]:
            (f"full lr {3 * lr:g}", {"adapt.method": "full", "train.learning_rate": 3 * lr}),
            ("lora r16", {"adapt.method": "lora", "adapt.lora.r": 16, "adapt.lora.alpha": 32,
                          "train.learning_rate": 1e-3})]
-    for name, values in out[2:]:                    # not frozen: whatever the plain recipe froze is released
+    for _, values in out[2:]:                    # not frozen: whatever the plain recipe froze is released
         values.update({"adapt.freeze_backbone": False, "adapt.freeze_layers": 0, "adapt.freeze_embeddings": False})
-    for name, values in out:                        # rungs are counted in epochs exactly (see tune())
+    for _, values in out:                           # rungs are counted in epochs exactly (see tune())
         values["train.min_steps"] = 0
     if recipe.adapt.method == "lora":               # a task whose default is LoRA: keep its method family
         out = [c for c in out if c[1]["adapt.method"] != "full"]
     return out
 
 
-def tune(recipe: Recipe, folder: str | Path, budget: str, say=print) -> dict:
+def tune(recipe, folder: str | Path | None = None, budget: str | None = None, say=print) -> dict:
+    """Plan, race and compare within `budget` (wall time, e.g. "15m"; default the recipe's search.budget).
+    recipe: a Recipe, or what ts.load_recipe takes (a YAML path, a dict); folder: default runs/tune-<name>.
+    Returns tune.json's content (runs, best, plain, profile) and `folder`; best is None when no run finished."""
     import tunesmith as ts
 
+    recipe = recipe if isinstance(recipe, Recipe) else load(recipe)
+    budget = budget or (recipe.search.budget if recipe.search else None)
+    if not budget:
+        raise RecipeError("tune", ["give a time budget (--budget 15m, budget=\"15m\" or search.budget)"])
     start = time.monotonic()
     deadline = start + seconds(budget)
-    folder = Path(folder)
+    folder = Path(folder or Path("runs") / f"tune-{recipe.name or recipe.task}")
     folder.mkdir(parents=True, exist_ok=True)
     prof = profile(recipe)
     say(f"data: {prof['rows']} train rows, {prof['classes'] or '-'} classes (largest/smallest {prof['balance']}), "
@@ -132,7 +140,8 @@ def tune(recipe: Recipe, folder: str | Path, budget: str, say=print) -> dict:
             break
         n, r = math.ceil(n / 3), r * 3
     total = estimate(plain_epochs) + sum(k * estimate(e) for k, e in rungs)
-    say(f"plan: plain recipe ({round(plain_epochs, 1):g} epochs), then {' -> '.join(f'{k} x {e} epochs' for k, e in rungs)}"
+    race = " -> ".join(f"{k} x {e} epochs" for k, e in rungs)
+    say(f"plan: plain recipe ({round(plain_epochs, 1):g} epochs), then {race}"
         f" ({', '.join(c[0] for c in cands)}); step {step_s:.3f}s, {per_epoch} steps/epoch, run overhead "
         f"{overhead:.1f}s; estimated {total:.0f}s of {seconds(budget):.0f}s budget")
 
@@ -175,7 +184,8 @@ def tune(recipe: Recipe, folder: str | Path, budget: str, say=print) -> dict:
             break
         scored.sort(key=lambda x: -x[0])
         alive = [(n, v) for _, n, v in scored]
-    return finish(recipe, folder, results, plain, prof, time.monotonic() - start, say)
+    out = finish(recipe, folder, results, plain, prof, time.monotonic() - start, say)
+    return {**out, "folder": str(folder)}
 
 
 def standard_error(metric: str, score: float, n: int | None) -> float:
@@ -209,14 +219,13 @@ def finish(recipe, folder: Path, results: list[dict], plain: dict | None, prof: 
             f"more than one standard error ({margin:.4f} on {plain['n']} rows)")
     out = {"metric": m, "profile": prof, "seconds": elapsed, "runs": results, "best": best, "plain": plain,
            "margin": margin}
-    (folder / "tune.json").write_text(json.dumps(out, indent=2) + "\n")
+    io.write_json(folder / "tune.json", out, say)
     if best:
         shutil.copyfile(Path(best["run_dir"]) / "recipe.yaml", folder / "best.yaml")
-    say(f"\n{'run':<22}{'epochs':>7}{m + ' val':>16}{m + ' test':>16}  note")
-    for r in results:
-        fmt = lambda v: f"{v:>16.4f}" if v is not None else f"{'-':>16}"  # noqa: E731
-        note = ("best " if r is best else "") + (f"({r['stopped']})" if r["stopped"] else "")
-        say(f"{r['name']:<22}{r['epochs']:>7g}{fmt(r['score'])}{fmt(r['test'])}  {note}")
+    rows = [[r["name"], f"{r['epochs']:g}", r["score"], r["test"],
+             (("best " if r is best else "") + (f"({r['stopped']})" if r["stopped"] else "")).strip()]
+            for r in results]
+    say("\n" + io.table(["run", "epochs", f"{m} val", f"{m} test", "note"], rows))
     if best and plain and plain["test"] is not None and best["test"] is not None:
         say(f"best vs plain recipe: {m} {best['test']:.4f} vs {plain['test']:.4f} on the test split "
             f"({best['test'] - plain['test']:+.4f}); best run {best['run_dir']}; recipe {folder / 'best.yaml'}")

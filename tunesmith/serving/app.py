@@ -1,15 +1,18 @@
 """`tunesmith serve RUN`: a run's model behind HTTP (FastAPI + uvicorn, the `serve` extra).
 
-Routes: POST /v1/predict (texts, images as data: URIs, or rows; batched), GET /health, GET /metrics (Prometheus
-text), /openapi.json and /docs, GET / (a small web page); generative runs add POST /v1/chat/completions (the OpenAI
-API, SSE streaming included; tunesmith/serving/openai_chat.py) and GET /v1/models.
+Routes: POST /v1/predict (texts, images as data: URIs, or rows; batched; each prediction in the task's declared
+schema, Task.output_schema, which /openapi.json documents), GET /health (with the task's declarations: its input,
+its prediction kind, whether it chats), GET /metrics (Prometheus text), /openapi.json and /docs, GET / (a small web
+page that draws predictions by their kind); runs whose task declares `chats` add POST /v1/chat/completions (the
+OpenAI API, SSE streaming included; tunesmith/serving/openai_chat.py) and GET /v1/models.
 
 Micro-batching: every input joins one queue; one worker takes the first waiting input, waits at most max_wait_ms for
 more (up to max_batch), and runs them as one `Predictor.predict` call on the single model thread (the model and
 tokenizer are used by that thread alone). An input the task refuses (Task.check_input) comes back as {"error"}, and a
-batch that raises is re-run one input at a time, so a bad input fails only its own request (422). Limits: 413 over max_body bytes, 503 (Retry-After) when max_queue inputs already wait,
-504 after timeout_s, 401 without the key (--api-key) on every route but /health and the static page, 422 on
-malformed input. The server reads no file a request names (images come as data: URIs) and never runs remote code.
+batch that raises is re-run one input at a time, so a bad input fails only its own request (422). Limits: 413 over
+max_body bytes, 503 (Retry-After) when max_queue inputs already wait, 504 after timeout_s, 401 without the key
+(--api-key) on every route but /health and the static page, 422 on malformed input. The server reads no file a
+request names (images come as data: URIs) and never runs remote code.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from tunesmith.errors import TunesmithError
 
@@ -51,9 +54,10 @@ class PredictRequest(BaseModel):
                                                "rows with the recipe's columns")
 
 
-class PredictResponse(BaseModel):
-    model: str
-    predictions: list[dict[str, Any]]
+def response_model(schema: type[BaseModel]) -> type[BaseModel]:
+    """POST /v1/predict's answer: the run's name and one prediction per input, each in the task's schema."""
+    return create_model("PredictResponse", model=(str, ...),
+                        predictions=(list[schema], Field(description="one per input, in order")))
 
 
 class QueueFull(Exception):
@@ -90,18 +94,20 @@ class Metrics:
     def render(self, queued: int) -> str:
         out = ["# HELP tunesmith_requests_total HTTP requests by path and status.",
                "# TYPE tunesmith_requests_total counter"]
-        out += [f'tunesmith_requests_total{{path="{p}",status="{s}"}} {n}' for (p, s), n in sorted(self.requests.items())]
+        out += [f'tunesmith_requests_total{{path="{p}",status="{s}"}} {n}'
+                for (p, s), n in sorted(self.requests.items())]
         out += ["# HELP tunesmith_request_seconds Request latency.", "# TYPE tunesmith_request_seconds histogram"]
         out += [f'tunesmith_request_seconds_bucket{{le="{b}"}} {self.latency[b]}' for b in BUCKETS]
         out += [f'tunesmith_request_seconds_bucket{{le="+Inf"}} {self.latency_count}',
                 f"tunesmith_request_seconds_sum {self.latency_sum:.6f}",
                 f"tunesmith_request_seconds_count {self.latency_count}",
-                "# HELP tunesmith_batches_total Forward passes (micro-batches) run.", "# TYPE tunesmith_batches_total counter",
-                f"tunesmith_batches_total {self.batches}",
-                "# HELP tunesmith_batch_items_total Inputs run in micro-batches.", "# TYPE tunesmith_batch_items_total counter",
-                f"tunesmith_batch_items_total {self.batch_items}",
+                "# HELP tunesmith_batches_total Forward passes (micro-batches) run.",
+                "# TYPE tunesmith_batches_total counter", f"tunesmith_batches_total {self.batches}",
+                "# HELP tunesmith_batch_items_total Inputs run in micro-batches.",
+                "# TYPE tunesmith_batch_items_total counter", f"tunesmith_batch_items_total {self.batch_items}",
                 "# HELP tunesmith_model_seconds_total Seconds the model thread spent predicting.",
-                "# TYPE tunesmith_model_seconds_total counter", f"tunesmith_model_seconds_total {self.model_seconds:.6f}",
+                "# TYPE tunesmith_model_seconds_total counter",
+                f"tunesmith_model_seconds_total {self.model_seconds:.6f}",
                 "# HELP tunesmith_queue_inputs Inputs waiting for a batch.", "# TYPE tunesmith_queue_inputs gauge",
                 f"tunesmith_queue_inputs {queued}"]
         return "\n".join(out) + "\n"
@@ -293,7 +299,7 @@ def create_app(run, api_key: str | None = None, onnx: str | None = None, device:
                 f.cancel()
             raise HTTPException(504, f"{what} took longer than {limits.timeout_s:g} s") from None
 
-    @app.post("/v1/predict", response_model=PredictResponse,
+    @app.post("/v1/predict", response_model=response_model(task.output_schema()),
               responses={413: {"description": "body too large"}, 422: {"description": "malformed input"},
                          503: {"description": "queue full"}, 504: {"description": "timeout"}})
     async def predict(body: PredictRequest):
@@ -322,8 +328,9 @@ def create_app(run, api_key: str | None = None, onnx: str | None = None, device:
 
     @app.get("/health")
     async def health():
+        """Liveness, and what the page needs to know: the task's input, its prediction kind, whether it chats."""
         return {"status": "ok", "model": name, "task": task.name, "input": task.input_key,
-                "generative": task.generative, "backend": f"onnx-{onnx}" if onnx else "pytorch"}
+                "prediction": task.prediction, "chats": task.chats, "backend": f"onnx-{onnx}" if onnx else "pytorch"}
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus():
@@ -333,7 +340,7 @@ def create_app(run, api_key: str | None = None, onnx: str | None = None, device:
     async def page():
         return HTMLResponse(PAGE.read_text())
 
-    if task.generative:
+    if task.chats:
         from tunesmith.serving.openai_chat import add_chat_routes
 
         add_chat_routes(app, predictor, batcher, limits, name, wait)
@@ -353,6 +360,7 @@ def serve(run_dir, host: str = "127.0.0.1", port: int = 8000, api_key: str | Non
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print(f"warning: serving on {host} without --api-key: anyone who reaches this address can use the model",
               file=sys.stderr)
-    print(f"serving {run_dir} on http://{host}:{port}  (page /, API /docs, health /health)", file=sys.stderr, flush=True)
+    print(f"serving {run_dir} on http://{host}:{port}  (page /, API /docs, health /health)", file=sys.stderr,
+          flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
 

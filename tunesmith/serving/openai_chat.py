@@ -1,13 +1,13 @@
-"""POST /v1/chat/completions and GET /v1/models for generative runs, as the OpenAI API defines them, so the official
-`openai` client works unchanged; `stream: true` answers with server-sent events (chat.completion.chunk objects, then
-`data: [DONE]`). The prompt is the run's own chat template (Task.prompt_ids); settings start from the recipe's
-eval.generate and take the request's max_tokens, temperature (under 0.01: greedy), top_p and seed. Generation runs on the
-model thread (tunesmith/serving/app.py); a request past its timeout, or whose client went away, stops at the next token.
+"""POST /v1/chat/completions and GET /v1/models for runs whose task declares `chats`, as the OpenAI API defines them,
+so the official `openai` client works unchanged; `stream: true` answers with server-sent events (chat.completion.chunk
+objects, then `data: [DONE]`). The prompt is the run's own chat template (Task.prompt_ids); settings start from the
+recipe's eval.generate and take the request's max_tokens, temperature (under 0.01: greedy), top_p and seed. Generation
+is the task's own (Task.complete, tunesmith/tasks/generation.py), on the model thread (tunesmith/serving/app.py); a
+request past its timeout, or whose client went away, stops at the next token.
 """
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 import time
 import uuid
@@ -16,6 +16,7 @@ from typing import Literal
 from fastapi import HTTPException
 from pydantic import BaseModel, ConfigDict, Field
 
+from tunesmith import io
 from tunesmith.errors import TunesmithError
 
 MAX_TEXT = 100_000                  # characters per message
@@ -44,7 +45,7 @@ class ChatRequest(BaseModel):
 def add_chat_routes(app, predictor, batcher, limits, name: str, wait) -> None:
     from fastapi.responses import StreamingResponse
 
-    task, model, tok = predictor.task, predictor.model, predictor.task.processor
+    task, model = predictor.task, predictor.model
     context = getattr(model.config, "max_position_embeddings", None)
 
     def settings_for(body: ChatRequest):
@@ -69,31 +70,9 @@ def add_chat_routes(app, predictor, batcher, limits, name: str, wait) -> None:
             raise ValueError(f"{len(ids)} prompt tokens + max_tokens {max_new} exceed the {context}-token context")
         return ids
 
-    def generate(ids: list[int], settings, stop: threading.Event, on_text=None) -> tuple[str, int, str]:
-        """(text, new tokens, finish_reason) on the model thread; on_text(piece) as text is finalised."""
-        import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
-
-        class Stop(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kwargs):
-                return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool, device=input_ids.device)
-
-        class Streamer(TextStreamer):
-            def on_finalized_text(self, text: str, stream_end: bool = False):
-                if text:
-                    on_text(text)
-
-        x = torch.tensor([ids], device=predictor.device)
-        with torch.no_grad(), task.autocast(model), torch.random.fork_rng(devices=[]):
-            torch.manual_seed(settings.seed)
-            out = model.generate(input_ids=x, attention_mask=torch.ones_like(x),
-                                 streamer=Streamer(tok, skip_prompt=True, skip_special_tokens=True) if on_text else None,
-                                 stopping_criteria=StoppingCriteriaList([Stop()]), pad_token_id=tok.pad_token_id,
-                                 eos_token_id=tok.eos_token_id, **settings.kwargs())
-        new = out[0, len(ids):].tolist()
-        ended = bool(new) and new[-1] == tok.eos_token_id
-        finish = "stop" if ended or len(new) < settings.max_new_tokens else "length"
-        return tok.decode(new, skip_special_tokens=True).strip(), len(new), finish
+    def generate(ids: list[int], settings, stop: threading.Event, on_text=None):
+        """A Completion (text, tokens, finish) on the model thread; on_text(piece) as text is finalised."""
+        return task.complete(model, [ids], settings, stop=stop, on_text=on_text)[0]
 
     def envelope(ident: str, created: int, kind: str, choice: dict) -> dict:
         return {"id": ident, "object": kind, "created": created, "model": name, "choices": [choice]}
@@ -122,14 +101,14 @@ def add_chat_routes(app, predictor, batcher, limits, name: str, wait) -> None:
             job = asyncio.ensure_future(batcher.call(generate, ids, settings, stop))
             job.add_done_callback(lambda _: setattr(batcher, "waiting", batcher.waiting - 1))
             try:
-                text, n_new, finish = (await wait([job], "generation"))[0]
+                done = (await wait([job], "generation"))[0]
             finally:
                 stop.set()
             return {**envelope(ident, created, "chat.completion",
-                               {"index": 0, "message": {"role": "assistant", "content": text},
-                                "finish_reason": finish}),
-                    "usage": {"prompt_tokens": len(ids), "completion_tokens": n_new,
-                              "total_tokens": len(ids) + n_new}}
+                               {"index": 0, "message": {"role": "assistant", "content": done.text},
+                                "finish_reason": done.finish}),
+                    "usage": {"prompt_tokens": len(ids), "completion_tokens": done.tokens,
+                              "total_tokens": len(ids) + done.tokens}}
 
         loop, pieces = asyncio.get_running_loop(), asyncio.Queue()
         job = asyncio.ensure_future(batcher.call(generate, ids, settings, stop,
@@ -143,7 +122,7 @@ def add_chat_routes(app, predictor, batcher, limits, name: str, wait) -> None:
         def event(delta: dict, finish: str | None) -> str:
             chunk = envelope(ident, created, "chat.completion.chunk",
                              {"index": 0, "delta": delta, "finish_reason": finish})
-            return f"data: {json.dumps(chunk)}\n\n"
+            return f"data: {io.dumps(chunk)}\n\n"
 
         async def events():
             deadline = loop.time() + limits.timeout_s
@@ -158,7 +137,7 @@ def add_chat_routes(app, predictor, batcher, limits, name: str, wait) -> None:
                         break
                     yield event({"content": piece}, None)
                 done = job.done() and not job.cancelled() and job.exception() is None
-                yield event({}, job.result()[2] if done else "length")
+                yield event({}, job.result().finish if done else "length")
                 yield "data: [DONE]\n\n"
             finally:
                 stop.set()                      # timeout or a client that went away: generation stops

@@ -1,7 +1,8 @@
-"""`tunesmith chat RUN_DIR`: talk to a fine-tuned causal LM in the terminal.
+"""`tunesmith chat RUN_DIR`: talk to a fine-tuned model in the terminal, for runs whose task declares `chats`.
 
-Tokens stream as they are generated; the conversation is kept and re-sent each turn through the model's chat
-template, dropping the oldest turns when prompt + max_new_tokens would exceed the context length.
+Tokens stream as they are generated (the shared generation of tunesmith/tasks/generation.py); the conversation is
+kept and re-sent each turn through the model's chat template, dropping the oldest turns when prompt +
+max_new_tokens would exceed the context length.
 Commands: /reset clears the history, /exit (or end of input) quits.
 """
 from __future__ import annotations
@@ -34,17 +35,16 @@ def trim(task, history: list[dict], budget: int) -> tuple[list[int] | None, int]
 
 def chat(run_dir: str, max_new_tokens: int | None = None, context: int | None = None, system: str | None = None,
          stdin=None, stdout=None) -> int:
-    import torch
-
     from tunesmith.run import Run
+    from tunesmith.tasks import task_class
 
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     run = Run(run_dir)
-    if not _generative(run):
-        raise TunesmithError(f"{run.path}: task '{run.recipe.task}' does not generate text; tunesmith chat needs "
-                             "a generative run (causal-lm)")
+    if not task_class(run.recipe).chats:
+        raise TunesmithError(f"{run.path}: task '{run.recipe.task}' does not chat; tunesmith chat needs a run of a "
+                             "task that declares chats (Task.chats)")
     loaded = run.load()
-    task, model, tok = loaded.task, loaded.model, loaded.task.processor
+    task, model = loaded.task, loaded.model
     settings = task.generation_settings()
     if max_new_tokens:
         settings = settings.model_copy(update={"max_new_tokens": max_new_tokens})
@@ -54,6 +54,7 @@ def chat(run_dir: str, max_new_tokens: int | None = None, context: int | None = 
         raise TunesmithError(f"--max-new-tokens {settings.max_new_tokens} leaves no room in a {context}-token context")
     start = [{"role": "system", "content": system}] if system else []
     history = list(start)
+    write = lambda text: print(text, end="", file=stdout, flush=True)
     print(f"chatting with {run.model_dir} (context {context} tokens); {HELP}", file=stdout, flush=True)
     while True:
         print("you> ", end="", file=stdout, flush=True)
@@ -80,27 +81,6 @@ def chat(run_dir: str, max_new_tokens: int | None = None, context: int | None = 
             print(f"(message too long: it does not fit {budget} tokens; nothing sent)", file=stdout, flush=True)
             continue
         print("bot> ", end="", file=stdout, flush=True)
-        x = torch.tensor([ids], device=loaded.device)
-        with torch.no_grad(), task.autocast(model), torch.random.fork_rng(devices=[]):
-            torch.manual_seed(settings.seed)
-            out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), streamer=streamer(tok, stdout),
-                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **settings.kwargs())
-        reply = tok.decode(out[0, len(ids):], skip_special_tokens=True).strip()
-        history.append({"role": "assistant", "content": reply})
-
-
-def _generative(run) -> bool:
-    from tunesmith.tasks import task_class
-
-    return task_class(run.recipe).generative
-
-
-def streamer(tok, stdout):
-    """transformers' TextStreamer, writing to `stdout` as text arrives."""
-    from transformers import TextStreamer
-
-    class _Streamer(TextStreamer):
-        def on_finalized_text(self, text: str, stream_end: bool = False):
-            print(text, end="\n" if stream_end else "", file=stdout, flush=True)
-
-    return _Streamer(tok, skip_prompt=True, skip_special_tokens=True)
+        reply = task.complete(model, [ids], settings, on_text=write)[0]
+        print(file=stdout, flush=True)
+        history.append({"role": "assistant", "content": reply.text})

@@ -52,6 +52,7 @@ def task_class(recipe) -> type:
     return _load(ref)
 
 
-def get_task(recipe):
-    """A Task instance for this recipe (nothing loaded yet: see Task's lifecycle in tunesmith/tasks/base.py)."""
-    return task_class(recipe)(recipe)
+def get_task(recipe, pad_multiple: int = 1):
+    """A Task instance for this recipe (nothing loaded yet: see Task's lifecycle in tunesmith/tasks/base.py).
+    pad_multiple: collate rounds batch widths up to it (training on GPUs: 16)."""
+    return task_class(recipe)(recipe, pad_multiple)

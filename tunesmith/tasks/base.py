@@ -6,14 +6,31 @@ Data:   check(row, split) -> reason or None;  prepare(train_rows);  encode(rows)
 Model:  load_model() -> model for training;  load_trained(folder) -> model;  save(model, folder)
 Train:  loss(model, batch) -> sum over items;  count(batch) -> items;  evaluate(model, features, batch_size)
         evaluate_final(...) for eval.json (adds slow metrics and per-example files)
-Use:    check_input(input) -> reason or None;  predict(model, inputs) -> JSON-ready dicts (shared by `predict`,
-        the Python API and `serve`); generate(...) and prompt_ids(...) where `generative`;
-        explain(model, inputs) where `explainable`; export_inputs() where `exportable` (ONNX)
+Distil: teacher_outputs(model, features, batch_size);  distillation(temperature, alpha) -> objective, where
+        `distills` (tunesmith distill)
+Use:    check_input(input) -> reason or None;  predict(model, inputs) -> one dict per input, in the task's
+        output schema (shared by `predict`, the Python API and `serve`)
 Doctor: key(row); stratify_key(row); length_stats(rows, features); embed(model, features, batch_size)
+
+Capabilities are declared here, on the class, and shared code reads the declarations; it never compares a task's
+name and never probes for a method (tests/test_layering.py checks the first):
+  prediction        the kind of one prediction: "label", "spans", "text" or "boxes" (tunesmith/tasks/outputs.py);
+                    output_schema() is its pydantic schema. /v1/predict documents it, the serve page and the report
+                    draw predictions by it
+  chats             True: prompt_ids(messages), generation_settings() and complete() work, so `tunesmith chat` and
+                    POST /v1/chat/completions are offered. Generation itself is one implementation for every
+                    caller (tunesmith/tasks/generation.py: decoder-only and encoder-decoder models)
+  explainable       True: explain() works (tunesmith explain, the report's explanations)
+  export_outputs()  the ONNX graph's outputs {name: dynamic axes}, or None: the task is not exportable to ONNX
+                    (tunesmith export then offers --format hf); export_inputs() gives the graph's inputs
+  distills          True: teacher_outputs() and distillation() work (tunesmith distill)
+  feature_cache     True: collate takes cached hidden states (tunesmith/featcache.py)
 """
 from __future__ import annotations
 
 import torch
+
+from tunesmith.tasks.outputs import SCHEMAS, Prediction
 
 
 class Features(list):
@@ -26,7 +43,8 @@ class Features(list):
 
 class Task:
     """Lifecycle, the same for every caller (train, doctor, eval, predict, chat, serve):
-      1. task = TaskClass(recipe)          nothing loaded, nothing read
+      1. task = TaskClass(recipe)          nothing loaded, nothing read; TaskClass(recipe, pad_multiple) for
+                                           training (set once here: shared code never assigns task attributes)
       2. task.setup(source=None)           processor (tokenizer, image processor) from a model folder, hub id or a
                                            run's model/; no weights. Default: the recipe's model. Done on first use
                                            of `task.processor` if not called.
@@ -36,21 +54,28 @@ class Task:
       5. task.load_model() -> model        pretrained weights + a new head (training); or load_trained(folder)
       6. loss, count, evaluate, evaluate_final, predict, generate: read-only on the task (no state kept between
          calls), so one task and model can serve several threads (callers serialise the model's own use).
-    Every capability a caller may use is declared here; a task says what it lacks by its flags
-    (`generative`) and `labels` (None), never by a missing attribute.
+    Every capability a caller may use is declared here (the module docstring lists them); a task says what it
+    lacks by its declarations (`chats` False, export_outputs() None) and `labels` (None), never by a missing
+    attribute.
     """
     name = ""
     peft_task_type: str | None = None
     input_key = "text"              # what a bare command-line input becomes: {input_key: value}
     near_method = "text"            # doctor.near_method auto: "text" (Task.key strings) or "embedding" (Task.embed)
-    generative = False              # True: generate(), prompt_ids() and generation settings work (chat, serve)
+    prediction = "label"            # the kind of one prediction: "label", "spans", "text", "boxes" (tasks/outputs.py)
+    chats = False                   # True: `tunesmith chat` and /v1/chat/completions (prompt_ids, complete) work
+    generative = False              # True: the model writes text through tasks/generation.py (generate, complete)
     feature_cache = False           # True: collate takes features carrying `hidden` ([T, H], the cached input of
                                     # block k, tunesmith/featcache.py) and passes it as the model's inputs_embeds
     explainable = False             # True: explain() works (tunesmith explain, the report's explanations)
-    exportable = False              # True: export_inputs() works and the model returns `.logits` (tunesmith export)
+    distills = False                # True: teacher_outputs() and distillation() work (tunesmith distill trains a
+                                    # smaller student on this task's fine-tuned model)
 
-    def __init__(self, recipe):
+    def __init__(self, recipe, pad_multiple: int = 1):
         self.recipe = recipe
+        # collate rounds batch widths up to a multiple of this: training passes train.pad_multiple (16 on GPUs,
+        # where each new width costs kernel selection; 1 on CPUs); predict and eval keep 1
+        self.pad_multiple = pad_multiple
         self._processor = None
 
     @property
@@ -126,9 +151,6 @@ class Task:
 
     def length(self, feature: dict) -> int:
         return len(feature["input_ids"])
-
-    pad_multiple = 1                # the loop sets it from train.pad_multiple: 16 on GPUs (each new width
-                                    # costs kernel selection there), 1 on CPUs (widths cost nothing)
 
     def padded(self, width: int) -> int:
         """`width` rounded up to pad_multiple, never past max(width, data.max_length)."""
@@ -212,6 +234,18 @@ class Task:
         (samples, misclassified examples), or None."""
         return self.evaluate(model, features, batch_size)
 
+    # --- distillation (where `distills`; tunesmith/deploy/distill.py) ------------------------------------------
+    def teacher_outputs(self, model, features: list[dict], batch_size: int) -> list:
+        """What a student learns from this task's fine-tuned `model`: one JSON-ready value per feature, in order;
+        distill stores each as the feature's `teacher`. Default: the model's logits (batch_logits)."""
+        return batch_logits(model, self, features, batch_size)
+
+    def distillation(self, temperature: float, alpha: float):
+        """The objective a student minimises, as fit() takes it: collate(features) -> batch (train features carry
+        `teacher`), loss(model, batch) -> the SUM over the batch's items of alpha x the soft loss against the
+        teacher's outputs at `temperature` + (1 - alpha) x the loss on the true labels, count(batch) -> items."""
+        raise NotImplementedError(f"task '{self.name}' cannot be distilled")
+
     def loggable(self, metrics: dict) -> dict:
         """The scalar part of `metrics`, for metrics.jsonl."""
         return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
@@ -228,9 +262,15 @@ class Task:
             return "empty input"
         return None
 
+    @classmethod
+    def output_schema(cls) -> type[Prediction]:
+        """The pydantic schema of one prediction (what `predict` returns per input): by default the one of its
+        kind, `prediction`; a task with more fields returns a subclass of it."""
+        return SCHEMAS[cls.prediction]
+
     def predict(self, model, inputs: list) -> list[dict]:
-        """One JSON-ready dict per input, in order (shared by `predict`, the Python API and `serve`); every input
-        passed `check_input`."""
+        """One JSON-ready dict per input, in order, following `output_schema()` (shared by `predict`, the Python
+        API and `serve`); every input passed `check_input`."""
         raise NotImplementedError
 
     def explain(self, model, inputs: list) -> list[dict]:
@@ -239,16 +279,34 @@ class Task:
         "attributions"} (one per token), images {"saliency" (rows of [0, 1] values), "overlay" (PNG data URI)}.
         Needs captum (the `explain` extra)."""
         raise NotImplementedError(f"task '{self.name}' has no explanations")
+
+    # --- ONNX export (tunesmith/deploy/export.py) ------------------------------------------------------
+    def export_outputs(self) -> dict[str, dict[int, str]] | None:
+        """The ONNX graph's outputs: each name (an attribute of what the model returns, `.logits`) and its dynamic
+        axes ({0: "batch"}); None: this task is not exported to ONNX (the default)."""
+        return None
+
     def export_inputs(self) -> dict[str, tuple[torch.Tensor, dict[int, str]]]:
         """ONNX export: the model's inputs by name (what `collate` gives, without labels), each as a small example
-        tensor and its dynamic axes ({0: "batch", 1: "sequence"}); the graph's one output is `logits`."""
+        tensor and its dynamic axes ({0: "batch", 1: "sequence"}); needed where export_outputs() is not None."""
         raise NotImplementedError(f"task '{self.name}' cannot be exported to ONNX")
 
-    # --- generation (generative tasks; see tunesmith/tasks/generation.py) ----------------------------
+    # --- generation (see tunesmith/tasks/generation.py) -----------------------------------------------
     def generate(self, model, prompts: list, batch_size: int, settings=None) -> list[str]:
+        """The generated text of each prompt (batched; evaluation and predict), where `generative`."""
+        raise NotImplementedError(f"task '{self.name}' does not generate text")
+
+    def generation_settings(self):
+        """The recipe's generation settings (a GenerateConfig), where `generative`."""
         raise NotImplementedError(f"task '{self.name}' does not generate text")
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
+        """Token ids of a conversation the model answers, where `chats`."""
+        raise NotImplementedError(f"task '{self.name}' does not chat")
+
+    def complete(self, model, prompts: list[list[int]], settings=None, stop=None, on_text=None) -> list:
+        """Completions (text, new tokens, finish reason) of token-id prompts, streamed through on_text and ended
+        early by the `stop` event, where `generative` (tunesmith/tasks/generation.py)."""
         raise NotImplementedError(f"task '{self.name}' does not generate text")
 
 
@@ -260,6 +318,17 @@ def batches(task: Task, features: list[dict], batch_size: int, device):
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
         yield idx, send_to_device(task.collate([features[i] for i in idx]), device)
+
+
+def batch_logits(model, task: Task, features: list[dict], batch_size: int) -> list[list[float]]:
+    """The model's `.logits` for each feature (labels left out), as float lists in the order of `features`."""
+    out = [None] * len(features)
+    with torch.no_grad():
+        for idx, batch in batches(task, features, batch_size, model_device(model)):
+            batch.pop("labels", None)
+            for i, row in zip(idx, model(**batch).logits.float().cpu().tolist()):
+                out[i] = row
+    return out
 
 
 def model_device(model) -> torch.device:

@@ -83,6 +83,7 @@ class CausalLM(Generative):
     name = "causal-lm"
     peft_task_type = "CAUSAL_LM"
     input_key = "prompt"
+    chats = True                    # prediction "text" and generation: Generative
 
     @property
     def tokenizer(self):

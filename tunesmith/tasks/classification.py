@@ -5,14 +5,13 @@ config), ordered as `data.labels` says or sorted (numerically when every label i
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tunesmith import metrics
+from tunesmith import io, metrics
 from tunesmith.errors import TunesmithError
 from tunesmith.insight.fairness import MISSING, evaluate_slices, slice_value
 from tunesmith.tasks.base import Task, batches, model_device
@@ -48,8 +47,10 @@ PREDICTION_LABELS = 20     # probabilities kept per row in predictions.jsonl (th
 
 
 class Classification(Task):
+    prediction = "label"            # {"label", "probabilities"} (tunesmith/tasks/outputs.py)
     names: list[str] = []           # label names in id order (set by prepare or load_trained)
     weights: torch.Tensor | None = None
+    distills = True                 # a student learns the teacher's logits (Distillation below)
 
     @property
     def labels(self) -> list[str]:
@@ -114,11 +115,13 @@ class Classification(Task):
         elif isinstance(spec, dict):
             unknown = set(spec) - set(self.names)
             if unknown:
-                raise TunesmithError(f"train.class_weights names unknown labels {sorted(unknown)}; labels: {self.names}")
+                raise TunesmithError(f"train.class_weights names unknown labels {sorted(unknown)}; "
+                                     f"labels: {self.names}")
             w = np.array([spec.get(n, 1.0) for n in self.names])
         else:
             if len(spec) != len(self.names):
-                raise TunesmithError(f"train.class_weights has {len(spec)} values for {len(self.names)} labels {self.names}")
+                raise TunesmithError(f"train.class_weights has {len(spec)} values for {len(self.names)} labels "
+                                     f"{self.names}")
             w = np.array(spec)
         return torch.tensor(w, dtype=torch.float32)
 
@@ -141,6 +144,9 @@ class Classification(Task):
         if self.weights is None:
             return float(len(batch["labels"]))
         return float(self.weights[batch["labels"].cpu()].sum())
+
+    def distillation(self, temperature: float, alpha: float) -> Distillation:
+        return Distillation(self, temperature, alpha)
 
     def logits(self, model, features: list[dict], batch_size: int) -> torch.Tensor:
         """[N, C] float logits in the order of `features`."""
@@ -180,12 +186,12 @@ class Classification(Task):
                 labels.numpy(), pred.numpy(), self.names, groups, ev.min_slice_size, ev.positive_label)
         if out_dir is not None:
             top = min(len(self.names), PREDICTION_LABELS)
-            with open(Path(out_dir) / "predictions.jsonl", "w") as f:
-                for i, p in enumerate(probs):
-                    keep = p.argsort(descending=True)[:top].tolist()
-                    f.write(json.dumps({"row": i, "label": self.names[int(labels[i])],
-                                        "predicted": self.names[int(pred[i])], "confidence": round(float(p.max()), 6),
-                                        "probabilities": {self.names[c]: round(float(p[c]), 6) for c in keep}}) + "\n")
+            keep = probs.argsort(-1, descending=True)[:, :top].tolist()     # [N, top] class ids
+            io.write_jsonl(Path(out_dir) / "predictions.jsonl", (
+                {"row": i, "label": self.names[int(labels[i])], "predicted": self.names[int(pred[i])],
+                 "confidence": round(float(p.max()), 6),
+                 "probabilities": {self.names[c]: round(float(p[c]), 6) for c in keep[i]}}
+                for i, p in enumerate(probs)))
         return result
 
     def final_metrics(self, rows: list[dict], labels: torch.Tensor, probs: torch.Tensor, out_dir) -> dict:
@@ -203,3 +209,29 @@ class Classification(Task):
         probs = logits.softmax(-1)
         return [{"label": self.names[int(p.argmax())],
                  "probabilities": {n: round(float(x), 6) for n, x in zip(self.names, p)}} for p in probs]
+
+
+class Distillation:
+    """The objective of a student classifier (Hinton et al., 2015), summed over examples as fit() asks:
+        alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - alpha) * cross-entropy(true label)
+    Train features carry `teacher`: the teacher's logits ([C], Task.teacher_outputs). Every example weighs 1, in
+    the sum and in `count` (train.class_weights shaped the teacher, not this loss)."""
+
+    def __init__(self, task: Classification, temperature: float, alpha: float):
+        self.task, self.temperature, self.alpha = task, temperature, alpha
+
+    def collate(self, features: list[dict]) -> dict:
+        batch = self.task.collate(features)
+        batch["teacher"] = torch.tensor([f["teacher"] for f in features])            # [B, C]
+        return batch
+
+    def loss(self, model, batch: dict) -> torch.Tensor:
+        t = self.temperature
+        logits = model(**{k: v for k, v in batch.items() if k not in ("labels", "teacher")}).logits.float()
+        soft = F.kl_div(F.log_softmax(logits / t, -1), F.log_softmax(batch["teacher"].float() / t, -1),
+                        log_target=True, reduction="sum") * t * t
+        hard = F.cross_entropy(logits, batch["labels"], reduction="sum")
+        return self.alpha * soft + (1 - self.alpha) * hard
+
+    def count(self, batch: dict) -> float:
+        return float(len(batch["labels"]))

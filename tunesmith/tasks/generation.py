@@ -1,18 +1,23 @@
-"""What every generative task shares (causal-lm now, seq2seq next): generation settings from `eval.generate`,
-batched generation, exact match and ROUGE-L against references, and samples.jsonl in the run folder.
+"""Generation, one implementation for every caller: evaluation and predict (Generative.generate, batched),
+`tunesmith chat` (streamed to the terminal) and the OpenAI routes (streamed or not, stopped by an event on a timeout
+or a client that went away). Also what every generative task shares: settings from `eval.generate`, exact match
+and ROUGE-L against references, and samples.jsonl in the run folder.
 
-A subclass supplies `prompt_ids(prompt)` (token ids the model continues). Decoder-only models continue a
-left-padded prompt; a seq2seq task overrides `generate` (its outputs do not repeat the prompt).
+`complete` takes prompts as token ids (a subclass supplies `prompt_ids`) and is correct for both model families
+(model.config.is_encoder_decoder):
+  decoder-only     the prompt is left-padded and continued; the output repeats it: those tokens are dropped
+  encoder-decoder  the prompt is the encoder's input (right-padded); the output holds no prompt, only the decoder
+                   start token before the reply: that one token is dropped
 """
 from __future__ import annotations
 
-import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from tunesmith import metrics
+from tunesmith import io, metrics
 from tunesmith.device import autocast, choose_precision
 from tunesmith.tasks.base import Task, model_device
 from tunesmith.tasks.schema import GenerateConfig
@@ -20,7 +25,61 @@ from tunesmith.tasks.schema import GenerateConfig
 SAMPLES = 20                        # sample generations written to the run folder
 
 
+@dataclass(frozen=True)
+class Completion:
+    text: str                       # decoded, special tokens skipped, stripped
+    tokens: int                     # new tokens, through the EOS that ended them
+    finish: str                     # "stop": EOS (or the stop event) before max_new_tokens; "length": the limit
+
+
+def complete(model, tokenizer, prompts: list[list[int]], settings: GenerateConfig, stop=None,
+             on_text=None) -> list[Completion]:
+    """One batch: the completion of each prompt (token ids). Sampling is seeded by settings.seed without touching
+    the global RNG. stop: a threading.Event; once set, generation ends at the next token. on_text(piece): called
+    with the reply's text as it is finalised (one prompt only)."""
+    from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
+
+    class Stop(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool, device=input_ids.device)
+
+    class Streamer(TextStreamer):         # skip_prompt: the first `put` is the prompt (decoder-only) or the
+        def on_finalized_text(self, text: str, stream_end: bool = False):   # decoder start (encoder-decoder)
+            if text:
+                on_text(text)
+
+    if on_text is not None and len(prompts) != 1:
+        raise ValueError("streaming (on_text) takes one prompt")
+    encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    width = max(len(p) for p in prompts)
+    x = torch.full((len(prompts), width), pad if pad is not None else 0, dtype=torch.long)    # [B, T]
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, ids in enumerate(prompts):
+        where = slice(0, len(ids)) if encoder_decoder else slice(width - len(ids), width)
+        x[row, where] = torch.tensor(ids)
+        mask[row, where] = 1
+    extra = {}
+    if stop is not None:
+        extra["stopping_criteria"] = StoppingCriteriaList([Stop()])
+    if on_text is not None:
+        extra["streamer"] = Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    device = model_device(model)
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(settings.seed)
+        out = model.generate(input_ids=x.to(device), attention_mask=mask.to(device), pad_token_id=pad,
+                             eos_token_id=eos, **extra, **settings.kwargs())
+    new = out[:, 1:] if encoder_decoder else out[:, width:]           # [B, new tokens]
+    done = []
+    for row in new.tolist():
+        n = row.index(eos) + 1 if eos in row else len(row)          # after EOS: padding of a finished row
+        finish = "stop" if eos in row or n < settings.max_new_tokens else "length"
+        done.append(Completion(tokenizer.decode(row[:n], skip_special_tokens=True).strip(), n, finish))
+    return done
+
+
 class Generative(Task):
+    prediction = "text"
     generative = True
 
     def generation_settings(self) -> GenerateConfig:
@@ -33,10 +92,14 @@ class Generative(Task):
         device = model_device(model)
         return autocast(device, choose_precision(self.recipe.train.precision, device)[0])
 
+    def complete(self, model, prompts: list[list[int]], settings: GenerateConfig | None = None, stop=None,
+                 on_text=None) -> list[Completion]:
+        """`complete` (above) in the recipe's precision, with the recipe's settings unless given."""
+        with self.autocast(model):
+            return complete(model, self.processor, prompts, settings or self.generation_settings(), stop, on_text)
+
     def generate(self, model, prompts: list, batch_size: int, settings: GenerateConfig | None = None) -> list[str]:
-        """A completion of each prompt (as `prompt_ids` encodes it), left-padded in batches, shortest first;
-        stops at EOS. Sampling (do_sample) is seeded by settings.seed without touching the global RNG."""
-        tok, device = self.processor, model_device(model)
+        """The completion text of each prompt (as `prompt_ids` encodes it), in batches, shortest first."""
         settings = settings or self.generation_settings()
         ids = [self.prompt_ids(p) for p in prompts]
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
@@ -44,19 +107,8 @@ class Generative(Task):
         bar = tqdm(total=len(ids), desc="generate", unit="example", disable=len(ids) <= batch_size)
         for s in range(0, len(order), batch_size):
             idx = order[s:s + batch_size]
-            width = max(len(ids[i]) for i in idx)
-            x = torch.full((len(idx), width), tok.pad_token_id, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):
-                x[row, width - len(ids[i]):] = torch.tensor(ids[i])
-                mask[row, width - len(ids[i]):] = 1
-            with torch.no_grad(), self.autocast(model), torch.random.fork_rng(devices=[]):
-                torch.manual_seed(settings.seed)
-                gen = model.generate(input_ids=x.to(device), attention_mask=mask.to(device),
-                                     pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                                     **settings.kwargs())
-            for row, i in enumerate(idx):
-                out[i] = tok.decode(gen[row, width:], skip_special_tokens=True).strip()
+            for i, c in zip(idx, self.complete(model, [ids[i] for i in idx], settings)):
+                out[i] = c.text
             bar.update(len(idx))
         bar.close()
         return out
@@ -68,7 +120,6 @@ class Generative(Task):
         outputs = self.generate(model, prompts, batch_size)
         result = metrics.generation(references, outputs)
         if out_dir is not None:
-            with open(Path(out_dir) / "samples.jsonl", "w") as f:
-                for p, r, o in list(zip(prompts, references, outputs))[:SAMPLES]:
-                    f.write(json.dumps({"prompt": p, "reference": r, "output": o}) + "\n")
+            io.write_jsonl(Path(out_dir) / "samples.jsonl", [{"prompt": p, "reference": r, "output": o} for p, r, o
+                                                            in list(zip(prompts, references, outputs))[:SAMPLES]])
         return result

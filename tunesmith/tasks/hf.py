@@ -65,8 +65,37 @@ def load_hf(auto_cls, model_cfg, **config_kwargs):
         print(f"model: {path} has pickle weights only (pytorch_model.bin): loaded as plain tensors with "
               f"torch.load(weights_only=True), which runs no code; prefer safetensors")
     try:
-        model = auto_cls.from_pretrained(path, config=config, revision=model_cfg.revision, weights_only=True,
-                                         trust_remote_code=trust, ignore_mismatched_sizes=True)
+        model, info = auto_cls.from_pretrained(path, config=config, revision=model_cfg.revision, weights_only=True,
+                                               trust_remote_code=trust, ignore_mismatched_sizes=True,
+                                               output_loading_info=True)
     except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as e:
         raise load_error(model_cfg.name, e) from None
+    line = weights_report(model, info)
+    if line:
+        print(line)
     return model, path
+
+
+def weights_report(model, info: dict, shown: int = 3) -> str | None:
+    """One line about the weights that did not load as they were saved, or None when only the task head is new.
+
+    The head is everything outside the model's body (`base_model_prefix`: bert.*, model.*, mobilenet_v2.*):
+    a new head (classifier.*, score.*) starts at random and a checkpoint's old head is dropped, which is what
+    fine-tuning means. A body weight missing, left unused or reshaped is reported: it trains from random."""
+    body = f"{model.base_model_prefix}." if model.base_model is not model else ""
+
+    def inside(keys) -> list[str]:
+        return sorted(k for k in keys if k.startswith(body))
+
+    def names(keys: list[str]) -> str:
+        return ", ".join(keys[:shown]) + (f" (and {len(keys) - shown} more)" if len(keys) > shown else "")
+
+    missing, unused = inside(info.get("missing_keys", ())), inside(info.get("unexpected_keys", ()))
+    reshaped = inside(k[0] for k in info.get("mismatched_keys", ()))
+    parts = [f"{len(missing)} weight(s) not in the checkpoint were initialised at random: {names(missing)}"
+             if missing else "",
+             f"{len(reshaped)} weight(s) of another shape in the checkpoint were initialised at random: "
+             f"{names(reshaped)}" if reshaped else "",
+             f"{len(unused)} checkpoint weight(s) were not used: {names(unused)}" if unused else ""]
+    parts = [x for x in parts if x]
+    return f"model: {'; '.join(parts)}" if parts else None

@@ -10,7 +10,6 @@ generator seeded from the global torch RNG: checkpoints restore that RNG, so a r
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ from tqdm.auto import tqdm
 
 from tunesmith import metrics, vision
 from tunesmith.errors import TunesmithError
+from tunesmith.io import write_jsonl
 from tunesmith.tasks.base import Features, model_device
 from tunesmith.tasks.classification import Classification, captum_attr
 from tunesmith.tasks.hf import load_hf
@@ -34,7 +34,6 @@ class ImageClassification(Classification):
     input_key = "image"
     near_method = "embedding"       # Task.key is a pixel hash: near duplicates need the model's embeddings
     explainable = True
-    exportable = True
 
     @property
     def path_columns(self) -> tuple[str, ...]:
@@ -153,12 +152,10 @@ class ImageClassification(Classification):
             confidence = probs.max(-1).values
             wrong = sorted((i for i in range(len(rows)) if pred[i] != labels[i]), key=lambda i: -float(confidence[i]))
             col = self.recipe.data.image_column
-            with open(Path(out_dir) / "misclassified.jsonl", "w") as f:
-                for i in wrong[:MISCLASSIFIED]:
-                    f.write(json.dumps({"row": i, "image": vision.describe(rows[i][col]),
-                                        "label": self.names[int(labels[i])], "predicted": self.names[int(pred[i])],
-                                        "confidence": round(float(confidence[i]), 4),
-                                        "label_probability": round(float(probs[i, labels[i]]), 4)}) + "\n")
+            write_jsonl(Path(out_dir) / "misclassified.jsonl",
+                        [{"row": i, "image": vision.describe(rows[i][col]), "label": self.names[int(labels[i])],
+                          "predicted": self.names[int(pred[i])], "confidence": round(float(confidence[i]), 4),
+                          "label_probability": round(float(probs[i, labels[i]]), 4)} for i in wrong[:MISCLASSIFIED]])
             result["misclassified"] = len(wrong)
         return result
 
@@ -195,6 +192,10 @@ class ImageClassification(Classification):
                         "probability": round(float(p[t]), 6), "saliency": grid.round(decimals=4).tolist(),
                         "overlay": vision.data_uri(buf.getvalue())})
         return out
+
+    def export_outputs(self) -> dict[str, dict[int, str]]:
+        return {"logits": {0: "batch"}}                                                # [B, C]
+
     def export_inputs(self) -> dict[str, tuple[torch.Tensor, dict[int, str]]]:
         side = vision.input_size(self.processor)
         pixels = torch.zeros((2, 3, side, side), dtype=torch.uint8)

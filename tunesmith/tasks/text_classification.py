@@ -16,7 +16,6 @@ class TextClassification(Classification):
     input_key = "text"
     feature_cache = True
     explainable = True
-    exportable = True
 
     @property
     def tokenizer(self):
@@ -82,7 +81,8 @@ class TextClassification(Classification):
             for i, x in zip(long, cut):
                 ids[i] = x
         label_col = self.recipe.data.label_column
-        return Features(({"input_ids": x, **({"labels": self.label_id(r)} if r.get(label_col) not in (None, "") else {})}
+        labelled = lambda r: r.get(label_col) not in (None, "")
+        return Features(({"input_ids": x, **({"labels": self.label_id(r)} if labelled(r) else {})}
                          for x, r in zip(ids, rows)), truncated=len(long))
 
     def texts(self, rows: list[dict]) -> list[str]:
@@ -114,6 +114,9 @@ class TextClassification(Classification):
         if "labels" in features[0]:
             batch["labels"] = torch.tensor([f["labels"] for f in features])
         return batch
+
+    def export_outputs(self) -> dict[str, dict[int, str]]:
+        return {"logits": {0: "batch"}}                                                # [B, C]
 
     def export_inputs(self) -> dict[str, tuple[torch.Tensor, dict[int, str]]]:
         col = self.recipe.data.text_column
