@@ -1,8 +1,9 @@
 """Token classification: the readers (CoNLL, JSONL tokens+tags, JSONL text+spans), tag-scheme checks and repair,
-sub-word alignment and windows (every word scored once), seqeval parity, training and span prediction."""
+sub-word alignment and windows (every word scored once), seqeval parity, training, span prediction in the "spans"
+schema, serving through /v1/predict, the report and the ONNX export."""
 import json
 import random
-from importlib.util import find_spec
+import re
 
 import pytest
 
@@ -11,8 +12,6 @@ from tunesmith.data import DataError
 from tunesmith.recipe import RecipeError, load
 from tunesmith.splits import load_data
 from tunesmith.tasks import get_task, tagging
-
-needs_seqeval = pytest.mark.skipif(find_spec("seqeval") is None, reason="seqeval is not installed")
 
 PER = [["John"], ["Mary"], ["Ahmed"], ["John", "Smith"], ["Mary", "Garcia"]]
 LOC = [["Paris"], ["Berlin"], ["Lagos"], ["New", "York"]]
@@ -274,7 +273,6 @@ def test_a_word_longer_than_a_window_is_cut_and_counted():
 
 # --- metrics ----------------------------------------------------------------------------------------
 
-@needs_seqeval
 @pytest.mark.parametrize("scheme", ["BIO", "BIOES"])
 def test_metrics_equal_a_direct_seqeval_call(tiny_tagger, tmp_path, scheme):
     from seqeval.metrics import accuracy_score, classification_report, f1_score, precision_score, recall_score
@@ -290,9 +288,10 @@ def test_metrics_equal_a_direct_seqeval_call(tiny_tagger, tmp_path, scheme):
     import torch
 
     with torch.no_grad():
-        result, true, pred = task.scores(model, task.encode(rows), 7)
+        result, true, pred, prob = task.scores(model, task.encode(rows), 7)
         final = task.evaluate_final(model, rows, task.encode(rows), 7, tmp_path)
     assert true == [r["tags"] for r in rows] and len(pred) == 40
+    assert [len(p) for p in prob] == [len(t) for t in pred] and all(0 < float(x) <= 1 for p in prob for x in p)
     assert {k: final[k] for k in result} == result
     assert result["f1"] == pytest.approx(f1_score(true, pred, zero_division=0, **kw))
     assert result["precision"] == pytest.approx(precision_score(true, pred, zero_division=0, **kw))
@@ -308,7 +307,6 @@ def test_metrics_equal_a_direct_seqeval_call(tiny_tagger, tmp_path, scheme):
     assert all(x["predicted"] == pred[x["row"]] and x["tokens"] == rows[x["row"]]["tokens"] for x in listed)
 
 
-@needs_seqeval
 def test_strict_mode_for_bioes():
     from tunesmith.metrics import entity_scores
 
@@ -328,7 +326,6 @@ def trained(tiny_tagger, tmp_path_factory):
     return train(recipe(tiny_tagger, path), run_dir=tmp / "run")
 
 
-@needs_seqeval
 def test_training_lowers_the_loss_and_writes_entity_scores(trained):
     losses = [r["loss"] for r in trained.history if "loss" in r and "split" not in r]
     assert sum(losses[-3:]) / 3 < 0.5 * sum(losses[:3]) / 3
@@ -337,23 +334,32 @@ def test_training_lowers_the_loss_and_writes_entity_scores(trained):
     assert result["n_sentences"] == 40
 
 
-@needs_seqeval
 def test_predict_gives_spans_and_tags(trained):
+    from tunesmith.tasks.outputs import SpansPrediction
+    from tunesmith.tasks.tagging import TaggedSpans
+
     predictor = trained.load(device="cpu")
+    assert predictor.task.output_schema() is TaggedSpans and issubclass(TaggedSpans, SpansPrediction)
     text = "Yesterday Mary Garcia met John at Initech, then visited New York."
     (out,) = predictor.predict([text])
-    assert out["entities"], out
-    for e in out["entities"]:
+    SpansPrediction.model_validate(out)                     # a text's prediction: exactly the kind's schema
+    assert list(out) == ["spans"] and out["spans"], out
+    for e in out["spans"]:
+        assert list(e) == ["text", "start", "end", "label", "score"]
         assert text[e["start"]:e["end"]] == e["text"] and e["label"] in {"PER", "LOC", "ORG"}
         assert 0 < e["score"] <= 1
-    assert {e["text"] for e in out["entities"]} & {"Mary Garcia", "John", "Initech", "New York"}
+    assert {e["text"] for e in out["spans"]} & {"Mary Garcia", "John", "Initech", "New York"}
     tokens = ["word"] * 120 + ["John", "lives", "in", "Paris"]              # windows: every token gets a tag
     tagged = predictor.predict({"tokens": tokens})
+    TaggedSpans.model_validate(tagged)
     assert len(tagged["tags"]) == len(tagged["scores"]) == 124
+    joined = " ".join(tokens)
+    assert tagged["spans"] and all(joined[e["start"]:e["end"]] == e["text"] for e in tagged["spans"])
+    assert [(e["text"], e["label"]) for e in tagged["spans"]] == [(" ".join(tokens[a:b]), kind)
+                                                                 for kind, a, b in tagging.entities(tagged["tags"])]
     assert predictor.predict("   ") == {"error": "empty text"}
 
 
-@needs_seqeval
 def test_spans_equal_the_hf_pipeline_with_first_subword_aggregation(trained):
     """A word's first sub-word carries its tag in training, so HF's matching aggregation is "first" ("simple"
     also reads the untrained later sub-words)."""
@@ -364,5 +370,72 @@ def test_spans_equal_the_hf_pipeline_with_first_subword_aggregation(trained):
     ours = trained.load(device="cpu").predict(texts)
     for text, got in zip(texts, ours):
         expected = [(e["entity_group"], e["start"], e["end"], float(e["score"])) for e in pipe(text)]
-        assert [(e["label"], e["start"], e["end"]) for e in got["entities"]] == [x[:3] for x in expected]
-        assert [e["score"] for e in got["entities"]] == pytest.approx([x[3] for x in expected], abs=1e-5)
+        assert [(e["label"], e["start"], e["end"]) for e in got["spans"]] == [x[:3] for x in expected]
+        assert [e["score"] for e in got["spans"]] == pytest.approx([x[3] for x in expected], abs=1e-5)
+
+
+# --- serving, report, export --------------------------------------------------------------------------
+
+def test_it_serves_spans_through_v1_predict(trained):
+    from fastapi.testclient import TestClient
+
+    from tunesmith.serving.app import create_app
+
+    predictor = trained.load(device="cpu")
+    client = TestClient(create_app(predictor))
+    texts = ["Ahmed works for Acme in Lagos.", "the team visited Berlin today."]
+    inputs = [*texts, {"tokens": ["Mary", "lives", "in", "Paris", "."]}]
+    answer = client.post("/v1/predict", json={"inputs": inputs})
+    assert answer.status_code == 200, answer.text
+    got = answer.json()["predictions"]
+    assert got == predictor.predict(inputs)                 # the response model adds nothing (no null tags)
+    for text, p in zip(texts, got):
+        assert set(p) == {"spans"} and p["spans"]
+        assert all(text[s["start"]:s["end"]] == s["text"] for s in p["spans"])
+    assert got[2]["tags"] == ["B-PER", "O", "O", "B-LOC", "O"] and len(got[2]["scores"]) == 5
+    assert client.get("/health").json()["prediction"] == "spans"
+    schema = client.get("/openapi.json").json()["components"]["schemas"]["TaggedSpans"]
+    assert set(schema["properties"]) == {"spans", "tags", "scores"} and schema["required"] == ["spans"]
+    bad = client.post("/v1/predict", json={"inputs": [{"tokens": []}]})
+    assert bad.status_code == 422 and "non-empty list" in bad.text
+
+
+def test_the_report_draws_its_samples(trained, tmp_path):
+    import tunesmith as ts
+
+    samples = [json.loads(x) for x in (trained.path / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 20
+    for s in samples:
+        for side in ("reference", "output"):
+            assert all(s["input"][x["start"]:x["end"]] == x["text"] for x in s[side]["spans"])
+    assert sum(s["reference"] == {"spans": [{**x, "score": 1.0} for x in s["output"]["spans"]]}
+               for s in samples) > 10                      # mostly right after training
+    page = ts.report([trained.path], tmp_path / "report.html").read_text()
+    section = re.search(r'<section id="samples">(.*?)</section>', page, re.DOTALL).group(1)
+    marks = set(re.findall(r'<mark title="(PER|LOC|ORG) [0-9.]+">([^<]+)<sub>', section))
+    assert {(x["label"], x["text"]) for s in samples for side in ("reference", "output") for x in s[side]["spans"]} \
+        == marks
+    overview = re.search(r'<section id="overview">(.*?)</section>', page, re.DOTALL).group(1)
+    assert '<td class="l">token-classification</td><td class="l">spans</td>' in overview
+
+
+def test_it_exports_logits_with_batch_and_sequence_axes(trained):
+    import onnx
+
+    import tunesmith as ts
+    from tunesmith.deploy.export import load_onnx
+
+    report = ts.export(trained.path, repeats=3)
+    fp32 = report["results"]["fp32"]
+    assert report["passed"] and fp32["max_abs_logit_diff"] < 1e-4
+    assert fp32["f1"] == pytest.approx(trained.metrics["f1"], abs=1e-9)
+    graph = onnx.load(str(trained.path / "export" / "model.onnx")).graph
+    dims = [d.dim_param or d.dim_value for d in graph.output[0].type.tensor_type.shape.dim]
+    assert [o.name for o in graph.output] == ["logits"] and dims == ["batch", "sequence", 7]
+    text = "Yesterday Mary Garcia met John at Initech, then visited New York."
+    tokens = ["word"] * 120 + ["John", "lives", "in", "Paris"]             # windows through the ONNX model too
+    exported = load_onnx(trained.path, "fp32").predict([text, {"tokens": tokens}])
+    expected = trained.load(device="cpu").predict([text, {"tokens": tokens}])
+    assert [[(s["text"], s["label"]) for s in p["spans"]] for p in exported] == \
+        [[(s["text"], s["label"]) for s in p["spans"]] for p in expected]
+    assert exported[1]["tags"] == expected[1]["tags"]

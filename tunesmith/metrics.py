@@ -95,13 +95,9 @@ def entity_scores(y_true: list[list[str]], y_pred: list[list[str]], strict: bool
     otherwise the default (conlleval) reading."""
     import warnings
 
-    try:
-        from seqeval.metrics import accuracy_score, classification_report
-        from seqeval.scheme import IOBES
-    except ImportError:
-        from tunesmith.errors import TunesmithError
+    from seqeval.metrics import accuracy_score, classification_report
+    from seqeval.scheme import IOBES
 
-        raise TunesmithError("token-classification metrics need seqeval: pip install seqeval") from None
     kw = {"mode": "strict", "scheme": IOBES} if strict else {}
     with warnings.catch_warnings():                 # "X seems not to be NE tag" for O-only input, zero division
         warnings.simplefilter("ignore")

@@ -1,5 +1,5 @@
-"""Token classification without torch: the recipe, tag schemes (IO, BIO/IOB2, BIOES), sentence checks, the
-CoNLL reader, the word splitter for raw text and the window plan for long sentences.
+"""Token classification without torch: the recipe, the prediction schema, tag schemes (IO, BIO/IOB2, BIOES),
+sentence checks, the CoNLL reader, the word splitter for raw text and the window plan for long sentences.
 
 A sentence is a list of words with one tag each: "O" or PREFIX-TYPE (B-PER, I-LOC, E-ORG, S-MISC). Rows come
 as CoNLL (one word a line, blank line between sentences), JSONL {tokens, tags} or JSONL {text, spans}.
@@ -11,10 +11,11 @@ import re
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, model_serializer, model_validator
 
 from tunesmith.data import DataError, Reject, Table
 from tunesmith.recipe import DataConfig, Recipe
+from tunesmith.tasks.outputs import SpansPrediction
 
 PREFIXES = {"IO": "I", "BIO": "BI", "IOB2": "BI", "BIOES": "BIES", "IOBES": "BIES"}
 CANONICAL = {"IO": "IO", "BIO": "BIO", "IOB2": "BIO", "BIOES": "BIOES", "IOBES": "BIOES"}
@@ -60,6 +61,18 @@ class TokenClassificationRecipe(Recipe):
 
     task: Literal["token-classification"]
     data: TokenClassificationData
+
+
+class TaggedSpans(SpansPrediction):
+    """One prediction: the kind "spans" (tasks/outputs.py); a pre-tokenized input ({tokens: [...]}) also gets a tag
+    and its probability per token, and its spans are character offsets into the tokens joined by single spaces."""
+    tags: list[str] | None = Field(None, description="pre-tokenized input only: one tag per token (B-PER, O, ...)")
+    scores: list[float] | None = Field(None, description="pre-tokenized input only: each tag's probability")
+
+    @model_serializer(mode="wrap")
+    def _absent(self, handler):
+        """A text's prediction is exactly the kind's {"spans"}: fields it lacks are left out, not written null."""
+        return {k: v for k, v in handler(self).items() if v is not None}
 
 
 # --- tags ----------------------------------------------------------------------------------------------
@@ -146,6 +159,26 @@ def split_words(text: str, cuts=()) -> list[tuple[int, int]]:
         for c in cuts[bisect.bisect_right(cuts, a):bisect.bisect_left(cuts, b)] + [b]:
             out.append((a, c))
             a = c
+    return out
+
+
+def joined(words: list[str]) -> tuple[str, list[tuple[int, int]]]:
+    """The words joined by single spaces, and each word's character offsets in that text."""
+    offsets, at = [], 0
+    for w in words:
+        offsets.append((at, at + len(w)))
+        at += len(w) + 1
+    return " ".join(words), offsets
+
+
+def entity_spans(text: str, offsets: list[tuple[int, int]], tags: list[str], probs) -> list[dict]:
+    """The entities of `tags` (one per word; words at `offsets` in `text`) as Span dicts, in text order; score:
+    the mean of `probs` (one per word) over the entity's words."""
+    out = []
+    for kind, a, b in entities(tags):
+        start, end = offsets[a][0], offsets[b - 1][1]
+        out.append({"text": text[start:end], "start": start, "end": end, "label": kind,
+                    "score": round(float(sum(probs[a:b]) / (b - a)), 6)})
     return out
 
 

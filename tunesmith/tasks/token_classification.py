@@ -5,6 +5,9 @@ tagging.split_words). A word's first sub-word carries its tag, the others -100 (
 data.label_all_subwords). A sentence longer than data.max_length sub-words becomes several windows of whole
 words sharing data.stride sub-words; training sees every window, evaluation and prediction take each word from
 the window where it is most central, so every word is scored exactly once.
+
+Declares: prediction "spans" (schema tagging.TaggedSpans: a pre-tokenized input also gets its tags), ONNX outputs
+(logits [B, T, C], batch and sequence axes); it does not chat, explain or distil.
 """
 from __future__ import annotations
 
@@ -21,6 +24,8 @@ from tunesmith.tasks import tagging
 from tunesmith.tasks.base import Features, Task, batches, model_device
 from tunesmith.tasks.hf import load_hf
 
+SAMPLES = 20                            # test sentences evaluate_final writes to samples.jsonl (the report's)
+
 
 def words_like_text(tok, probe: str = "a b") -> bool:
     """Whether a word given alone (is_split_into_words) gets the ids it has after a space in running text."""
@@ -34,13 +39,13 @@ class TokenClassification(Task):
     name = "token-classification"
     peft_task_type = "TOKEN_CLS"
     input_key = "text"
-    prediction = "spans"            # predict: {"entities": [{start, end, label, text, score}]} per text
+    prediction = "spans"            # predict: {"spans": [{text, start, end, label, score}]} (+ tags for tokens)
     names: list[str] = []           # tag names in id order, "O" first (set by prepare or load_trained)
     label2id: dict[str, int] = {}
     inside: list[int] = []          # label_all_subwords: tag id -> the id a word's later sub-words learn
 
-    def __init__(self, recipe):
-        super().__init__(recipe)
+    def __init__(self, recipe, pad_multiple: int = 1):
+        super().__init__(recipe, pad_multiple)
         self.scheme = tagging.CANONICAL[recipe.data.tag_scheme]
         self.repairs: dict[str, list[int]] = {}     # split -> [sentences, tags] changed by data.tag_repair
 
@@ -289,8 +294,9 @@ class TokenClassification(Task):
                 scored[words[keep]] = True
         return out
 
-    def scores(self, model, features: list[dict], batch_size: int) -> tuple[dict, list, list]:
-        """(metrics, gold tags per sentence, predicted tags per sentence), sentences in row order."""
+    def scores(self, model, features: list[dict], batch_size: int) -> tuple[dict, list, list, list]:
+        """(metrics, gold tags, predicted tags, the predicted tags' probabilities [n_words]), one per sentence in
+        row order."""
         logp = self.word_logprobs(model, features, batch_size)
         gold = {}
         for f in features:
@@ -305,11 +311,12 @@ class TokenClassification(Task):
             nll -= float(lp[scored].gather(1, target[scored, None]).sum())
             n += int(scored.sum())
         true = [[self.names[t] for t in gold[r]] for r in rows]
-        pred = [[self.names[t] for t in logp[r][0].argmax(-1).tolist()] for r in rows]
+        best = [logp[r][0].exp().max(-1) for r in rows]
+        pred = [[self.names[t] for t in b.indices.tolist()] for b in best]
         result = {"loss": nll / n if n else float("nan")}
         result |= metrics.entity_scores(true, pred, strict=self.scheme == "BIOES")
         result |= {"n_sentences": len(rows), "n_words": sum(len(t) for t in true)}
-        return result, true, pred
+        return result, true, pred, [b.values for b in best]
 
     def evaluate(self, model, features: list[dict], batch_size: int) -> dict:
         return self.scores(model, features, batch_size)[0]
@@ -317,47 +324,68 @@ class TokenClassification(Task):
     def evaluate_final(self, model, rows: list[dict], features: list[dict], batch_size: int,
                        out_dir=None) -> dict:
         """`evaluate`'s metrics and `misclassified` (sentences with a wrong tag); with out_dir, those sentences
-        in misclassified.jsonl: {row, tokens, tags, predicted} ("row": the sentence's position in `rows`)."""
-        result, true, pred = self.scores(model, features, batch_size)
+        in misclassified.jsonl: {row, tokens, tags, predicted} ("row": the sentence's position in `rows`), and
+        the first SAMPLES sentences in samples.jsonl as the report draws spans: {input (the text, or the tokens
+        joined by single spaces), reference, output} (reference spans score 1)."""
+        result, true, pred, prob = self.scores(model, features, batch_size)
         wrong = [i for i, (t, p) in enumerate(zip(true, pred)) if t != p]
         result["misclassified"] = len(wrong)
         if out_dir is not None:
             io.write_jsonl(Path(out_dir) / "misclassified.jsonl",
                            ({"row": i, "tokens": self.sentence(rows[i])[0], "tags": true[i], "predicted": pred[i]}
                             for i in wrong))
+            samples = []
+            for i in range(min(SAMPLES, len(rows))):
+                words, _, offsets = self.sentence(rows[i])
+                text, offsets = (rows[i][self.recipe.data.text_column], offsets) if offsets else tagging.joined(words)
+                gold = tagging.entity_spans(text, offsets, true[i], [1.0] * len(words))
+                found = tagging.entity_spans(text, offsets, pred[i], prob[i].tolist())
+                samples.append({"input": text, "reference": {"spans": gold}, "output": {"spans": found}})
+            io.write_jsonl(Path(out_dir) / "samples.jsonl", samples)
         return result
 
     def summary(self, metrics: dict) -> str:
         return "  ".join(f"{k} {metrics[k]:.4f}" for k in ("f1", "precision", "recall", "accuracy") if k in metrics)
 
     # --- use ----------------------------------------------------------------------------------------
+    @classmethod
+    def output_schema(cls):
+        return tagging.TaggedSpans
+
     def predict(self, model, inputs: list) -> list[dict]:
-        """A text (or {text_column: ...}) -> {"entities": [{start, end, label, text, score}]}: character offsets
-        into the text (end exclusive; text == input[start:end]), score = the mean over the entity's words of
-        the probability of their predicted tag. {tokens_column: [...]} -> {"tags": [...], "scores": [...]}."""
+        """A text (or {text_column: ...}) -> {"spans": [{text, start, end, label, score}]}: character offsets into
+        the text (end exclusive; text == input[start:end]), score = the mean over the entity's words of the
+        probability of their predicted tag. {tokens_column: [...]} -> the same spans over the tokens joined by
+        single spaces, and "tags", "scores": one per token."""
         cfg = self.recipe.data
         sents, texts = [], []
         for x in inputs:
             if isinstance(x, dict) and cfg.tokens_column in x:
-                sents.append((list(x[cfg.tokens_column]), None))
-                texts.append(None)
+                words = list(x[cfg.tokens_column])
+                texts.append((*tagging.joined(words), True))
             else:
                 text = x[cfg.text_column] if isinstance(x, dict) else x
                 offsets = tagging.split_words(text)
-                sents.append(([text[a:b] for a, b in offsets], None))
-                texts.append((text, offsets))
+                words = [text[a:b] for a, b in offsets]
+                texts.append((text, offsets, False))
+            sents.append((words, None))
         with torch.no_grad():
             logp = self.word_logprobs(model, self.windows(sents), self.recipe.eval.batch_size)
         out = []
-        for i, spec in enumerate(texts):
+        for i, (text, offsets, tokens) in enumerate(texts):
             best = logp[i][0].exp().max(-1)
             tags = [self.names[j] for j in best.indices.tolist()]
-            if spec is None:
-                out.append({"tags": tags, "scores": [round(float(s), 6) for s in best.values]})
-                continue
-            text, offsets = spec
-            out.append({"entities": [
-                {"start": offsets[a][0], "end": offsets[b - 1][1], "label": kind,
-                 "text": text[offsets[a][0]:offsets[b - 1][1]], "score": round(float(best.values[a:b].mean()), 6)}
-                for kind, a, b in tagging.entities(tags)]})
+            out.append({"spans": tagging.entity_spans(text, offsets, tags, best.values)})
+            if tokens:
+                out[-1] |= {"tags": tags, "scores": [round(float(p), 6) for p in best.values]}
         return out
+
+    # --- ONNX export (tunesmith/deploy/export.py) ------------------------------------------------------
+    def export_outputs(self) -> dict[str, dict[int, str]]:
+        return {"logits": {0: "batch", 1: "sequence"}}                         # [B, T, C]
+
+    def export_inputs(self) -> dict:
+        """input_ids, attention_mask [B, T] of two sentences of different lengths."""
+        batch = self.collate(self.windows([(["a", "short", "one"], None), (["and", "a", "longer", "one"] * 3, None)]))
+        return {name: (x, {0: "batch", 1: "sequence"}) for name, x in batch.items()}
+
