@@ -236,6 +236,14 @@ def test_first_subword_carries_the_tag(tiny_tagger, tmp_path):
         assert f["first"] == [1, 2, 4] and f["gold"] == [ids["O"], ids["B-LOC"], ids["B-ORG"]]
 
 
+def test_collate_pads_to_the_training_multiple(tiny_tagger, tmp_path):
+    task = get_task(recipe(tiny_tagger, tmp_path / "x.jsonl"), 8)          # training on a GPU passes 16
+    task.prepare([{"tokens": ["Lagos"], "tags": ["B-LOC"]}])
+    batch = task.collate(task.encode([{"tokens": ["met", "Lagos"], "tags": ["O", "B-LOC"]}]))
+    assert batch["input_ids"].shape == batch["labels"].shape == (1, 8)      # 5 sub-words, padded to 8
+    assert batch["labels"][0, 5:].tolist() == [-100] * 3 and batch["attention_mask"][0].sum() == 5
+
+
 def test_byte_level_tokenizers_get_a_prefix_space(tmp_path):
     """RoBERTa-style BPE: a word alone must be tokenized as after a space ("Ġb"), as in running text."""
     from transformers import RobertaTokenizer
