@@ -86,3 +86,33 @@ def expected_calibration_error(y_true, probs, bins: int = 10) -> float:
         if m.any():
             ece += m.mean() * abs(conf[m].mean() - (pred[m] == y_true[m]).mean())
     return float(ece)
+
+
+def entity_scores(y_true: list[list[str]], y_pred: list[list[str]], strict: bool = False) -> dict:
+    """seqeval's entity-level scores: precision/recall/f1 (micro over entities), their macro averages over entity
+    types, token accuracy and a per-type table. y_true, y_pred: one tag list per sentence ("B-PER", "O", ...).
+    strict: seqeval's strict mode with the IOBES scheme (an entity counts only if its tags are valid BIOES);
+    otherwise the default (conlleval) reading."""
+    import warnings
+
+    from seqeval.metrics import accuracy_score, classification_report
+    from seqeval.scheme import IOBES
+
+    kw = {"mode": "strict", "scheme": IOBES} if strict else {}
+    with warnings.catch_warnings():                 # "X seems not to be NE tag" for O-only input, zero division
+        warnings.simplefilter("ignore")
+        table = classification_report(y_true, y_pred, output_dict=True, zero_division=0, **kw)
+        accuracy = accuracy_score(y_true, y_pred) if any(y_true) else float("nan")
+    averages = ("micro avg", "macro avg", "weighted avg")
+    micro, macro = table.get("micro avg", {}), table.get("macro avg", {})
+    return {
+        "precision": float(micro.get("precision", 0.0)), "recall": float(micro.get("recall", 0.0)),
+        "f1": float(micro.get("f1-score", 0.0)),
+        "precision_macro": float(macro.get("precision", 0.0)), "recall_macro": float(macro.get("recall", 0.0)),
+        "f1_macro": float(macro.get("f1-score", 0.0)),
+        "accuracy": float(accuracy),
+        "per_type": {t: {"precision": float(v["precision"]), "recall": float(v["recall"]),
+                         "f1": float(v["f1-score"]), "support": int(v["support"])}
+                     for t, v in table.items() if t not in averages},
+        "n_entities": int(micro.get("support", 0)),
+    }

@@ -15,6 +15,7 @@ BUILTIN: dict[str, str] = {
     "text-classification": "tunesmith.tasks.schema:TextClassificationRecipe",
     "causal-lm": "tunesmith.tasks.schema:CausalLMRecipe",
     "image-classification": "tunesmith.tasks.schema:ImageClassificationRecipe",
+    "token-classification": "tunesmith.tasks.tagging:TokenClassificationRecipe",
 }
 _registered: dict[str, object] = {}            # name -> recipe class (register_task)
 
