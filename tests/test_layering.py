@@ -40,12 +40,14 @@ def violations(g: dict[str, set[str]]) -> list[str]:
                 bad.append(f"{mod} imports {dep}: tasks import neither the CLI nor the loop nor training")
             if dep == "tunesmith.cli" and mod != "tunesmith.__main__":
                 bad.append(f"{mod} imports the CLI: the CLI is the top layer")
-    for mod in ("tunesmith.recipe", "tunesmith.tasks.schema", "tunesmith.tasks", "tunesmith.tasks.outputs",
-                "tunesmith.errors"):
+    recipe_modules = {ref.partition(":")[0] for ref in BUILTIN.values()}       # every built-in task's recipe
+    for mod in ("tunesmith.recipe", "tunesmith.tasks", "tunesmith.tasks.outputs", "tunesmith.errors",
+                *sorted(recipe_modules)):
         reach, todo = set(), [mod]
         while todo:
             m = todo.pop()
-            path = PKG.parent / (m.replace(".", "/") + ("/__init__.py" if m == "tunesmith.tasks" else ".py"))
+            path = PKG.parent / m.replace(".", "/")
+            path = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
             for i in imports(path):
                 if i == "torch" or i.startswith("torch."):
                     bad.append(f"{mod} reaches torch (through {m}): reading a recipe must not import torch")

@@ -7,11 +7,10 @@ import re
 
 import pytest
 
-from tunesmith import data as datalib
 from tunesmith.data import DataError
 from tunesmith.recipe import RecipeError, load
 from tunesmith.splits import load_data
-from tunesmith.tasks import get_task, tagging
+from tunesmith.tasks import conll, get_task, tagging
 
 PER = [["John"], ["Mary"], ["Ahmed"], ["John", "Smith"], ["Mary", "Garcia"]]
 LOC = [["Paris"], ["Berlin"], ["Lagos"], ["New", "York"]]
@@ -70,20 +69,6 @@ def recipe(model, train, **data):
                  "eval": {"batch_size": 32}})
 
 
-@pytest.fixture
-def read_hook(monkeypatch):
-    """What shared data.read lacks: asking the task for a format it reads (CoNLL). Set for `task`."""
-    holder = {}
-    original = datalib.read
-
-    def read(source, split="train", path_columns=()):
-        table = holder["task"].read(source, split)
-        return table if table is not None else original(source, split, path_columns)
-
-    monkeypatch.setattr(datalib, "read", read)
-    return holder
-
-
 # --- recipe, readers, checks ------------------------------------------------------------------------
 
 def test_recipe_keys_are_checked(tmp_path):
@@ -100,16 +85,16 @@ def test_conll_reader_columns_docstart_and_origins(tmp_path):
     path.write_text("-DOCSTART- -X- O\n\nJohn NNP B-PER\nSmith NNP I-PER\nlives VBZ O\n\n\n"
                     "Paris\tNNP\tB-LOC\n\n")
     cfg = recipe("m", path).data
-    table = tagging.read_conll(path, cfg)
+    table = conll.read_conll(path, cfg)
     assert table.rows == [{"tokens": ["John", "Smith", "lives"], "tags": ["B-PER", "I-PER", "O"]},
                           {"tokens": ["Paris"], "tags": ["B-LOC"]}]
     assert table.origins == [f"{path}:3", f"{path}:8"] and table.rejects == []
     by_name = recipe("m", path, conll_columns=["word", "pos", "ner"], conll_token="word", conll_tag="pos").data
-    assert tagging.read_conll(path, by_name).rows[1] == {"tokens": ["Paris"], "tags": ["NNP"]}
+    assert conll.read_conll(path, by_name).rows[1] == {"tokens": ["Paris"], "tags": ["NNP"]}
     with pytest.raises(DataError, match="conll_tag is 5"):
-        tagging.read_conll(path, recipe("m", path, conll_tag=5).data)
+        conll.read_conll(path, recipe("m", path, conll_tag=5).data)
     with pytest.raises(DataError, match="names 2 columns"):
-        tagging.read_conll(path, recipe("m", path, conll_columns=["word", "ner"], conll_tag="ner").data)
+        conll.read_conll(path, recipe("m", path, conll_columns=["word", "ner"], conll_tag="ner").data)
 
 
 def test_text_spans_rows_become_words_and_tags(tiny_tagger, tmp_path):
@@ -171,7 +156,7 @@ def test_row_faults_and_repair(tmp_path):
     assert row["tags"][0] == "I-PER"                        # the row itself is left as read
 
 
-def test_five_planted_faults(tiny_tagger, tmp_path, read_hook):
+def test_five_planted_faults(tiny_tagger, tmp_path):
     """4 rejects with file:line (bad transition, count mismatch, empty sentence, unknown tag in test); the
     1,000-token sentence is kept whole, in windows; nothing else is dropped."""
     good = sentences(30)
@@ -199,8 +184,8 @@ def test_five_planted_faults(tiny_tagger, tmp_path, read_hook):
     test = tmp_path / "test.conll"
     test.write_text("\n".join(test_lines))
     r = recipe(tiny_tagger, train, test=str(test), validation_size=3)
-    task = read_hook["task"] = get_task(r)
-    loaded = load_data(task, r)
+    task = get_task(r)
+    loaded = load_data(task, r)                             # the shared reader asks the task first (Task.read)
     got = {(x.origin, x.split) for x in loaded.rejects}
     assert got == {(f"{train}:{starts['transition']}", "train"), (f"{train}:{starts['count']}", "train"),
                    (f"{train}:{starts['empty']}", "train"), (f"{test}:{unknown}", "test")}

@@ -248,6 +248,12 @@ def read(source: str, split: str = "train", path_columns: tuple[str, ...] = ()) 
     return table
 
 
+def read_for(task, source: str, split: str) -> Table:
+    """`source` read as `task` reads it: its own format first (Task.read), else the shared readers above."""
+    table = task.read(source, split)
+    return table if table is not None else read(source, split, task.path_columns)
+
+
 def split_off(table: Table, size: float, labels: list | None, seed: int) -> tuple[Table, Table]:
     """Split `size` (fraction <1 or count >=1) rows off `table`, stratified by `labels` when given."""
     from sklearn.model_selection import train_test_split

@@ -275,7 +275,7 @@ class Predictor:
             lines = [(n, ln) for n, ln in enumerate(Path(path).read_text().splitlines(), 1) if ln.strip()]
             items, where = [ln for _, ln in lines], [f"{path}:{n}" for n, _ in lines]
         else:
-            table = datalib.read(path, "predict", self.task.path_columns)
+            table = datalib.read_for(self.task, path, "predict")
             order = sorted([(datalib.position(o), o, r) for o, r in zip(table.origins, table.rows)]
                            + [(datalib.position(r.origin), r.origin, r) for r in table.rejects], key=lambda x: x[0])
             items, where = [item for _, _, item in order], [origin for _, origin, _ in order]

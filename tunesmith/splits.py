@@ -30,7 +30,7 @@ def load_data(task, recipe) -> Loaded:
     """Read every split, reject unusable rows (with origin and reason), split off what is missing.
     `train` and `tunesmith doctor` both read through here, so they see the same rows."""
     cfg = recipe.data
-    tables = {s: datalib.read(getattr(cfg, s), s, task.path_columns) for s in SPLITS if getattr(cfg, s)}
+    tables = {s: datalib.read_for(task, getattr(cfg, s), s) for s in SPLITS if getattr(cfg, s)}
     rejects, files = [], []
 
     def usable(table: datalib.Table, split: str) -> datalib.Table:
@@ -93,7 +93,7 @@ def fingerprint(tables: dict[str, datalib.Table]) -> str:
 
 def load_rows(task, path: str) -> list[dict]:
     """Usable rows of a file (eval); unusable ones are a DataError listing each with its origin."""
-    table = datalib.read(path, "test", task.path_columns)
+    table = datalib.read_for(task, path, "test")
     return _usable(task, table.rows, table.origins, list(table.rejects))
 
 

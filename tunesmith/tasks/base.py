@@ -1,7 +1,8 @@
 """The Task protocol: what a task supplies so that shared code (loop, commands) never asks its name.
 
 Setup:  setup(source) loads the processor (no weights);  labels;  metrics (name -> "max"/"min")
-Data:   check(row, split) -> reason or None;  prepare(train_rows);  encode(rows) -> Features;
+Data:   read(source, split) -> Table or None (a format of its own);
+        check(row, split) -> reason or None;  prepare(train_rows);  encode(rows) -> Features;
         length(feature);  collate(features) -> batch
 Model:  load_model() -> model for training;  load_trained(folder) -> model;  save(model, folder)
 Train:  loss(model, batch) -> sum over items;  count(batch) -> items;  evaluate(model, features, batch_size)
@@ -131,6 +132,11 @@ class Task:
         return self._processor
 
     # --- data ---------------------------------------------------------------------------------------
+    def read(self, source: str, split: str):
+        """A data file in a format of this task's own (CoNLL for taggers) as a tunesmith.data.Table (rows, origins
+        FILE:LINE, rejects), or None: the shared readers take it (CSV, JSONL, Parquet, images, HF datasets)."""
+        return None
+
     def check(self, row: dict, split: str) -> str | None:
         """Why `row` cannot be used, or None. Called on train rows before `prepare`, then on the others."""
         return None

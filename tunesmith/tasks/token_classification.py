@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from tunesmith import io, metrics
 from tunesmith.data import DataError
 from tunesmith.errors import TunesmithError
-from tunesmith.tasks import tagging
+from tunesmith.tasks import conll, tagging
 from tunesmith.tasks.base import Features, Task, batches, model_device
 from tunesmith.tasks.hf import load_hf
 
@@ -72,12 +72,11 @@ class TokenClassification(Task):
 
     # --- data ---------------------------------------------------------------------------------------
     def read(self, source: str, split: str):
-        """A CoNLL file's sentences as a data.Table (origins FILE:LINE), or None for another format. Shared
-        data.read does not ask tasks yet: see the report to the lead."""
-        if Path(source).suffix.lower() in tagging.CONLL_SUFFIXES:
+        """A CoNLL file's sentences as a data.Table (origins FILE:LINE), or None for another format."""
+        if Path(source).suffix.lower() in conll.CONLL_SUFFIXES:
             if not Path(source).is_file():
                 raise DataError(f"{source}: file not found")
-            table = tagging.read_conll(source, self.recipe.data)
+            table = conll.read_conll(source, self.recipe.data)
             for r in table.rejects:
                 r.split = split
             return table
