@@ -8,6 +8,7 @@ Exit codes: 0 success, 1 a problem with the data or the run, 2 a problem with th
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import sys
@@ -19,6 +20,7 @@ from tunesmith.errors import TunesmithError
 from tunesmith.recipe import RecipeError
 
 RECIPES = Path(__file__).parent / "recipes"
+VALUED = ("--budget", "--max-drop")             # options whose value may start with "-"
 
 
 def cmd_train(args) -> int:
@@ -350,6 +352,15 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     argv = list(sys.argv[1:] if argv is None else argv)
     flags = {f: f in argv for f in ("--debug", "--verbose")}
     argv = [a for a in argv if a not in flags]
+    joined, i = [], 0                           # `--budget -5m`: a value, not an option (argparse takes it for one)
+    while i < len(argv):
+        if argv[i] in VALUED and i + 1 < len(argv) and argv[i + 1].startswith("-") and argv[i + 1] != "--":
+            joined.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            joined.append(argv[i])
+            i += 1
+    argv = joined
     p = parser()
     if argv and argv[0] in COMMANDS:
         args = p.commands[argv[0]].parse_intermixed_args(argv[1:])
@@ -378,12 +389,36 @@ def quiet() -> None:
         disable_progress_bars()
 
 
+class UsageError(RecipeError):
+    """A bad command-line value: one line (exit 2, as recipe errors)."""
+
+    def __init__(self, message: str):
+        self.source, self.errors = "command line", [message]
+        TunesmithError.__init__(self, message)
+
+
+def check(args: argparse.Namespace) -> None:
+    """Values argparse's types let through but no command can use, refused before any work."""
+    from tunesmith.selection.space import seconds
+
+    max_drop = getattr(args, "max_drop", None)
+    if max_drop is not None and not (math.isfinite(max_drop) and max_drop >= 0):
+        raise UsageError(f"--max-drop {max_drop}: give a finite number >= 0 (0.01 = one point of the metric)")
+    budget = getattr(args, "budget", None)
+    if budget is not None:
+        try:
+            seconds(budget)
+        except ValueError as e:
+            raise UsageError(f"--budget {budget}: {e}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = parse(argv)
     if not args.verbose:
         quiet()
     try:
+        check(args)
         return COMMANDS[args.command](args)
     except safety.Interrupted as e:             # a checkpoint is committed: say how to continue
         print(e, file=sys.stderr)

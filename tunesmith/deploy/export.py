@@ -17,6 +17,7 @@ declared output as an attribute), so the task's own evaluate and predict score a
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import statistics
 import time
@@ -162,6 +163,9 @@ def export(run_dir, format: str = "onnx", quantize: str | None = None, out=None,
 
     from tunesmith.run import Run
     from tunesmith.splits import load_rows
+
+    if not (math.isfinite(max_drop) and max_drop >= 0):        # nan compares false: it would turn the gate off
+        raise TunesmithError(f"max_drop {max_drop}: give a finite number >= 0 (0.01 = one point of the metric)")
 
     if format == "onnx":
         try:
