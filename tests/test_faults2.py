@@ -2,6 +2,7 @@
 traceback, nothing half-written."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -35,3 +36,32 @@ def test_export_max_drop_must_be_a_finite_non_negative_number(tmp_path, capsys, 
     assert "--max-drop" in one_line(capsys)
     with pytest.raises(TunesmithError, match="max_drop"):      # the API refuses it too, before reading the run
         ts.export(tmp_path / "run", max_drop=float(value))
+
+
+# --- 9: cv --folds, tune --budget ------------------------------------------------------------------------
+
+def test_cv_folds_above_the_smallest_class_is_one_line(tmp_path, tiny_bert, capsys):
+    data = tmp_path / "skewed.csv"
+    data.write_text("text,label\n" + "".join(f"good film {i},pos\n" for i in range(20))
+                    + "".join(f"bad film {i},neg\n" for i in range(3)))
+    path = tmp_path / "r.yaml"
+    recipe = recipe_dict(tiny_bert, data)
+    recipe["data"].update(validation_size=2, test_size=2)
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["cv", str(path), "--folds", "5", "--dir", str(tmp_path / "cv")]) == 1
+    err = one_line(capsys)
+    assert "--folds 5" in err and "smallest class" in err and "3 row(s)" in err
+    assert not (tmp_path / "cv").exists()                       # nothing written before the refusal
+
+
+@pytest.mark.parametrize("budget", ["0", "0s", "-5m", "1s", "15x"])
+def test_tune_budget_that_cannot_run_is_refused_before_any_work(tmp_path, capsys, budget):
+    path = recipe_file(tmp_path)
+    start = time.monotonic()
+    code = main(["tune", str(path), "--budget", budget, "--dir", str(tmp_path / "tune")])
+    assert code in (1, 2) and time.monotonic() - start < 5
+    err = one_line(capsys)
+    assert "budget" in err
+    if budget == "1s":
+        assert "at least 5s" in err                             # says the minimum
+    assert not (tmp_path / "tune").exists()                     # no probe run left behind

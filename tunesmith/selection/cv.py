@@ -13,6 +13,7 @@ Re-running skips folds whose run finished. `paired(a, b)` compares two cv folder
 """
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import math
@@ -40,6 +41,16 @@ def assignments(recipe: Recipe, rows: list[dict], keys: list, folds: int, repeat
             raise TunesmithError(f"data.group_column '{group_col}': {len(missing)} row(s) have no value "
                                  f"(first: row {missing[0] + 1})")
         groups = np.array([str(r[group_col]) for r in rows])
+    if groups is not None and len(set(groups)) < folds:
+        raise TunesmithError(f"--folds {folds}: data.group_column '{group_col}' has only {len(set(groups))} "
+                             f"group(s); give --folds {len(set(groups))} or fewer")
+    if y is not None and groups is None:
+        label, count = min(collections.Counter(y.tolist()).items(), key=lambda kv: (kv[1], kv[0]))
+        if count < folds:
+            raise TunesmithError(f"--folds {folds} is more than the {count} row(s) of the smallest class "
+                                 f"('{label[:100]}'); give --folds {max(count, 2)} or fewer, or more rows of it")
+    if len(rows) < folds:
+        raise TunesmithError(f"--folds {folds} is more than the {len(rows)} row(s) of data")
     out = []
     for rep in range(repeats):
         seed = recipe.train.seed + rep

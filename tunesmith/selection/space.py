@@ -44,8 +44,11 @@ def seconds(budget: str) -> float:
     """'90s', '15m', '1.5h' -> seconds."""
     m = BUDGET.match(budget.strip())
     if not m:
-        raise ValueError(f"a budget looks like 90s, 15m or 1.5h (got {budget!r})")
-    return float(m.group(1)) * {"s": 1, "m": 60, "h": 3600}[m.group(2)]
+        raise ValueError(f"a budget looks like 90s, 15m or 1.5h (got {budget[:40]!r})")
+    out = float(m.group(1)) * {"s": 1, "m": 60, "h": 3600}[m.group(2)]
+    if out <= 0:
+        raise ValueError(f"a budget is a positive wall time, e.g. 90s, 15m or 1.5h (got {budget!r})")
+    return out
 
 
 class SearchConfig(BaseModel):

@@ -19,10 +19,13 @@ import time
 from pathlib import Path
 
 from tunesmith import io
+from tunesmith.errors import TunesmithError
 from tunesmith.recipe import Recipe, RecipeError, load
 from tunesmith.run import Callback, StopTraining
 from tunesmith.selection.search import best_validation, with_values
 from tunesmith.selection.space import seconds
+
+MIN_BUDGET_S = 5.0                                  # a probe run of a tiny model on CPU takes about that
 
 
 class Deadline(Callback):
@@ -106,8 +109,15 @@ def tune(recipe, folder: str | Path | None = None, budget: str | None = None, sa
     budget = budget or (recipe.search.budget if recipe.search else None)
     if not budget:
         raise RecipeError("tune", ["give a time budget (--budget 15m, budget=\"15m\" or search.budget)"])
+    try:
+        total_s = seconds(budget)
+    except ValueError as e:
+        raise RecipeError("tune", [f"budget: {e}"]) from None
+    if total_s < MIN_BUDGET_S:                      # less than the probe run needs: nothing could be compared
+        raise TunesmithError(f"budget {budget} is too small to run anything: tune needs at least "
+                             f"{MIN_BUDGET_S:g}s (a probe run, then the plain recipe); e.g. --budget 5m")
     start = time.monotonic()
-    deadline = start + seconds(budget)
+    deadline = start + total_s
     folder = Path(folder or Path("runs") / f"tune-{recipe.name or recipe.task}")
     folder.mkdir(parents=True, exist_ok=True)
     prof = profile(recipe)
@@ -171,6 +181,10 @@ def tune(recipe, folder: str | Path | None = None, budget: str | None = None, sa
         return row
 
     plain = attempt("plain", {}, recipe.train.epochs)
+    if plain is None and not results:               # the probe spent the budget: say so rather than exit 1 silently
+        raise TunesmithError(f"budget {budget}: the probe run took {overhead + step_s * len(steps):.0f}s and left no "
+                             f"time for the plain recipe; give at least --budget "
+                             f"{math.ceil(2 * (overhead + step_s * len(steps)) + estimate(1))}s")
     if plain:                                       # the epochs it trained, train.min_steps included
         plain["epochs"] = round(plain_epochs, 1)
     alive = cands
