@@ -2,6 +2,7 @@
 traceback, nothing half-written."""
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -65,3 +66,52 @@ def test_tune_budget_that_cannot_run_is_refused_before_any_work(tmp_path, capsys
     if budget == "1s":
         assert "at least 5s" in err                             # says the minimum
     assert not (tmp_path / "tune").exists()                     # no probe run left behind
+
+
+# --- 10: overlong names, a FIFO as data ----------------------------------------------------------------
+
+def test_overlong_name_is_a_recipe_error(tmp_path, capsys):
+    path = recipe_file(tmp_path, name="x" * 5_000_000)          # 5 MB: the issue's 50 MB, quicker
+    assert main(["doctor", str(path), "--out", str(tmp_path / "d.json")]) == 2
+    err = capsys.readouterr().err
+    assert "name" in err and "at most 100" in err and "Traceback" not in err and len(err) < 1000
+    assert not (tmp_path / "d.json").exists()
+    ts.load_recipe(recipe_dict(tmp_path / "no-model", tmp_path / "r.csv", name="x" * 100))    # 100 is fine
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ""])
+def test_fifo_as_data_is_not_a_regular_file_and_never_blocks(tmp_path, capsys, suffix):
+    from tunesmith.data import read
+
+    fifo = tmp_path / f"pipe{suffix}"
+    os.mkfifo(fifo)                                             # no writer: opening it would block forever
+    with pytest.raises(TunesmithError, match="not a regular file"):
+        read(str(fifo))
+    path = recipe_file(tmp_path, data=fifo)
+    start = time.monotonic()
+    assert main(["doctor", str(path), "--out", str(tmp_path / "d.json")]) == 1
+    assert "not a regular file" in one_line(capsys) and time.monotonic() - start < 30
+
+
+# --- 4: a YAML alias nest in a real key -------------------------------------------------------------------
+
+def bomb(levels: int = 9, width: int = 9, anchor: str = "n") -> str:
+    """A "billion laughs" nest written inline: width**levels strings once expanded, a few KB as YAML."""
+    text = f"&{anchor}0 [" + ", ".join(["lol"] * width) + "]"
+    for k in range(1, levels):
+        text = f"&{anchor}{k} [{text}" + f", *{anchor}{k - 1}" * (width - 1) + "]"
+    return text
+
+
+@pytest.mark.parametrize("command", ["doctor", "train"])
+def test_recipe_errors_quote_at_most_200_characters_of_an_alias_nest(tmp_path, capsys, command):
+    path = recipe_file(tmp_path)
+    text = path.read_text() + f"doctor: {{listed: {bomb()}}}\nname: {bomb(4, anchor='m')}\n"   # 9**9 and 9**4 strings
+    path.write_text(text)
+    start = time.monotonic()
+    assert main([command, str(path)]) == 2
+    err = capsys.readouterr().err
+    assert time.monotonic() - start < 5 and "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert any(line.startswith("  - doctor.listed:") for line in lines) and any("name" in line for line in lines)
+    assert max(len(line) for line in lines) < 400                  # the value quoted in at most ~200 characters

@@ -9,6 +9,7 @@ import csv
 import json
 import os
 import re
+import stat
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -228,12 +229,13 @@ def read(source: str, split: str = "train", path_columns: tuple[str, ...] = ()) 
         source = str(DATASETS[source]())
     table = Table(source=source)
     path = Path(source)
+    _not_special(source)
     reader = READERS.get(path.suffix.lower())
     if reader and path.is_file():
         reader(path, table)
         _resolve_paths(table, path.parent, path_columns)
     elif reader:
-        raise DataError(f"{source}: file not found")
+        raise DataError(f"{source}: " + ("a folder, not a file" if path.is_dir() else "file not found"))
     elif re.search(r"idx\d", path.name) and "ubyte" in path.name:
         if not path.is_file():
             raise DataError(f"{source}: file not found")
@@ -248,8 +250,20 @@ def read(source: str, split: str = "train", path_columns: tuple[str, ...] = ()) 
     return table
 
 
+def _not_special(source: str) -> None:
+    """A FIFO, socket or device is refused from its stat alone: opening a FIFO would block until a writer came."""
+    try:
+        mode = os.stat(source).st_mode
+    except (OSError, ValueError):                   # missing (or not a path): the readers say what it is
+        return
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise DataError(f"{source}: not a regular file (a FIFO, socket or device); give a .csv, .jsonl or "
+                        f".parquet file, an image folder or a dataset")
+
+
 def read_for(task, source: str, split: str) -> Table:
     """`source` read as `task` reads it: its own format first (Task.read), else the shared readers above."""
+    _not_special(source)
     table = task.read(source, split)
     return table if table is not None else read(source, split, task.path_columns)
 

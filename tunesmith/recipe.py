@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import reprlib
 from pathlib import Path
 from typing import ClassVar, Literal
 
@@ -20,6 +21,8 @@ from tunesmith.errors import TunesmithError
 from tunesmith.selection.space import SearchConfig
 
 SCHEMA = 2                      # run folder / recipe layout version; 1: one flat namespace for every task
+MAX_NAME = 100                  # characters of `name` (a run folder's prefix, copied into every run's recipe)
+QUOTE = 200                     # characters of a value quoted in an error message
 
 
 class RecipeError(TunesmithError):
@@ -160,6 +163,8 @@ class Recipe(Section):
     @classmethod
     def _plain_name(cls, name):
         """A run folder's prefix: one plain name, so the run stays inside the runs folder."""
+        if name is not None and len(name) > MAX_NAME:
+            raise ValueError(f"is {len(name)} characters long: a run folder's prefix has at most {MAX_NAME}")
         if name is not None and (not name.strip() or "/" in name or "\\" in name or name in (".", "..")
                                  or Path(name).is_absolute()):
             raise ValueError("must be a plain folder name without path separators; choose where the run goes "
@@ -171,9 +176,9 @@ class Recipe(Section):
     def _known_metric(cls, train):
         """train.metric must be one the task reports (checked with the other fields: every error at once)."""
         if train.metric is not None and train.metric not in cls.metrics:
-            close = difflib.get_close_matches(train.metric, list(cls.metrics), n=1)
+            close = difflib.get_close_matches(train.metric[:QUOTE], list(cls.metrics), n=1)
             hint = f"did you mean '{close[0]}'? " if close else ""
-            raise ValueError(f"train.metric '{train.metric}' is not a metric of task '{cls.task_name()}': {hint}"
+            raise ValueError(f"train.metric {_short(train.metric)} is not a metric of task '{cls.task_name()}': {hint}"
                              f"choose one of {', '.join(cls.metrics)}")
         return train
 
@@ -192,6 +197,16 @@ class Recipe(Section):
 
 
 # --- loading, overrides, error messages -------------------------------------------------------------
+
+def _short(value) -> str:
+    """repr(value) in at most QUOTE characters, its work bounded too: a YAML alias nest ("billion laughs") is a
+    few references in memory but gigabytes once printed."""
+    r = reprlib.Repr()
+    r.maxlevel, r.maxlist, r.maxtuple, r.maxdict, r.maxset = 3, 6, 6, 6, 6
+    r.maxstring = r.maxother = r.maxlong = QUOTE
+    text = r.repr(value)
+    return text if len(text) <= QUOTE else text[:QUOTE - 3] + "..."
+
 
 def _section(model: type[BaseModel] | None, loc: tuple) -> type[BaseModel] | None:
     """The section class that `loc` (a pydantic error location, last part the key) points into."""
@@ -219,12 +234,12 @@ def _messages(err: ValidationError, cls: type[Recipe], others: dict[str, type[Re
     out = []
     for e in err.errors():
         loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-        path = ".".join(str(p) for p in loc)
+        path = ".".join(str(p) if len(str(p)) <= QUOTE else _short(p) for p in loc)
         if e["type"] == "extra_forbidden":
             users = [name for name, other in others.items() if _has_key(other, loc)]
             section = _section(cls, loc)
             valid = list(section.model_fields) if section else []
-            close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+            close = difflib.get_close_matches(str(loc[-1])[:QUOTE], valid, n=1, cutoff=0.5)
             if users:                               # right key, wrong task: no did-you-mean, say whose it is
                 out.append(f"{path}: does not apply to task '{cls.task_name()}'; it is a key of {', '.join(users)}")
             else:
@@ -234,7 +249,8 @@ def _messages(err: ValidationError, cls: type[Recipe], others: dict[str, type[Re
             out.append(f"{path}: required key is missing")
         else:
             msg = e["msg"].removeprefix("Value error, ")
-            out.append(msg if not path or msg.startswith(f"{path}.") else f"{path}: {msg} (got {e.get('input')!r})")
+            got = _short(e.get("input"))
+            out.append(msg if not path or msg.startswith(f"{path}.") else f"{path}: {msg} (got {got})")
     return out
 
 
@@ -307,10 +323,10 @@ def load(path: str | Path | dict, overrides: list[str] | tuple[str, ...] = (), s
     classes = recipe_classes()
     task, errors = data.get("task"), []
     if task not in classes:
-        close = difflib.get_close_matches(str(task), list(classes), n=1) if task is not None else []
+        close = difflib.get_close_matches(task, list(classes), n=1) if isinstance(task, str) else []
         hint = f"did you mean '{close[0]}'? " if close else ""
         errors.append("task: required key is missing" if task is None else
-                      f"task: unknown task '{task}': {hint}choose one of {', '.join(classes)}")
+                      f"task: unknown task {_short(task)}: {hint}choose one of {', '.join(classes)}")
         if not close:
             raise RecipeError(source, errors)
         task = close[0]                         # report the other sections' mistakes as that task sees them
