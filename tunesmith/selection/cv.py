@@ -47,8 +47,9 @@ def assignments(recipe: Recipe, rows: list[dict], keys: list, folds: int, repeat
     if y is not None and groups is None:
         label, count = min(collections.Counter(y.tolist()).items(), key=lambda kv: (kv[1], kv[0]))
         if count < folds:
+            fewer = f"give --folds {count} or fewer, or more rows of it" if count >= 2 else "give it more rows"
             raise TunesmithError(f"--folds {folds} is more than the {count} row(s) of the smallest class "
-                                 f"('{label[:100]}'); give --folds {max(count, 2)} or fewer, or more rows of it")
+                                 f"('{label[:100]}'): every fold's test side needs one; {fewer}")
     if len(rows) < folds:
         raise TunesmithError(f"--folds {folds} is more than the {len(rows)} row(s) of data")
     out = []
