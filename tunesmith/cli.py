@@ -352,15 +352,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     argv = list(sys.argv[1:] if argv is None else argv)
     flags = {f: f in argv for f in ("--debug", "--verbose")}
     argv = [a for a in argv if a not in flags]
-    joined, i = [], 0                           # `--budget -5m`: a value, not an option (argparse takes it for one)
-    while i < len(argv):
-        if argv[i] in VALUED and i + 1 < len(argv) and argv[i + 1].startswith("-") and argv[i + 1] != "--":
-            joined.append(f"{argv[i]}={argv[i + 1]}")
-            i += 2
-        else:
-            joined.append(argv[i])
-            i += 1
-    argv = joined
+    for i in range(len(argv) - 1, 0, -1):       # `--budget -5m`: a value, not an option (argparse takes it for one)
+        if argv[i - 1] in VALUED and argv[i].startswith("-") and argv[i] != "--":
+            argv[i - 1:i + 1] = [f"{argv[i - 1]}={argv[i]}"]
     p = parser()
     if argv and argv[0] in COMMANDS:
         args = p.commands[argv[0]].parse_intermixed_args(argv[1:])
