@@ -11,7 +11,8 @@ import yaml
 from conftest import recipe_dict, tunesmith, write_reviews
 
 import tunesmith as ts
-from tunesmith.cli import ABOUT, COMMANDS, main, parser
+from tunesmith.cli import COMMANDS, main
+from tunesmith.cli_args import ABOUT, parser
 
 PKG = Path(ts.__file__).parent
 
