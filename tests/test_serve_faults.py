@@ -89,3 +89,28 @@ def test_chat_temperature_nan_is_422(chat_run):
         r = client.post("/v1/chat/completions", content=body, headers={"Content-Type": "application/json"})
         assert r.status_code == 422, r.text
         assert r.json()["detail"][0]["loc"] == ["body", "temperature"]
+
+
+def test_failed_batch_rerun_skips_inputs_of_timed_out_requests():
+    """A batch that raises is re-run input by input; an input whose request already got its 504 is not started."""
+    import asyncio
+
+    from tunesmith.serving.app import Batcher, Metrics
+
+    calls = []
+
+    class Failing:
+        def predict(self, items):
+            calls.append(list(items))
+            if len(items) > 1:
+                raise ValueError("bad batch")
+            return [{"label": "x"}]
+
+    loop = asyncio.new_event_loop()
+    try:
+        gone, live = loop.create_future(), loop.create_future()
+        gone.cancel()                                               # what wait() does at the request's timeout
+        out = Batcher(Failing(), Limits(), Metrics())._predict(["a", "b"], [gone, live])
+    finally:
+        loop.close()
+    assert calls == [["a", "b"], ["b"]] and out[1] == {"label": "x"}
