@@ -165,7 +165,7 @@ def cmd_serve(args) -> int:
 
     ts.serve(args.run_dir, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("TUNESMITH_API_KEY"),
              onnx=args.onnx, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
-             timeout_s=args.timeout, max_body=args.max_body, device=args.device)
+             timeout_s=args.timeout, max_body=args.max_body, max_pixels=args.max_pixels, device=args.device)
     return 0
 
 

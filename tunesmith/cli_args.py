@@ -176,6 +176,8 @@ def parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-queue", type=int, default=256, help="inputs waiting before requests get 503")
     sv.add_argument("--timeout", type=float, default=30.0, help="seconds before a request gets 504")
     sv.add_argument("--max-body", type=int, default=4_000_000, help="bytes a request body may have (413 above)")
+    sv.add_argument("--max-pixels", type=int, default=4096 * 4096,
+                    help="pixels an image may declare in its header (422 above; default 4096x4096)")
     _device(sv)
     p.commands = sub.choices                        # name -> its parser, for parse()
     return p

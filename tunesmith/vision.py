@@ -20,6 +20,7 @@ import math
 import os
 import re
 import struct
+import warnings
 
 import numpy as np
 import torch
@@ -106,6 +107,21 @@ def _source(value):
     if not os.path.isfile(value):
         raise FileNotFoundError(f"image file not found: {value}")
     return value
+
+
+def pixels(value) -> int:
+    """Width x height of an image value read from its header only (no decoding)."""
+    from PIL import Image
+
+    src = _source(value)
+    if isinstance(src, np.ndarray):
+        return int(src.shape[0] * src.shape[1])
+    if isinstance(src, Image.Image):
+        return src.size[0] * src.size[1]
+    with warnings.catch_warnings():                 # PIL's DecompressionBombWarning: the caller judges the size
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(src) as image:              # reads the header only
+            return image.size[0] * image.size[1]
 
 
 def load_image(value):

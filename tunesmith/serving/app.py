@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
+import math
 import sys
 import time
 from collections import defaultdict
@@ -47,6 +49,9 @@ class Limits:
     max_body: int = 4_000_000       # bytes per request body; more: 413
     max_items: int = 256            # inputs per request; more: 422
     max_new_tokens: int = 512       # cap on a chat request's max_tokens
+    # pixels per image, read from the header before decoding; more: 422. 4096x4096 = 16.8 M: ~335x a 224x224 model
+    # input, while a 12000x12000 PNG bomb (144 M pixels, 140 KB compressed) would decode to 430 MB+
+    max_pixels: int = 4096 * 4096
 
 
 class PredictRequest(BaseModel):
@@ -157,12 +162,13 @@ class Batcher:
             live = [(item, f) for item, f in group if not f.done()]          # requests past their timeout: dropped
             if not live:
                 continue
-            results = await loop.run_in_executor(self.thread, self._predict, [item for item, _ in live])
+            results = await loop.run_in_executor(self.thread, self._predict, [item for item, _ in live],
+                                                 [f for _, f in live])
             for (_, f), r in zip(live, results):
                 if not f.done():
                     f.set_result(r)
 
-    def _predict(self, items: list) -> list:
+    def _predict(self, items: list, futures: list) -> list:
         t0 = time.perf_counter()
         self.metrics.batches += 1
         self.metrics.batch_items += len(items)
@@ -170,7 +176,10 @@ class Batcher:
             return self.predictor.predict(items)
         except Exception:                               # one bad input: the others still get their answers
             out = []
-            for item in items:
+            for item, f in zip(items, futures):
+                if f.done():                            # its request timed out meanwhile: not started
+                    out.append(ItemError(TimeoutError("request timed out")))
+                    continue
                 try:
                     out.append(self.predictor.predict([item])[0])
                 except Exception as e:
@@ -184,15 +193,50 @@ class Batcher:
         return await asyncio.get_running_loop().run_in_executor(self.thread, fn, *args)
 
 
-def _checked(task, item):
-    """The input as the task takes it; ValueError when it names a file (path columns take data: URIs only)."""
+def _checked(task, item, max_pixels: int):
+    """The input as the task takes it; ValueError when it names a file (path columns take data: URIs only) or an
+    image declares more than max_pixels (read from its header, before any decoding)."""
+    from tunesmith.tasks.base import blank
+    from tunesmith.vision import pixels
+
     for col in task.path_columns:
         v = item if isinstance(item, str) else item.get(col)        # a bare input is the path column's value
         if v is not None and not (isinstance(v, str) and v.startswith("data:")):
             raise ValueError(f"'{col}' must be a data: URI (base64 image bytes); the server reads no files")
+        if v is not None:
+            try:
+                n = pixels(v)
+            except Exception:                       # unreadable: the model thread reports it, as before
+                n = 0
+            if n > max_pixels:
+                raise ValueError(f"'{col}' declares {n:,} pixels, over the limit of {max_pixels:,} pixels "
+                                 "(serve --max-pixels)")
     if isinstance(item, str) and not task.path_columns and len(item) > MAX_TEXT:
         raise ValueError(f"longer than {MAX_TEXT:,} characters")
+    if isinstance(item, str) and not task.path_columns and blank(item):
+        raise ValueError("empty input (nothing but whitespace and control characters)")
     return item
+
+
+def _non_finite(body: bytes) -> list | None:
+    """Where the JSON body holds NaN or +-Infinity (which Python's json accepts and the routes cannot answer), or
+    None (also for a body that is not JSON: the route says what is wrong with it)."""
+    if b"NaN" not in body and b"Infinity" not in body:      # the fast path: most bodies
+        return None
+    try:
+        value = json.loads(body)
+    except ValueError:
+        return None
+    stack = [(value, [])]
+    while stack:
+        v, loc = stack.pop()
+        if isinstance(v, float) and not math.isfinite(v):
+            return loc
+        if isinstance(v, dict):
+            stack.extend((x, [*loc, k]) for k, x in v.items())
+        elif isinstance(v, list):
+            stack.extend((x, [*loc, i]) for i, x in enumerate(v))
+    return None
 
 
 class Guard:
@@ -243,6 +287,11 @@ class Guard:
             if len(body) > self.limit:
                 return await too_large(scope, receive, send)
             more = message.get("more_body", False)
+        where = _non_finite(body)
+        if where is not None:
+            return await JSONResponse({"detail": [{"loc": ["body", *where], "type": "value_error",
+                                                   "msg": "NaN and Infinity are not JSON numbers"}]},
+                                      status_code=422)(scope, receive, send)
         replayed = False
 
         async def replay():
@@ -309,7 +358,7 @@ def create_app(run, api_key: str | None = None, onnx: str | None = None, device:
         errors = []
         for i, item in enumerate(body.inputs):
             try:
-                _checked(task, item)
+                _checked(task, item, limits.max_pixels)
             except ValueError as e:
                 errors.append({"loc": ["body", "inputs", i], "msg": str(e), "type": "value_error"})
         if errors:

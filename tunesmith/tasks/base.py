@@ -29,6 +29,8 @@ name and never probes for a method (tests/test_layering.py checks the first):
 """
 from __future__ import annotations
 
+import unicodedata
+
 import torch
 
 from tunesmith.tasks.outputs import SCHEMAS, Prediction
@@ -40,6 +42,11 @@ class Features(list):
     def __init__(self, items=(), truncated: int = 0):
         super().__init__(items)
         self.truncated = truncated
+
+
+def blank(text: str) -> bool:
+    """True when text holds nothing once whitespace and control characters (Unicode category C) are removed."""
+    return not any(unicodedata.category(c)[0] != "C" for c in text if not c.isspace())
 
 
 class Task:
@@ -263,8 +270,9 @@ class Task:
 
     def check_input(self, item) -> str | None:
         """Why one prediction input (a string, or a row with the recipe's columns) cannot be used, or None; callers
-        answer such an input with {"error": reason} in its place. Default: an empty string is refused."""
-        if isinstance(item, str) and not item.strip():
+        answer such an input with {"error": reason} in its place. Default: a string empty once whitespace and control
+        characters (Unicode category C: "\\u0000", format marks) are removed is refused."""
+        if isinstance(item, str) and blank(item):
             return "empty input"
         return None
 

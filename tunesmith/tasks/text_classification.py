@@ -5,7 +5,7 @@ import copy
 
 import torch
 
-from tunesmith.tasks.base import Features, model_device
+from tunesmith.tasks.base import Features, blank, model_device
 from tunesmith.tasks.classification import EXPLAIN_STEPS, Classification, captum_attr
 from tunesmith.tasks.hf import load_hf
 
@@ -37,7 +37,7 @@ class TextClassification(Classification):
             return f"missing text (column '{col}')"
         if not isinstance(text, str):
             return f"text has the wrong type ({type(text).__name__}), expected a string"
-        if not text.strip():
+        if blank(text):
             return "empty text"
         return None
 
