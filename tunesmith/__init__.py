@@ -11,6 +11,7 @@
     ts.search(recipe, trials=20)                                            # Optuna study in runs/search-<name>
     ts.tune(recipe, budget="15m")                                           # plan and race in runs/tune-<name>
     ts.compare(["runs/a", "runs/b"])                                        # metrics side by side (cv: paired test)
+    ts.init("reviews.csv", out="recipe.yaml")                               # a starter recipe from the data alone
 
 Where a function takes a recipe, it takes a Recipe or what load_recipe reads (a YAML path, a dict). Names are
 imported on first use, so `import tunesmith` stays light (no torch until something trains). An API name never
@@ -47,6 +48,7 @@ _API = {
     "search": "tunesmith.selection.search:search",
     "tune": "tunesmith.selection.tune:tune",
     "compare": "tunesmith.selection.compare:compare",
+    "init": "tunesmith.starter:init",
 }
 __all__ = [*_API, "__version__"]
 

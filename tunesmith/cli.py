@@ -169,10 +169,23 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_init(args) -> int:
+    import tunesmith as ts
+
+    out = ts.init(args.data, task=args.task, model=args.model, out=None if args.out == "-" else args.out,
+                  text_column=args.text_column, label_column=args.label_column, overrides=args.overrides,
+                  force=args.force)
+    print(out["text"], end="")
+    if out["path"]:
+        print(f"wrote {out['path']} ({out['task']}); next: tunesmith doctor {out['path']} · tunesmith train "
+              f"{out['path']}", file=sys.stderr)
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "demo": cmd_demo, "doctor": cmd_doctor,
             "compare": cmd_compare, "chat": cmd_chat, "report": cmd_report, "explain": cmd_explain,
             "export": cmd_export, "distill": cmd_distill, "serve": cmd_serve, "search": cmd_search, "cv": cmd_cv,
-            "tune": cmd_tune}
+            "tune": cmd_tune, "init": cmd_init}
 
 def quiet() -> None:
     """Hide transformers' load reports ("LOAD REPORT" tables) and its and huggingface_hub's progress bars

@@ -44,6 +44,10 @@ ABOUT = {
     "distill": ("train a smaller student on a classifier run's soft labels", "Prints size, speed and metric "
                 "against the teacher."),
     "serve": ("serve a run: REST API, OpenAI-compatible chat, web page", "Until Ctrl-C; requests are batched."),
+    "init": ("write a starter recipe from a data file or folder", "Infers the task and columns, picks a bundled "
+             "model, writes a commented recipe (default ./recipe.yaml) with the data's profile. Exit 2, nothing "
+             "written, when a choice is not clear (it lists the candidates and the option that chooses) or the "
+             "file exists (--force replaces it)."),
 }
 
 
@@ -179,8 +183,24 @@ def parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-pixels", type=int, default=4096 * 4096,
                     help="pixels an image may declare in its header (422 above; default 4096x4096)")
     _device(sv)
+    _init(sub)
     p.commands = sub.choices                        # name -> its parser, for parse()
     return p
+
+
+def _init(sub) -> None:
+    it = _command(sub, "init")
+    it.add_argument("data", help="a .csv .tsv .jsonl .parquet file, a CoNLL file, an image folder (one subfolder per "
+                                 "class, or train/ val/ test/ holding them), or a bundled dataset")
+    it.add_argument("overrides", nargs="*", help="key.path=value written into the recipe, e.g. data.max_length=256 "
+                                                 "(data.*_column=NAME also chooses a column)")
+    it.add_argument("--task", help="the task, when the data fits several or init cannot tell")
+    it.add_argument("--model", help="a bundled alias, hub id or local folder (default: the task's bundled model)")
+    it.add_argument("--out", default="recipe.yaml",
+                    help="where to write the recipe (default ./recipe.yaml; - prints it only)")
+    it.add_argument("--text-column", help="the text column, when several look like one")
+    it.add_argument("--label-column", help="the label column, when several (or none) look like one")
+    it.add_argument("--force", action="store_true", help="replace --out if it exists")
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

@@ -55,11 +55,11 @@ def position(origin: str) -> int:
 _NOT_UTF8 = re.compile("[\udc80-\udcff]")        # bytes that surrogateescape could not decode
 
 
-def _read_csv(path: Path, table: Table) -> None:
+def _read_csv(path: Path, table: Table, delimiter: str = ",") -> None:
     csv.field_size_limit(sys.maxsize)
     # utf-8-sig: a BOM (Excel export) is not part of the header; surrogateescape: a bad byte rejects its row only
     with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
-        reader = csv.reader(f)
+        reader = csv.reader(f, delimiter=delimiter)
         try:
             header = next(reader)
         except StopIteration:
@@ -215,7 +215,12 @@ def _resolve_paths(table: Table, folder: Path, columns) -> None:
                 row[c] = os.path.normpath(folder.absolute() / v)
 
 
-READERS = {".csv": _read_csv, ".jsonl": _read_jsonl, ".json": _read_jsonl, ".parquet": _read_parquet}
+def _read_tsv(path: Path, table: Table) -> None:
+    _read_csv(path, table, delimiter="\t")
+
+
+READERS = {".csv": _read_csv, ".tsv": _read_tsv, ".jsonl": _read_jsonl, ".json": _read_jsonl,
+           ".parquet": _read_parquet}
 HF_SAVED = ("dataset_dict.json", "state.json", "dataset_info.json")     # marks a folder from save_to_disk
 
 

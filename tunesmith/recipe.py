@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import difflib
 import reprlib
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal
 
@@ -23,6 +24,16 @@ from tunesmith.selection.space import SearchConfig
 SCHEMA = 2                      # run folder / recipe layout version; 1: one flat namespace for every task
 MAX_NAME = 100                  # characters of `name` (a run folder's prefix, copied into every run's recipe)
 QUOTE = 200                     # characters of a value quoted in an error message
+
+
+@dataclass
+class Guess:
+    """What a task's recipe class makes of some data (`Recipe.sniff`, read by `tunesmith init`)."""
+    score: float                                # 0..1: ~0.9 the data is in one of the task's own formats
+    data: dict = field(default_factory=dict)    # data keys to write besides data.train (columns, splits, scheme)
+    about: list[str] = field(default_factory=list)  # the data's profile, one comment line each (counts, lengths)
+    notes: list[str] = field(default_factory=list)  # commented-out suggestions written at the end of the recipe
+    ambiguous: str | None = None                # set: the user must choose (the candidates, and the options)
 
 
 class RecipeError(TunesmithError):
@@ -129,6 +140,8 @@ class Recipe(Section):
     metrics: ClassVar[dict[str, Literal["max", "min"]]] = {"loss": "min"}
     default_metric: ClassVar[str] = "loss"      # train.metric when unset
     default_method: ClassVar[str] = "full"      # adapt.method when unset
+    # `tunesmith init`: (bundled alias, hub id written instead when the alias's package is not installed)
+    starter_model: ClassVar[tuple[str, str] | None] = None
 
     task: str
     model: ModelConfig
@@ -181,6 +194,13 @@ class Recipe(Section):
             raise ValueError(f"train.metric {_short(train.metric)} is not a metric of task '{cls.task_name()}': {hint}"
                              f"choose one of {', '.join(cls.metrics)}")
         return train
+
+    @classmethod
+    def sniff(cls, profile) -> Guess | None:
+        """`tunesmith init`: how well `profile` (tunesmith/starter.py's Profile: a data file's rows or lines, or an
+        image folder's files, read without torch) fits this task, with the keys to write; None: not at all. Each
+        task recognises its own formats here, so init's shared code never names a task."""
+        return None
 
     @classmethod
     def task_name(cls) -> str:

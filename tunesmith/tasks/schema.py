@@ -6,11 +6,14 @@ recipe has them: `augment.hflip` in a text-classification recipe is an error nam
 """
 from __future__ import annotations
 
+import json
+import math
+from collections import Counter
 from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator
 
-from tunesmith.recipe import DataConfig, EvalConfig, Recipe, Section, TrainConfig
+from tunesmith.recipe import DataConfig, DoctorConfig, EvalConfig, Guess, Recipe, Section, TrainConfig
 
 CLASSIFICATION_METRICS: dict[str, Literal["max", "min"]] = {
     "accuracy": "max", "f1_macro": "max", "f1_weighted": "max", "precision_macro": "max", "recall_macro": "max",
@@ -50,6 +53,36 @@ class ClassificationRecipe(Recipe):
     eval: ClassificationEval = ClassificationEval()
 
 
+# --- recognising data (`tunesmith init`: Recipe.sniff; the profile is tunesmith/starter.py's) ------------
+
+TOKENS_PER_WORD = 1.4           # sub-word tokens per whitespace word, a rough mean for English and BERT/Llama
+PROMPTS = ("prompt", "instruction", "question", "query", "input")     # column names of a prompt ...
+RESPONSES = ("response", "output", "answer", "completion")             # ... and of its response
+
+
+def column(profile, key: str, shapes: tuple[str, ...], what: str, option: str, names=None):
+    """(the column for data.`key`, None) or (None, why the user must choose): the user's (profile.hints), else the
+    only column of one of `shapes` (and, given `names`, with one of those names)."""
+    chosen = profile.hints.get(key)
+    if chosen is not None:
+        if chosen not in profile.columns:
+            return None, f"no column '{chosen}' for data.{key} (the columns: {', '.join(profile.columns)})"
+        return chosen, None
+    found = [c for c in profile.columns if profile.shape(c) in shapes and (names is None or c.lower() in names)]
+    if len(found) == 1:
+        return found[0], None
+    listed = "".join(f"\n  {profile.describe(c)}" for c in (found or profile.columns))
+    head = f"{len(found)} {what} columns" if found else f"no {what} column"
+    return None, f"{head}: choose one with {option}{listed}"
+
+
+def tokens_needed(words: list[int], default: int, cap: int) -> int | None:
+    """A max_length (tokens, a multiple of 32) holding 95% of the rows whole, when `default` does not; else None."""
+    xs = sorted(words)
+    need = xs[round(0.95 * (len(xs) - 1))] * TOKENS_PER_WORD if xs else 0
+    return min(cap, math.ceil(need / 32) * 32) if need > default else None
+
+
 # --- text classification ----------------------------------------------------------------------------
 
 class TextClassificationData(ClassificationData):
@@ -59,9 +92,42 @@ class TextClassificationData(ClassificationData):
 
 class TextClassificationRecipe(ClassificationRecipe):
     task_class: ClassVar[str] = "tunesmith.tasks.text_classification:TextClassification"
+    starter_model: ClassVar[tuple[str, str]] = ("minilm", "sentence-transformers/all-MiniLM-L6-v2")
 
     task: Literal["text-classification"]
     data: TextClassificationData
+
+    @classmethod
+    def sniff(cls, profile) -> Guess | None:
+        """A table with one text-like and one label-like column (or those data.text_column/label_column name)."""
+        if profile.rows is None:
+            return None
+        text, why = column(profile, "text_column", ("text",), "text-like", "--text-column NAME")
+        label, why_label = column(profile, "label_column", ("category",), "label-like", "--label-column NAME")
+        if text is not None and text == label:
+            text, why = None, f"'{text}' is given as both the text and the label column"
+        if why or why_label:
+            texts = any(profile.shape(c) == "text" for c in profile.columns)
+            return Guess(0.5 if texts else 0.1, ambiguous="\n".join(w for w in (why, why_label) if w))
+        texts = [v for v in profile.values(text) if isinstance(v, str)]
+        labels = profile.values(label)
+        counts = Counter(map(str, labels)).most_common()
+        about = [f"{len(profile.rows):,} rows; text column '{text}': {profile.words(texts)}",
+                 f"label column '{label}': {profile.classes(labels)}"]
+        if len(labels) < len(profile.rows):
+            about.append(f"rows without a label: {len(profile.rows) - len(labels):,}")
+        about += [f"not used: {profile.describe(c)}" for c in profile.columns if c not in (text, label)]
+        data = {"text_column": text, "label_column": label}
+        default = TextClassificationData.model_fields["max_length"].default
+        longer = tokens_needed([len(t.split()) for t in texts], default, 512)
+        if longer:
+            data["max_length"] = longer
+            about.append(f"data.max_length {longer}: tokens holding 95% of the texts whole (default 128)")
+        notes = []
+        if len(counts) > 1 and counts[0][1] / counts[-1][1] > DoctorConfig().imbalance_ratio:
+            notes.append(f"the classes are imbalanced ({counts[0][1] / counts[-1][1]:.1f}x): to weigh them, "
+                         f"train: {{class_weights: balanced}}")
+        return Guess(0.9, data, about, notes)
 
 
 # --- image classification ---------------------------------------------------------------------------
@@ -105,10 +171,32 @@ class AugmentConfig(Section):
 
 class ImageClassificationRecipe(ClassificationRecipe):
     task_class: ClassVar[str] = "tunesmith.tasks.image_classification:ImageClassification"
+    starter_model: ClassVar[tuple[str, str]] = ("mobilenet_v2", "google/mobilenet_v2_1.0_224")
 
     task: Literal["image-classification"]
     data: ImageClassificationData
     augment: AugmentConfig = AugmentConfig()
+
+    @classmethod
+    def sniff(cls, profile) -> Guess | None:
+        """An image folder: one subfolder of images per class, or train/ (val/, test/) subfolders holding them."""
+        if profile.images is None:
+            return None
+        train = profile.images.get("train", profile.images.get(""))
+        if len(train) < 2:
+            return Guess(0.5, ambiguous=f"{len(train)} class folder(s) ({', '.join(train)}): an image folder holds "
+                                        f"one subfolder of images per class, at least two")
+        about, files = [], []
+        for split, classes in profile.images.items():
+            labels = [c for c, fs in classes.items() for _ in fs]
+            files += [f for fs in classes.values() for f in fs]
+            about.append(f"{split or 'images'}: {len(labels):,} images, {profile.classes(labels)}")
+            unknown = sorted(set(classes) - set(train))
+            if unknown:
+                about.append(f"{split}: classes not in train (their images are rejected): {', '.join(unknown)}")
+        about.append(profile.image_sizes(files))
+        notes = ["small data trains better with augmentation, e.g. augment: {hflip: 0.5, crop_scale: [0.6, 1.0]}"]
+        return Guess(0.95, dict(profile.folders), about, notes)
 
 
 # --- generation (shared by generative tasks: causal-lm now, seq2seq next) ----------------------------
@@ -151,13 +239,71 @@ class CausalLMTrain(TrainConfig):
     pack_length: int | None = Field(None, gt=0)  # tokens per packed row; None: data.max_length
 
 
+def conversation(value) -> list[dict] | None:
+    """A messages value ([{role, content}], or its JSON text) as a list, or None when it is not one."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return None
+    ok = isinstance(value, list) and value and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value)
+    return value if ok else None
+
+
 class CausalLMRecipe(Recipe):
     task_class: ClassVar[str] = "tunesmith.tasks.causal_lm:CausalLM"
     metrics: ClassVar[dict[str, Literal["max", "min"]]] = {"loss": "min", "perplexity": "min"}
     default_metric: ClassVar[str] = "loss"
     default_method: ClassVar[str] = "lora"
+    starter_model: ClassVar[tuple[str, str]] = ("smollm2", "HuggingFaceTB/SmolLM2-135M-Instruct")
 
     task: Literal["causal-lm"]
     data: CausalLMData
     train: CausalLMTrain = CausalLMTrain()
     eval: GenerativeEval = GenerativeEval()
+
+    @classmethod
+    def sniff(cls, profile) -> Guess | None:
+        """A table with a messages column (lists of {role, content}, or their JSON), or a prompt and a response
+        column (named like PROMPTS, RESPONSES, or as data.prompt_column/response_column say)."""
+        if profile.rows is None:
+            return None
+        hint = profile.hints.get("messages_column")
+        for c in [hint] if hint else profile.columns:
+            values = profile.values(c)
+            chats = [x for x in map(conversation, values) if x]
+            if values and len(chats) >= 0.9 * len(values):
+                return cls._chats(profile, chats, {"messages_column": c}, 0.95)
+        given = {"prompt_column", "response_column"} & set(profile.hints)
+        shapes = ("text", "category", "other")
+        prompt, why = column(profile, "prompt_column", shapes, "prompt-like", "data.prompt_column=NAME", PROMPTS)
+        response, why_r = column(profile, "response_column", shapes, "response-like", "data.response_column=NAME",
+                                 RESPONSES)
+        if why or why_r:
+            named = given or any(c.lower() in PROMPTS + RESPONSES for c in profile.columns)
+            return Guess(0.6, ambiguous="\n".join(w for w in (why, why_r) if w)) if named else None
+        chats = [[{"role": "user", "content": r[prompt]}, {"role": "assistant", "content": r[response]}]
+                 for r in profile.rows if isinstance(r.get(prompt), str) and isinstance(r.get(response), str)]
+        return cls._chats(profile, chats, {"prompt_column": prompt, "response_column": response}, 0.85)
+
+    @classmethod
+    def _chats(cls, profile, chats: list[list[dict]], data: dict, score: float) -> Guess:
+        roles = Counter(m["role"] for chat in chats for m in chat)
+        answers = [m["content"] for chat in chats for m in chat if m["role"] == "assistant"]
+        ending = sum(chat[-1]["role"] == "assistant" for chat in chats)
+        about = [f"{len(chats):,} conversations; {profile.spread((len(c) for c in chats), 'turns')}",
+                 "roles: " + ", ".join(f"{r} {n:,}" for r, n in roles.most_common()),
+                 f"assistant turns: {profile.words(answers)}",
+                 f"conversations ending with an assistant turn: {ending:,} of {len(chats):,}"]
+        about += [f"not used: {profile.describe(c)}" for c in profile.columns if c not in data.values()]
+        data = dict(data)
+        longer = tokens_needed([sum(len(m["content"].split()) + 6 for m in c) for c in chats],
+                               CausalLMData.model_fields["max_length"].default, 2048)
+        if longer:
+            data["max_length"] = longer
+            about.append(f"data.max_length {longer}: tokens holding 95% of the conversations whole (default 128)")
+        new = max(16, math.ceil(max((len(a.split()) for a in answers), default=1) * TOKENS_PER_WORD / 16) * 16)
+        notes = ["to also score generated answers (exact match, ROUGE-L) on the test split:",
+                 f"eval: {{generate: {{max_new_tokens: {new}}}}}"]
+        return Guess(score, data, about, notes)

@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import bisect
 import re
+from collections import Counter
 from typing import ClassVar, Literal
 
 from pydantic import Field, model_serializer, model_validator
 
-from tunesmith.recipe import DataConfig, Recipe
+from tunesmith.recipe import DataConfig, Guess, Recipe
 from tunesmith.tasks.outputs import SpansPrediction
 
 PREFIXES = {"IO": "I", "BIO": "BI", "IOB2": "BI", "BIOES": "BIES", "IOBES": "BIES"}
 CANONICAL = {"IO": "IO", "BIO": "BIO", "IOB2": "BIO", "BIOES": "BIOES", "IOBES": "BIOES"}
+CONLL_SUFFIXES = (".conll", ".conll03", ".iob", ".iob2", ".bio", ".bioes", ".txt", ".tsv")   # read as CoNLL
 WORD = re.compile(r"\w+|[^\w\s]")               # raw text -> words: runs of letters/digits, or one other char
 
 
@@ -55,9 +57,95 @@ class TokenClassificationRecipe(Recipe):
         "f1": "max", "precision": "max", "recall": "max", "f1_macro": "max", "precision_macro": "max",
         "recall_macro": "max", "accuracy": "max", "loss": "min"}
     default_metric: ClassVar[str] = "f1"
+    starter_model: ClassVar[tuple[str, str]] = ("minilm", "sentence-transformers/all-MiniLM-L6-v2")
 
     task: Literal["token-classification"]
     data: TokenClassificationData
+
+    @classmethod
+    def sniff(cls, profile) -> Guess | None:
+        """CoNLL lines (a word and its tag a line, the tag last), or a table with lists of words and of tags, or
+        with texts and their spans [{start, end, label}] (the columns data.*_column name, else found by shape)."""
+        if profile.lines is not None and profile.suffix in CONLL_SUFFIXES:
+            sentences = conll_sentences(profile.lines)
+            if sentences:
+                return _tagged(profile, sentences, {}, "CoNLL")
+        if profile.rows is None:
+            return None
+        hints, lists = profile.hints, [c for c in profile.columns if profile.shape(c) == "list"]
+        tags = hints.get("tags_column") or next((c for c in lists if _all(profile.values(c), _tag_list)), None)
+        words = hints.get("tokens_column") or next((c for c in lists if c != tags and _all(profile.values(c), _words)),
+                                                   None)
+        if tags and words:
+            sentences = [(r[words], r[tags]) for r in profile.rows if isinstance(r.get(words), list)
+                         and isinstance(r.get(tags), list) and len(r[words]) == len(r[tags])]
+            return _tagged(profile, sentences, {"tokens_column": words, "tags_column": tags}, "words and tags")
+        spans = hints.get("spans_column") or next((c for c in lists if _all(profile.values(c), _span_list)), None)
+        texts = [c for c in profile.columns if profile.shape(c) == "text"]
+        text = hints.get("text_column") or (texts[0] if len(texts) == 1 else None)
+        if spans and text:
+            rows = [r for r in profile.rows if isinstance(r.get(text), str) and isinstance(r.get(spans), list)]
+            sentences = [(split_words(r[text]), [s["label"] for s in r[spans] if isinstance(s, dict)]) for r in rows]
+            kinds = Counter(k for _, ks in sentences for k in ks)
+            about = [f"{len(rows):,} texts with spans; {profile.spread((len(w) for w, _ in sentences), 'words')}",
+                     f"entity types: {', '.join(f'{k} {n:,}' for k, n in kinds.most_common())}"]
+            return Guess(0.9, {"text_column": text, "spans_column": spans}, about)
+        if spans:
+            return Guess(0.6, ambiguous=f"spans in column '{spans}', but {len(texts)} text columns: choose one with "
+                                        f"--text-column NAME" + "".join(f"\n  {profile.describe(c)}" for c in texts))
+        return None
+
+
+def _all(values: list, ok) -> bool:
+    return bool(values) and all(ok(v) for v in values)
+
+
+def _words(v) -> bool:
+    return all(isinstance(w, str) for w in v)
+
+
+def _tag_list(v) -> bool:
+    return all(isinstance(t, str) and parse(t) != ("", "") for t in v)
+
+
+def _span_list(v) -> bool:
+    return all(isinstance(s, dict) and {"start", "end", "label"} <= set(s) for s in v)
+
+
+def conll_sentences(lines: list[str]) -> list[tuple[list[str], list[str]]] | None:
+    """The (words, tags) of CoNLL lines read as tunesmith/tasks/conll.py does with the default columns (the word
+    first, the tag last), or None when fewer than 95% of the word lines end in a tag (O, B-X, I-X, E-X, S-X)."""
+    out, words, tags, width, good, total = [], [], [], None, 0, 0
+    for line in [*lines, ""]:
+        fields = line.split("\t") if "\t" in line else line.split()
+        if not line.strip() or fields[0] == "-DOCSTART-":
+            if words:
+                out.append((words, tags))
+            words, tags = [], []
+            continue
+        total += 1
+        width = width or len(fields)
+        if len(fields) == width >= 2 and parse(fields[-1].strip()) != ("", ""):
+            good += 1
+            words.append(fields[0].strip())
+            tags.append(fields[-1].strip())
+    return out if total and good >= 0.95 * total else None
+
+
+def _tagged(profile, sentences: list, data: dict, form: str) -> Guess:
+    """The Guess for sentences of words and tags: the scheme their prefixes use, repair when they break it."""
+    prefixes = {parse(t)[0] for _, tags in sentences for t in tags} - {"O", ""}
+    scheme = "BIOES" if prefixes & {"E", "S"} else "BIO" if "B" in prefixes else "IO"
+    data = dict(data) | ({"tag_scheme": scheme} if scheme != "BIO" else {})
+    kinds = Counter(kind for _, tags in sentences for kind, _, _ in entities(tags))
+    about = [f"{len(sentences):,} sentences ({form}); {profile.spread((len(w) for w, _ in sentences), 'words')}",
+             f"entity types: {', '.join(f'{k} {n:,}' for k, n in kinds.most_common())}; tags: {scheme}"]
+    broken = sum(violation(tags, scheme) is not None for _, tags in sentences)
+    if broken:
+        data["tag_repair"] = True
+        about.append(f"data.tag_repair: {broken:,} sentences break {scheme} (an I- tag starting an entity, as in "
+                     f"IOB1); they are read as seqeval reads them")
+    return Guess(0.95, data, about)
 
 
 class TaggedSpans(SpansPrediction):
