@@ -216,11 +216,24 @@ def _shape(vals: list, rows: int) -> str:
     words = statistics.median(len(s.split()) for s in strings) if strings else 0
     if 2 <= distinct <= min(MAX_CLASSES, max(2, rows // 3)) and words <= 4:
         return "category"
+    if all(_number(v) for v in vals):
+        return "number"
     if len(strings) < 0.9 * len(vals):
-        return "number" if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals) else "other"
+        return "other"
     if words >= 3 or (distinct >= len(vals) / 2 and words >= 2):
         return "text"
     return "other"
+
+
+def _number(v) -> bool:
+    """An int or float, or a string reading as one (a CSV's numbers)."""
+    if isinstance(v, bool):
+        return False
+    try:
+        float(v)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 # --- the recipe ------------------------------------------------------------------------------------------
@@ -266,7 +279,8 @@ def _choose(profile: Profile, task: str | None, classes: dict) -> tuple[str, Gue
     what = f"{profile.source} ({profile.format}" + (f"; columns {', '.join(profile.columns)}" if profile.columns
                                                     else "") + ")"
     if not guesses and task:
-        keys = [k for k in classes[task].model_fields["data"].annotation.model_fields if k.endswith("_column")]
+        fields = classes[task].model_fields["data"].annotation.model_fields
+        keys = [k for k, f in fields.items() if k.endswith("_column") and isinstance(f.default, str)]
         raise InitError(f"{what} does not look like {task} data" +
                         (f"; name its columns with data.KEY=NAME ({', '.join(keys)})" if keys else "") +
                         "".join(f"\n  {profile.describe(c)}" for c in profile.columns))

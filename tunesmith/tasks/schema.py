@@ -276,7 +276,7 @@ class CausalLMRecipe(Recipe):
             if values and len(chats) >= 0.9 * len(values):
                 return cls._chats(profile, chats, {"messages_column": c}, 0.95)
         given = {"prompt_column", "response_column"} & set(profile.hints)
-        shapes = ("text", "category", "other")
+        shapes = ("text", "category", "number", "other")          # names decide; values must be strings
         prompt, why = column(profile, "prompt_column", shapes, "prompt-like", "data.prompt_column=NAME", PROMPTS)
         response, why_r = column(profile, "response_column", shapes, "response-like", "data.response_column=NAME",
                                  RESPONSES)
@@ -285,7 +285,10 @@ class CausalLMRecipe(Recipe):
             return Guess(0.6, ambiguous="\n".join(w for w in (why, why_r) if w)) if named else None
         chats = [[{"role": "user", "content": r[prompt]}, {"role": "assistant", "content": r[response]}]
                  for r in profile.rows if isinstance(r.get(prompt), str) and isinstance(r.get(response), str)]
-        return cls._chats(profile, chats, {"prompt_column": prompt, "response_column": response}, 0.85)
+        guess = cls._chats(profile, chats, {"prompt_column": prompt, "response_column": response}, 0.85)
+        if len(chats) < len(profile.rows):
+            guess.about.append(f"rows without a text prompt and response: {len(profile.rows) - len(chats):,}")
+        return guess
 
     @classmethod
     def _chats(cls, profile, chats: list[list[dict]], data: dict, score: float) -> Guess:
