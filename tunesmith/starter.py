@@ -30,6 +30,7 @@ import yaml
 
 from tunesmith import __version__, io
 from tunesmith.data import DataError
+from tunesmith.errors import TunesmithError
 from tunesmith.recipe import Guess, RecipeError, apply_override, load
 
 # tunesmith/vision.py's IMAGE_SUFFIXES (tests/test_init.py checks they agree), here so init never imports torch
@@ -83,6 +84,8 @@ class Profile:
         p = cls(source, path, absolute=absolute, hints=dict(hints or {}))
         if not path.exists():
             raise DataError(f"{source}: file or folder not found")
+        if not (path.is_file() or path.is_dir()):
+            raise DataError(f"{source}: not a regular file (a FIFO, socket or device)")
         if path.is_dir():
             p.format = "image folder"
             p._image_folder()
@@ -97,11 +100,12 @@ class Profile:
                 if p.suffix != ".tsv":              # a TSV may be CoNLL (no header): read its lines below
                     raise
         if p.rows is None or p.suffix == ".tsv":
-            raw = path.read_bytes()
-            if b"\0" in raw[:4096]:
+            with open(path, "rb") as f:
+                binary = b"\0" in f.read(4096)
+            if binary:
                 raise DataError(f"{source}: a binary file; init reads .csv .tsv .jsonl .parquet files, text files "
                                 f"a task reads (CoNLL) and image folders")
-            p.lines = raw.decode("utf-8", errors="replace").splitlines()
+            p.lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
             p.format = p.format or "text"
         return p
 
@@ -308,6 +312,8 @@ def init(data: str | Path, task: str | None = None, model: str | None = None, ou
     from tunesmith.tasks import recipe_classes
 
     out = Path(out) if out is not None else None
+    if out is not None and out.is_dir():
+        raise InitError(f"--out {out} is a folder; give the recipe's file name (e.g. {out / 'recipe.yaml'})")
     if out is not None and out.exists() and not force:
         raise InitError(f"{out} exists; choose another --out, or --force to replace it")
     hints = {k: v for k, v in (("text_column", text_column), ("label_column", label_column)) if v}
@@ -330,7 +336,10 @@ def init(data: str | Path, task: str | None = None, model: str | None = None, ou
     if out is not None:
         if out.exists() and not force:
             raise InitError(f"{out} exists; choose another --out, or --force to replace it")
-        io.atomic_write(out, text)
+        try:
+            io.atomic_write(out, text)
+        except OSError as e:
+            raise TunesmithError(f"cannot write {out}: {e.strerror or e}") from None
     return {"task": name, "recipe": recipe, "text": text, "path": str(out) if out is not None else None}
 
 
