@@ -195,6 +195,15 @@ def test_existing_file_is_kept_without_force(tmp_path, capsys):
     assert yaml.safe_load(out.read_text())["task"] == "text-classification"
 
 
+def test_a_line_break_in_the_data_stays_inside_its_comment(tmp_path):
+    data = tmp_path / "odd.csv"
+    labels = ["no\nreally", "yes"]
+    data.write_text("text,label\n" + "".join(f'a fine film number {i},"{labels[i % 2]}"\n' for i in range(20)))
+    out = ts.init(data, out=tmp_path / "odd.yaml")
+    assert "2 classes: no\\nreally 10 (50%), yes 10 (50%)" in out["text"]
+    assert yaml.safe_load((tmp_path / "odd.yaml").read_text()) == out["recipe"]
+
+
 def test_overrides_are_written_and_tsv_tables_are_read(tmp_path):
     from tunesmith import data as data_module
 

@@ -344,8 +344,8 @@ def init(data: str | Path, task: str | None = None, model: str | None = None, ou
 
 
 def render(recipe: dict, profile: Profile, guess: Guess, model_note: str, name: str = "recipe.yaml") -> str:
-    lines = [f"# Written by `tunesmith init` (tunesmith {__version__}) from {profile.source} ({profile.format}).",
-             *(f"#   {a}" for a in guess.about)]
+    lines = [f"# Written by `tunesmith init` (tunesmith {__version__}) from {_one_line(profile.source)} "
+             f"({profile.format}).", *(f"#   {_one_line(a)}" for a in guess.about)]
     if profile.rejects:
         lines.append(f"#   unreadable rows: {profile.rejects:,} (`tunesmith doctor` lists them)")
     lines += [f"# Check the task and columns below; `tunesmith doctor {name}` looks for problems in the data,",
@@ -361,5 +361,10 @@ def render(recipe: dict, profile: Profile, guess: Guess, model_note: str, name: 
     if "train" not in recipe:
         lines += ["# training: the task's defaults for this data (epochs, learning rate, batch size); to set them:",
                   "# train:", "#   epochs: 5", "#   learning_rate: 5.0e-5", "#   batch_size: 16"]
-    lines += [f"# {n}" for n in guess.notes]
+    lines += [f"# {_one_line(n)}" for n in guess.notes]
     return "\n".join(lines) + "\n"
+
+
+def _one_line(text: str) -> str:
+    """A comment stays one line whatever the data holds (a label or column name with a line break in it)."""
+    return text.replace("\r", "\\r").replace("\n", "\\n")
