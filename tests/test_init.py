@@ -217,6 +217,17 @@ def test_overrides_are_written_and_tsv_tables_are_read(tmp_path):
     assert "# train:" not in out["text"]                              # no hint once train is given
 
 
+def test_parquet_table(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "r.parquet"
+    pq.write_table(pa.table({"review": [f"a fine film number {i}" for i in range(20)], "stars": [1, 5] * 10}), path)
+    out = ts.init(path, out=None)
+    assert out["recipe"]["data"] == {"train": str(path), "text_column": "review", "label_column": "stars"}
+    assert "2 classes: 1 10 (50%), 5 10 (50%)" in out["text"]
+
+
 def test_forced_task_that_does_not_fit_says_which_keys_name_columns(tmp_path):
     data = write_reviews(tmp_path / "r.csv", n=30)
     with pytest.raises(starter.InitError, match="does not look like causal-lm data; name its columns with "
