@@ -37,6 +37,17 @@ def write_reviews(path: Path, n: int = 240, seed: int = 0, labels=("pos", "neg")
     return path
 
 
+@pytest.fixture(autouse=True)
+def environment_kept(monkeypatch):
+    """cli.main() quiets the libraries through os.environ (cli.quiet); restore it after each test, so that a test
+    calling main() in-process does not quiet a later test's subprocess (`tunesmith train --verbose`)."""
+    for key in ("TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS"):
+        original = os.environ.get(key)
+        monkeypatch.setenv(key, original or "")                 # records the original state for teardown ...
+        if original is None:
+            monkeypatch.delenv(key)                             # ... and leaves it as it was during the test
+
+
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> Path:
     """A 2-layer, hidden-32 BERT classifier with a word-level vocabulary, saved as an HF folder."""

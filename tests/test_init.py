@@ -2,7 +2,6 @@
 recipe the validator accepts (and training runs), the data's profile counted right in its comments, ambiguous
 data refused with the candidates listed and nothing written, and an existing file kept without --force."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,17 +14,6 @@ from PIL import Image
 import tunesmith as ts
 from tunesmith import starter
 from tunesmith.cli import main
-
-
-@pytest.fixture(autouse=True)
-def environment_kept(monkeypatch):
-    """main() quiets the libraries through os.environ (cli.quiet); restore it after each test, so that later test
-    files' subprocesses (`tunesmith train --verbose`) are not quieted too."""
-    for key in ("TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS"):
-        original = os.environ.get(key)
-        monkeypatch.setenv(key, original or "")                 # records the original state for teardown ...
-        if original is None:
-            monkeypatch.delenv(key)                             # ... and leaves it as it was during the test
 
 
 def test_csv_text_set_gives_a_recipe_that_validates_and_trains(tiny_bert, tmp_path):
