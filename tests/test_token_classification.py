@@ -365,6 +365,77 @@ def test_spans_equal_the_hf_pipeline_with_first_subword_aggregation(trained):
         expected = [(e["entity_group"], e["start"], e["end"], float(e["score"])) for e in pipe(text)]
         assert [(e["label"], e["start"], e["end"]) for e in got["spans"]] == [x[:3] for x in expected]
         assert [e["score"] for e in got["spans"]] == pytest.approx([x[3] for x in expected], abs=1e-5)
+    assert json.loads((trained.path / "model" / "config.json").read_text())["tunesmith_aggregation"] == "first"
+
+
+def hf_simple_groups(pieces):
+    """transformers' own grouping code (TokenClassificationPipeline.group_entities and the "O" filter of its
+    postprocess) on (start, end, tag, probability) pieces."""
+    from types import SimpleNamespace
+
+    from transformers.pipelines.token_classification import TokenClassificationPipeline as P
+
+    class Grouper:
+        group_entities, group_sub_entities, get_tag = P.group_entities, P.group_sub_entities, P.get_tag
+        tokenizer = SimpleNamespace(convert_tokens_to_string=" ".join)
+
+    found = Grouper().group_entities([{"entity": t, "score": p, "word": "w", "start": a, "end": b}
+                                      for a, b, t, p in pieces])
+    return [(g["entity_group"], g["start"], g["end"], float(g["score"])) for g in found if g["entity_group"] != "O"]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_grouping_equals_the_pipelines_simple_aggregation(seed):
+    rng = random.Random(seed)
+    tags = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC", "E-LOC", "S-PER"]
+    pieces, at = [], 0
+    for _ in range(200):
+        n = rng.randint(1, 4)
+        pieces.append((at, at + n, rng.choice(tags), rng.random()))
+        at += n + rng.choice([0, 1])                    # a sub-word of the same word, or the next word
+    got = tagging.grouped_spans("x" * at, pieces)
+    expected = hf_simple_groups(pieces)
+    assert [(s["label"], s["start"], s["end"]) for s in got] == [x[:3] for x in expected]
+    assert [s["score"] for s in got] == pytest.approx([x[3] for x in expected], abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def trained_all_subwords(tiny_tagger, tmp_path_factory):
+    from tunesmith.pipeline import train
+
+    tmp = tmp_path_factory.mktemp("ner-run-all")
+    path = write_jsonl(tmp / "train.jsonl", [{"tokens": t, "tags": g} for t, g in sentences(200)])
+    return train(recipe(tiny_tagger, path, label_all_subwords=True), run_dir=tmp / "run")
+
+
+PARITY_TEXTS = ["Yesterday Mary Garcia met John at Initech, then visited New York.", "Ahmed works for Acme in Lagos.",
+                "Initech Lagos Globex Corp lagos INITECH.", "the team visited Lagos today."]
+
+
+def test_spans_equal_the_hf_pipeline_with_simple_aggregation_under_label_all_subwords(trained_all_subwords, tmp_path):
+    """Every sub-word trained (data.label_all_subwords): predict groups sub-words as aggregation_strategy="simple"
+    does, scores included; checked on the trained run and on an untrained head, whose sub-words disagree."""
+    from transformers import pipeline
+
+    folder = trained_all_subwords.path / "model"
+    assert json.loads((folder / "config.json").read_text())["tunesmith_aggregation"] == "simple"
+    predictor = trained_all_subwords.load(device="cpu")
+    task = predictor.task
+    random_head = task.load_model().eval()                 # the backbone, a new random head: tags flip mid-word
+    task.save(random_head, tmp_path / "random")
+    inside = 0
+    for model, path in ((predictor.model, folder), (random_head, tmp_path / "random")):
+        pipe = pipeline("token-classification", model=str(path), aggregation_strategy="simple", device="cpu")
+        ours = task.predict(model, PARITY_TEXTS + [{"tokens": ["Lagos", "Initech", "met", "Mary"]}])
+        theirs = [pipe(t) for t in PARITY_TEXTS] + pipe([["Lagos", "Initech", "met", "Mary"]], is_split_into_words=True)
+        for got, expected in zip(ours, theirs):
+            assert [(e["label"], e["start"], e["end"]) for e in got["spans"]] == \
+                [(x["entity_group"], x["start"], x["end"]) for x in expected]
+            assert [e["score"] for e in got["spans"]] == pytest.approx([float(x["score"]) for x in expected], abs=1e-5)
+        inside += sum(text[e["end"]:e["end"] + 1].isalnum() for text, p in zip(PARITY_TEXTS, ours) for e in p["spans"])
+    assert inside                                            # some span ends inside a word: "simple", not "first"
+    words = task.predict(predictor.model, ["Ahmed works for Acme in Lagos."])[0]["spans"]
+    assert {(e["text"], e["label"]) for e in words} >= {("Lagos", "LOC"), ("Ahmed", "PER")}
 
 
 # --- serving, report, export --------------------------------------------------------------------------

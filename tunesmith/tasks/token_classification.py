@@ -147,7 +147,8 @@ class TokenClassification(Task):
     def encode(self, rows: list[dict]) -> Features:
         """Windows of sub-word ids (see the module doc); each feature: input_ids, labels (when the row is
         tagged), row (its index in `rows`), n_words, words (the word indices it scores), first (their first
-        sub-word's position, -1 for a word without sub-words), gold (their tag ids, when tagged)."""
+        sub-word's position, -1 for a word without sub-words), pieces (their sub-word counts), gold (their tag
+        ids, when tagged)."""
         sents = []
         for r in rows:
             words, tags, _ = self.sentence(r)
@@ -179,12 +180,14 @@ class TokenClassification(Task):
         return Features(out, truncated=cut)
 
     def window(self, row: int, ids: list[int], wids: list, own, n_words: int, tags: list[int] | None) -> dict:
-        first = {}
+        first, pieces = {}, {}
         for p, w in enumerate(wids):
-            if w is not None and w not in first:
-                first[w] = p
+            if w is not None:
+                first.setdefault(w, p)
+                pieces[w] = pieces.get(w, 0) + 1
         own = list(own)
-        f = {"input_ids": ids, "row": row, "n_words": n_words, "words": own, "first": [first.get(w, -1) for w in own]}
+        f = {"input_ids": ids, "row": row, "n_words": n_words, "words": own, "first": [first.get(w, -1) for w in own],
+             "pieces": [pieces.get(w, 0) for w in own]}
         if tags is not None:
             labels = [-100] * len(ids)
             for p, w in enumerate(wids):
@@ -260,6 +263,7 @@ class TokenClassification(Task):
     def save(self, model, folder) -> None:
         tokenizer = copy.copy(self.tokenizer)       # a copy: the task's tokenizer is shared
         tokenizer.model_max_length = self.recipe.data.max_length
+        model.config.tunesmith_aggregation = self.aggregation     # for transformers' pipeline users (see aggregation)
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
 
@@ -273,9 +277,10 @@ class TokenClassification(Task):
     def count(self, batch: dict) -> float:
         return float((batch["labels"] != -100).sum())
 
-    def word_logprobs(self, model, features: list[dict], batch_size: int) -> dict[int, tuple]:
+    def word_logprobs(self, model, features: list[dict], batch_size: int, pieces: bool = False) -> dict[int, tuple]:
         """row -> (log-probabilities [n_words, C], scored [n_words] bool): each word from the window that owns
-        it, at its first sub-word; a word without sub-words is unscored and all its mass is on O (id 0)."""
+        it, at its first sub-word; a word without sub-words is unscored and all its mass is on O (id 0). pieces:
+        a third item, per word the log-probabilities of all its sub-words [n_pieces, C] (n_pieces may be 0)."""
         out = {}
         for idx, batch in batches(self, features, batch_size, model_device(model)):
             batch.pop("labels", None)
@@ -285,13 +290,16 @@ class TokenClassification(Task):
                 if f["row"] not in out:
                     blank = torch.full((f["n_words"], lp.shape[-1]), float("-inf"))
                     blank[:, 0] = 0.0
-                    out[f["row"]] = (blank, torch.zeros(f["n_words"], dtype=torch.bool))
-                scores, scored = out[f["row"]]
+                    out[f["row"]] = (blank, torch.zeros(f["n_words"], dtype=torch.bool), [lp[:0]] * f["n_words"])
+                scores, scored, subs = out[f["row"]]
                 first, words = torch.tensor(f["first"], dtype=torch.long), torch.tensor(f["words"], dtype=torch.long)
                 keep = first >= 0
                 scores[words[keep]] = lp[first[keep]]
                 scored[words[keep]] = True
-        return out
+                if pieces:
+                    for w, a, n in zip(f["words"], f["first"], f["pieces"]):
+                        subs[w] = lp[a:a + n] if a >= 0 else lp[:0]
+        return {r: x if pieces else x[:2] for r, x in out.items()}
 
     def scores(self, model, features: list[dict], batch_size: int) -> tuple[dict, list, list, list]:
         """(metrics, gold tags, predicted tags, the predicted tags' probabilities [n_words]), one per sentence in
@@ -351,11 +359,24 @@ class TokenClassification(Task):
     def output_schema(cls):
         return tagging.TaggedSpans
 
+    @property
+    def aggregation(self) -> str | None:
+        """The aggregation_strategy of transformers' pipeline("token-classification") that gives the spans `predict`
+        gives (on a text within one window): "first" by default (a word's first sub-word carries its tag),
+        "simple" under data.label_all_subwords (every sub-word is trained, so each is read and grouped as that
+        pipeline does); None under BIOES (the pipeline groups by B-/I- prefixes only). Saved in the model's
+        config.json as tunesmith_aggregation."""
+        if self.scheme == "BIOES":
+            return None
+        return "simple" if self.recipe.data.label_all_subwords else "first"
+
     def predict(self, model, inputs: list) -> list[dict]:
         """A text (or {text_column: ...}) -> {"spans": [{text, start, end, label, score}]}: character offsets into
-        the text (end exclusive; text == input[start:end]), score = the mean over the entity's words of the
-        probability of their predicted tag. {tokens_column: [...]} -> the same spans over the tokens joined by
-        single spaces, and "tags", "scores": one per token."""
+        the text (end exclusive; text == input[start:end]). Spans are whole words, score = the mean over the
+        entity's words of the probability of their predicted tag; under `aggregation` "simple", spans group
+        sub-words as that pipeline does (an entity may end inside a word) and score = the mean over its
+        sub-words. {tokens_column: [...]} -> the same spans over the tokens joined by single spaces, and "tags",
+        "scores": one per token (its first sub-word's)."""
         cfg = self.recipe.data
         sents, texts = [], []
         for x in inputs:
@@ -368,15 +389,31 @@ class TokenClassification(Task):
                 words = [text[a:b] for a, b in offsets]
                 texts.append((text, offsets, False))
             sents.append((words, None))
+        simple = self.aggregation == "simple"
         with torch.no_grad():
-            logp = self.word_logprobs(model, self.windows(sents), self.recipe.eval.batch_size)
+            logp = self.word_logprobs(model, self.windows(sents), self.recipe.eval.batch_size, pieces=simple)
         out = []
         for i, (text, offsets, tokens) in enumerate(texts):
             best = logp[i][0].exp().max(-1)
             tags = [self.names[j] for j in best.indices.tolist()]
-            out.append({"spans": tagging.entity_spans(text, offsets, tags, best.values)})
+            if simple:
+                out.append({"spans": tagging.grouped_spans(text, self.pieces(sents[i][0], offsets, logp[i][2]))})
+            else:
+                out.append({"spans": tagging.entity_spans(text, offsets, tags, best.values)})
             if tokens:
                 out[-1] |= {"tags": tags, "scores": [round(float(p), 6) for p in best.values]}
+        return out
+
+    def pieces(self, words: list[str], offsets: list[tuple[int, int]], logp: list) -> list[tuple]:
+        """(start, end, tag, probability) of each sub-word of `words` (at `offsets` in their text) that was scored,
+        in order; logp: per word its sub-words' log-probabilities [n, C] (word_logprobs with pieces)."""
+        enc = self.tokenizer(words, is_split_into_words=True, add_special_tokens=False, return_offsets_mapping=True)
+        out, k = [], {}
+        for w, (a, b) in zip(enc.word_ids(), enc["offset_mapping"]):
+            n = k[w] = k.get(w, -1) + 1                     # the n-th sub-word of word w
+            if n < len(logp[w]):
+                p, j = logp[w][n].exp().max(-1)
+                out.append((offsets[w][0] + a, offsets[w][0] + b, self.names[int(j)], float(p)))
         return out
 
     # --- ONNX export (tunesmith/deploy/export.py) ------------------------------------------------------
