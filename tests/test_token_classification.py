@@ -269,7 +269,8 @@ def test_a_word_longer_than_a_window_is_cut_and_counted():
 @pytest.mark.parametrize("scheme", ["BIO", "BIOES"])
 def test_metrics_equal_a_direct_seqeval_call(tiny_tagger, tmp_path, scheme):
     from seqeval.metrics import accuracy_score, classification_report, f1_score, precision_score, recall_score
-    from seqeval.scheme import IOBES
+    from seqeval.metrics.sequence_labeling import get_entities
+    from seqeval.scheme import IOBES, Entities
 
     path = write_jsonl(tmp_path / "x.jsonl", [{"tokens": t, "tags": tagging.repair(g, scheme)}
                                               for t, g in sentences(40, seed=3)])
@@ -296,8 +297,22 @@ def test_metrics_equal_a_direct_seqeval_call(tiny_tagger, tmp_path, scheme):
     assert result["per_type"]["LOC"]["support"] == table["LOC"]["support"]
     assert result["n_words"] == sum(len(r["tokens"]) for r in rows)
     listed = [json.loads(x) for x in (tmp_path / "misclassified.jsonl").read_text().splitlines()]
-    assert len(listed) == final["misclassified"] == sum(t != p for t, p in zip(true, pred))
+    chunks = (lambda tags: {e.to_tuple() for e in Entities([tags], IOBES).entities[0]}) \
+        if scheme == "BIOES" else (lambda tags: set(get_entities(tags)))
+    differ = [i for i, (t, p) in enumerate(zip(true, pred)) if chunks(t) != chunks(p)]
+    assert [x["row"] for x in listed] == differ and final["misclassified"] == len(differ)
     assert all(x["predicted"] == pred[x["row"]] and x["tokens"] == rows[x["row"]]["tokens"] for x in listed)
+    for x in listed:
+        assert [(s["label"], s["text"]) for s in x["reference"]["spans"]] == \
+            [(k, " ".join(x["tokens"][a:b])) for k, a, b in tagging.entities(x["tags"])]
+
+
+def test_a_sentence_is_misclassified_when_its_entities_differ():
+    assert tagging.same_entities(["B-PER", "I-PER", "O"], ["I-PER", "I-PER", "O"], "BIO")      # conlleval reading
+    assert not tagging.same_entities(["B-PER", "I-PER", "O"], ["B-PER", "B-PER", "O"], "BIO")
+    assert not tagging.same_entities(["B-PER", "I-PER", "O"], ["B-PER", "I-PER", "B-LOC"], "BIO")
+    assert not tagging.same_entities(["B-PER", "E-PER"], ["I-PER", "E-PER"], "BIOES")           # strict mode
+    assert tagging.same_entities(["S-PER", "O"], ["S-PER", "O"], "BIOES")
 
 
 def test_strict_mode_for_bioes():
@@ -481,6 +496,36 @@ def test_the_report_draws_its_samples(trained, tmp_path):
         == marks
     overview = re.search(r'<section id="overview">(.*?)</section>', page, re.DOTALL).group(1)
     assert '<td class="l">token-classification</td><td class="l">spans</td>' in overview
+
+
+def test_the_report_has_a_per_type_table_and_lists_misclassified_sentences(trained, tmp_path):
+    import shutil
+
+    import tunesmith as ts
+    from tunesmith.insight.page import fmt
+
+    run = shutil.copytree(trained.path, tmp_path / "run", ignore=shutil.ignore_patterns("model", "checkpoints"))
+    result = json.loads((run / "eval.json").read_text())
+    for x in [json.loads(line) for line in (run / "misclassified.jsonl").read_text().splitlines()]:
+        assert x["input"] == " ".join(x["tokens"]) and x["reference"] != x["output"]
+    page = ts.report([run], tmp_path / "report.html", explain=False).read_text()
+    table = re.search(r'<section id="per-class">(.*?)</section>', page, re.DOTALL).group(1)
+    for kind, v in [*result["per_type"].items(), ("<b>macro</b>", {k: result[f"{k}_macro"] for k in ("precision",
+                                                                     "recall", "f1")} | {"support": None})]:
+        cells = "".join(f"<td>{fmt(v[k])}</td>" for k in ("precision", "recall", "f1"))
+        assert f'<td class="l">{kind}</td>{cells}' in table
+    wrong = [{"row": k, "input": f"sentence{k} Paris", "reference": {"spans": []},
+              "output": {"spans": [{"text": "Paris", "start": len(f"sentence{k} "), "end": len(f"sentence{k} Paris"),
+                                    "label": "LOC", "score": 0.5}]}} for k in range(25)]
+    (run / "misclassified.jsonl").write_text("".join(json.dumps(x) + "\n" for x in wrong))
+    (run / "eval.json").write_text(json.dumps(result | {"misclassified": 25}))
+    page = ts.report([run], tmp_path / "report.html", explain=False).read_text()
+    samples = re.search(r'<section id="samples">(.*?)</section>', page, re.DOTALL).group(1)
+    listed = samples[samples.index('id="misclassified"'):]
+    assert "differ from the reference (25)" in listed and "the first 20 of 25" in listed
+    pairs = [k for k in range(20) for _ in ("output", "reference")]
+    assert [int(k) for k in re.findall(r"sentence(\d+) ", listed)] == pairs
+    assert listed.count('<mark title="LOC 0.500">Paris<sub>LOC</sub></mark>') == 20
 
 
 def test_it_exports_logits_with_batch_and_sequence_axes(trained):

@@ -120,6 +120,15 @@ def emit(spans: list[tuple[str, int, int]], n: int, scheme: str) -> list[str]:
     return tags
 
 
+def same_entities(true: list[str], pred: list[str], scheme: str) -> bool:
+    """Whether `pred` has exactly the entities of `true` (valid tags) as the metrics count them: seqeval's default
+    reading, and under BIOES (strict mode, where a chunk with an invalid transition counts for nothing) a
+    predicted sequence with an invalid transition never does."""
+    if CANONICAL[scheme] == "BIOES" and pred != true and violation(pred, scheme) is not None:
+        return False
+    return set(entities(true)) == set(entities(pred))
+
+
 def repair(tags: list[str], scheme: str) -> list[str]:
     """The tags rewritten as valid `scheme` tags with the same entities as seqeval's default reading."""
     return emit(entities(tags), len(tags), scheme)

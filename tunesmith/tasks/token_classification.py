@@ -330,25 +330,26 @@ class TokenClassification(Task):
 
     def evaluate_final(self, model, rows: list[dict], features: list[dict], batch_size: int,
                        out_dir=None) -> dict:
-        """`evaluate`'s metrics and `misclassified` (sentences with a wrong tag); with out_dir, those sentences
-        in misclassified.jsonl: {row, tokens, tags, predicted} ("row": the sentence's position in `rows`), and
-        the first SAMPLES sentences in samples.jsonl as the report draws spans: {input (the text, or the tokens
-        joined by single spaces), reference, output} (reference spans score 1)."""
+        """`evaluate`'s metrics and `misclassified` (sentences whose predicted entities differ from the gold ones,
+        as the metrics read them: tagging.same_entities); with out_dir, those sentences in misclassified.jsonl and
+        the first SAMPLES sentences in samples.jsonl, each as the report draws spans: {input (the text, or the
+        tokens joined by single spaces), reference, output} (reference spans score 1); misclassified rows also
+        carry row (the sentence's position in `rows`), tokens, tags and predicted (one tag per token)."""
         result, true, pred, prob = self.scores(model, features, batch_size)
-        wrong = [i for i, (t, p) in enumerate(zip(true, pred)) if t != p]
+        wrong = [i for i, (t, p) in enumerate(zip(true, pred)) if not tagging.same_entities(t, p, self.scheme)]
         result["misclassified"] = len(wrong)
         if out_dir is not None:
-            io.write_jsonl(Path(out_dir) / "misclassified.jsonl",
-                           ({"row": i, "tokens": self.sentence(rows[i])[0], "tags": true[i], "predicted": pred[i]}
-                            for i in wrong))
-            samples = []
-            for i in range(min(SAMPLES, len(rows))):
+            def shown(i: int) -> dict:
                 words, _, offsets = self.sentence(rows[i])
                 text, offsets = (rows[i][self.recipe.data.text_column], offsets) if offsets else tagging.joined(words)
                 gold = tagging.entity_spans(text, offsets, true[i], [1.0] * len(words))
                 found = tagging.entity_spans(text, offsets, pred[i], prob[i].tolist())
-                samples.append({"input": text, "reference": {"spans": gold}, "output": {"spans": found}})
-            io.write_jsonl(Path(out_dir) / "samples.jsonl", samples)
+                return {"input": text, "reference": {"spans": gold}, "output": {"spans": found}}
+
+            io.write_jsonl(Path(out_dir) / "misclassified.jsonl",
+                           ({"row": i, "tokens": self.sentence(rows[i])[0], "tags": true[i], "predicted": pred[i],
+                             **shown(i)} for i in wrong))
+            io.write_jsonl(Path(out_dir) / "samples.jsonl", [shown(i) for i in range(min(SAMPLES, len(rows)))])
         return result
 
     def summary(self, metrics: dict) -> str:
