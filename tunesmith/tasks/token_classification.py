@@ -40,6 +40,7 @@ class TokenClassification(Task):
     peft_task_type = "TOKEN_CLS"
     input_key = "text"
     prediction = "spans"            # predict: {"spans": [{text, start, end, label, score}]} (+ tags for tokens)
+    balance_unit = "entities"       # the doctor's class balance counts entities per type
     names: list[str] = []           # tag names in id order, "O" first (set by prepare or load_trained)
     label2id: dict[str, int] = {}
     inside: list[int] = []          # label_all_subwords: tag id -> the id a word's later sub-words learn
@@ -138,6 +139,9 @@ class TokenClassification(Task):
     def key(self, row: dict) -> str:
         return " ".join(self.sentence(row)[0])
 
+    def balance_labels(self, row: dict) -> list[str]:
+        return [kind for kind, _, _ in tagging.entities(self.sentence(row)[1] or [])]
+
     def prepare(self, rows: list[dict]) -> None:
         types = sorted({tagging.parse(t)[1] for r in rows for t in (self.sentence(r)[1] or ()) if t != "O"})
         if not types:
@@ -200,7 +204,7 @@ class TokenClassification(Task):
 
     def length_stats(self, rows: list[dict], features: list[dict]) -> dict:
         """lengths: sub-words per sentence (special tokens included); kept: the same less what is cut from words
-        longer than a window (windows keep everything else)."""
+        longer than a window (windows keep everything else); windowed: sentences longer than data.max_length."""
         tok = self.tokenizer
         budget = self.recipe.data.max_length - tok.num_special_tokens_to_add()
         enc = tok([self.sentence(r)[0] for r in rows], is_split_into_words=True, verbose=False)
@@ -211,7 +215,8 @@ class TokenClassification(Task):
                 counts[w] = counts.get(w, 0) + 1
             lengths.append(len(enc["input_ids"][i]))
             kept.append(lengths[-1] - sum(max(0, n - budget) for w, n in counts.items() if w is not None))
-        return {"lengths": lengths, "kept": kept}
+        limit = self.recipe.data.max_length
+        return {"lengths": lengths, "kept": kept, "windowed": [i for i, n in enumerate(lengths) if n > limit]}
 
     def collate(self, features: list[dict]) -> dict[str, torch.Tensor]:
         # input_ids, attention_mask, labels: [B, T] padded to the longest (labels with -100)
