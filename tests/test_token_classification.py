@@ -233,7 +233,7 @@ def test_byte_level_tokenizers_get_a_prefix_space(tmp_path):
     """RoBERTa-style BPE: a word alone must be tokenized as after a space ("Ġb"), as in running text."""
     from transformers import RobertaTokenizer
 
-    from tunesmith.tasks.token_classification import words_like_text
+    from tunesmith.tasks.subwords import words_like_text
 
     vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, "<mask>": 4, "a": 5, "b": 6, "Ġ": 7, "Ġa": 8, "Ġb": 9}
     (tmp_path / "vocab.json").write_text(json.dumps(vocab))

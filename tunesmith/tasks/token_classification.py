@@ -4,10 +4,14 @@ Rows: {tokens, tags} (JSONL, or CoNLL through `read`) or {text, spans} (characte
 tagging.split_words). A word's first sub-word carries its tag, the others -100 (or the tag, B- as I-, with
 data.label_all_subwords). A sentence longer than data.max_length sub-words becomes several windows of whole
 words sharing data.stride sub-words; training sees every window, evaluation and prediction take each word from
-the window where it is most central, so every word is scored exactly once.
+the window where it is most central, so every word is scored exactly once (the alignment: tasks/subwords.py).
+
+predict's spans are those of transformers' pipeline("token-classification") with aggregation_strategy
+`aggregation` ("first"; "simple" under data.label_all_subwords), also named in the saved config.json.
 
 Declares: prediction "spans" (schema tagging.TaggedSpans: a pre-tokenized input also gets its tags), ONNX outputs
-(logits [B, T, C], batch and sequence axes); it does not chat, explain or distil.
+(logits [B, T, C], batch and sequence axes), balance_unit "entities" (the doctor counts entity types); it does not
+chat, explain or distil.
 """
 from __future__ import annotations
 
@@ -20,19 +24,11 @@ import torch.nn.functional as F
 from tunesmith import io, metrics
 from tunesmith.data import DataError
 from tunesmith.errors import TunesmithError
-from tunesmith.tasks import conll, tagging
+from tunesmith.tasks import conll, subwords, tagging
 from tunesmith.tasks.base import Features, Task, batches, model_device
 from tunesmith.tasks.hf import load_hf
 
 SAMPLES = 20                            # test sentences evaluate_final writes to samples.jsonl (the report's)
-
-
-def words_like_text(tok, probe: str = "a b") -> bool:
-    """Whether a word given alone (is_split_into_words) gets the ids it has after a space in running text."""
-    enc = tok(probe, add_special_tokens=False, return_offsets_mapping=True)
-    text = [i for i, (_, end) in zip(enc["input_ids"], enc["offset_mapping"]) if end > probe.rindex(" ")]
-    words = tok(probe.split(), is_split_into_words=True, add_special_tokens=False)
-    return text == [i for i, w in zip(words["input_ids"], words.word_ids()) if w == len(probe.split()) - 1]
 
 
 class TokenClassification(Task):
@@ -160,63 +156,14 @@ class TokenClassification(Task):
         return self.windows(sents)
 
     def windows(self, sents: list[tuple[list[str], list[int] | None]]) -> Features:
-        tok, limit = self.tokenizer, self.recipe.data.max_length
-        budget = limit - tok.num_special_tokens_to_add()
-        out, cut = [], 0
-        enc = tok([w for w, _ in sents], is_split_into_words=True, verbose=False) if sents else None
-        for i, (words, tags) in enumerate(sents):
-            ids, wids = enc["input_ids"][i], enc.word_ids(i)
-            if len(ids) <= limit:
-                out.append(self.window(i, ids, wids, range(len(words)), len(words), tags))
-                continue
-            lengths = [0] * len(words)
-            for w in wids:
-                if w is not None:
-                    lengths[w] += 1
-            plan = tagging.plan_windows(lengths, budget, self.recipe.data.stride)
-            owner = tagging.owners(lengths, plan)
-            cut += any(n > budget for n in lengths)
-            for k, (a, b) in enumerate(plan):
-                part = tok(words[a:b], is_split_into_words=True, truncation=True, max_length=limit)
-                wids = [None if w is None else w + a for w in part.word_ids()]
-                out.append(self.window(i, part["input_ids"], wids, [w for w in range(a, b) if owner[w] == k],
-                                       len(words), tags))
-        return Features(out, truncated=cut)
-
-    def window(self, row: int, ids: list[int], wids: list, own, n_words: int, tags: list[int] | None) -> dict:
-        first, pieces = {}, {}
-        for p, w in enumerate(wids):
-            if w is not None:
-                first.setdefault(w, p)
-                pieces[w] = pieces.get(w, 0) + 1
-        own = list(own)
-        f = {"input_ids": ids, "row": row, "n_words": n_words, "words": own, "first": [first.get(w, -1) for w in own],
-             "pieces": [pieces.get(w, 0) for w in own]}
-        if tags is not None:
-            labels = [-100] * len(ids)
-            for p, w in enumerate(wids):
-                if w is not None and first[w] == p:
-                    labels[p] = tags[w]
-                elif w is not None and self.recipe.data.label_all_subwords:
-                    labels[p] = self.inside[tags[w]]
-            f["labels"], f["gold"] = labels, [tags[w] for w in own]
-        return f
+        cfg = self.recipe.data
+        return subwords.windows(self.tokenizer, sents, cfg.max_length, cfg.stride,
+                                self.inside if cfg.label_all_subwords else None)
 
     def length_stats(self, rows: list[dict], features: list[dict]) -> dict:
         """lengths: sub-words per sentence (special tokens included); kept: the same less what is cut from words
         longer than a window (windows keep everything else); windowed: sentences longer than data.max_length."""
-        tok = self.tokenizer
-        budget = self.recipe.data.max_length - tok.num_special_tokens_to_add()
-        enc = tok([self.sentence(r)[0] for r in rows], is_split_into_words=True, verbose=False)
-        lengths, kept = [], []
-        for i in range(len(rows)):
-            counts = {}
-            for w in enc.word_ids(i):
-                counts[w] = counts.get(w, 0) + 1
-            lengths.append(len(enc["input_ids"][i]))
-            kept.append(lengths[-1] - sum(max(0, n - budget) for w, n in counts.items() if w is not None))
-        limit = self.recipe.data.max_length
-        return {"lengths": lengths, "kept": kept, "windowed": [i for i, n in enumerate(lengths) if n > limit]}
+        return subwords.length_stats(self.tokenizer, [self.sentence(r)[0] for r in rows], self.recipe.data.max_length)
 
     def collate(self, features: list[dict]) -> dict[str, torch.Tensor]:
         # input_ids, attention_mask, labels: [B, T] padded to the longest (labels with -100)
@@ -245,9 +192,9 @@ class TokenClassification(Task):
         if not tok.is_fast:
             raise TunesmithError(f"model '{source}': token classification needs a fast tokenizer (word ids per "
                                  f"sub-word); this one is {type(tok).__name__}")
-        if not words_like_text(tok):        # byte-level BPE (RoBERTa, GPT-2): a word after a space is "Ġword"
+        if not subwords.words_like_text(tok):        # byte-level BPE (RoBERTa, GPT-2): a word after a space is "Ġword"
             spaced = AutoTokenizer.from_pretrained(source, add_prefix_space=True, **kw)
-            tok = spaced if words_like_text(spaced) else tok
+            tok = spaced if subwords.words_like_text(spaced) else tok
         return tok
 
     def load_model(self):
@@ -413,13 +360,11 @@ class TokenClassification(Task):
     def pieces(self, words: list[str], offsets: list[tuple[int, int]], logp: list) -> list[tuple]:
         """(start, end, tag, probability) of each sub-word of `words` (at `offsets` in their text) that was scored,
         in order; logp: per word its sub-words' log-probabilities [n, C] (word_logprobs with pieces)."""
-        enc = self.tokenizer(words, is_split_into_words=True, add_special_tokens=False, return_offsets_mapping=True)
-        out, k = [], {}
-        for w, (a, b) in zip(enc.word_ids(), enc["offset_mapping"]):
-            n = k[w] = k.get(w, -1) + 1                     # the n-th sub-word of word w
-            if n < len(logp[w]):
-                p, j = logp[w][n].exp().max(-1)
-                out.append((offsets[w][0] + a, offsets[w][0] + b, self.names[int(j)], float(p)))
+        out = []
+        for w, spans in enumerate(subwords.offsets(self.tokenizer, words, [a for a, _ in offsets])):
+            for (a, b), lp in zip(spans, logp[w]):
+                p, j = lp.exp().max(-1)
+                out.append((a, b, self.names[int(j)], float(p)))
         return out
 
     # --- ONNX export (tunesmith/deploy/export.py) ------------------------------------------------------
