@@ -67,3 +67,18 @@ def test_the_doctor_reports_tagger_data(tiny_tagger, tmp_path):  # noqa: F811
     assert [g["origins"] for g in dup] == [[f"{train}:{starts[0]}", f"{train}:{starts[n + 3]}"]]
     leaks = [(p["kind"], p["origin_a"], p["origin_b"]) for p in report["leakage"]["pairs"]]
     assert leaks == [("exact", f"{train}:{starts[1]}", f"{test}:{test_starts[11]}")]
+
+
+def test_repaired_tag_sequences_are_counted_not_rejected(tiny_tagger, tmp_path):  # noqa: F811
+    good = list({tuple(t): (t, g) for t, g in sentences(60, seed=2)}.values())[:20]
+    broken = [(["Mary", "visited", "Paris"], ["I-PER", "O", "I-LOC"]), (["John", "Smith"], ["B-PER", "I-LOC"])]
+    train = tmp_path / "train.conll"
+    conll(train, good + broken)
+    report = diagnose(recipe(tiny_tagger, train, tag_repair=True))
+    note = "train: 2 sentence(s) with an invalid BIO tag sequence repaired by data.tag_repair (3 tag(s) changed"
+    assert report["rejects"] == [] and sum(report["splits"].values()) == 22
+    assert [x[:len(note)] for x in report["check_notes"]] == [note] and report["check_notes"][0] in report["warnings"]
+    assert note in render(report)
+    strict = diagnose(recipe(tiny_tagger, train))
+    assert [r["origin"] for r in strict["rejects"]] == [f"{train}:{sum(len(t) + 1 for t, _ in good) + k}"
+                                                        for k in (1, 5)] and strict["check_notes"] == []

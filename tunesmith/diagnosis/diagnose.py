@@ -1,10 +1,10 @@
 """`ts.doctor(recipe)` and `tunesmith doctor RECIPE`: what is wrong with the data, found before training.
 
 It reads the data exactly as `train` does (tunesmith.splits.load_data) and asks the task only through the
-Task protocol (check, key, stratify_key, balance_labels, encode, length_stats, embed), so it works for every task;
-a check whose hook a task lacks is reported as not available, with the reason. Exit status: 0 clean or warnings
-only, 1 blocking problems (rows `train` would stop on under data.bad_rows=error, examples that train as
-loss 0). `train` runs the row checks itself and, under bad_rows=error, stops with `rejects_report`.
+Task protocol (check, check_notes, key, stratify_key, balance_labels, encode, length_stats, embed), so it works
+for every task; a check whose hook a task lacks is reported as not available, with the reason. Exit status: 0
+clean or warnings only, 1 blocking problems (rows `train` would stop on under data.bad_rows=error, examples that
+train as loss 0). `train` runs the row checks itself and, under bad_rows=error, stops with `rejects_report`.
 
 doctor.json (version 1; these keys are stable, later versions only add keys):
   version          1
@@ -17,6 +17,8 @@ doctor.json (version 1; these keys are stable, later versions only add keys):
   unused_rows      usable train rows left out by data.max_rows
   rejects          [{origin, split, reason}] every unusable row, file order; origin "file:line" or "file#row"
   reject_kinds     {kind: count}, the reasons without their details
+  check_notes      [str] what the task's row checks changed in usable rows (Task.check_notes: repaired tags), also
+                    in warnings
   duplicates       {available, note?, by_split: {split: {exact_extra, normalised_extra, exact: [group],
                     normalised: [group]}}, conflicting: [group + splits] | null}   group = {text, origins, labels?};
                     *_extra: rows a dedup would drop; conflicting: same normalised input, different labels
@@ -91,6 +93,8 @@ def diagnose(recipe) -> dict:
             blocking.append(f"{n:,} unusable row(s): train stops on them; fix them or set data.bad_rows=skip")
         else:
             warnings.append(f"{n:,} unusable row(s): train skips them and lists each in the run's rejects.jsonl")
+    report["check_notes"] = task.check_notes()
+    warnings.extend(report["check_notes"])
     blocking.extend(f"{s}: no usable rows; train cannot evaluate on it" for s, t in tables.items() if not len(t))
     clock("read")
 

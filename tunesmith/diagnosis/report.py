@@ -51,6 +51,7 @@ def render(report: dict, listed: int = 20) -> str:
         out += _more(report["rejects"], listed)
     else:
         out.append("  none")
+    out += [f"  {x}" for x in report.get("check_notes", [])]
     out += ["", "Duplicates within a split", *_render_duplicates(report["duplicates"], listed)]
     out += ["", "Leakage across splits", *_render_leakage(report["leakage"], listed)]
     out += ["", "Class balance", *_render_balance(report["balance"])]

@@ -2,7 +2,7 @@
 
 Setup:  setup(source) loads the processor (no weights);  labels;  metrics (name -> "max"/"min")
 Data:   read(source, split) -> Table or None (a format of its own);
-        check(row, split) -> reason or None;  prepare(train_rows);  encode(rows) -> Features;
+        check(row, split) -> reason or None; check_notes();  prepare(train_rows);  encode(rows) -> Features;
         length(feature);  collate(features) -> batch
 Model:  load_model() -> model for training;  load_trained(folder) -> model;  save(model, folder)
 Train:  loss(model, batch) -> sum over items;  count(batch) -> items;  evaluate(model, features, batch_size)
@@ -151,6 +151,11 @@ class Task:
     def check(self, row: dict, split: str) -> str | None:
         """Why `row` cannot be used, or None. Called on train rows before `prepare`, then on the others."""
         return None
+
+    def check_notes(self) -> list[str]:
+        """What `check` changed or noticed in the rows it accepted, one line each, for the doctor's warnings (a
+        tagger's tag sequences repaired under data.tag_repair); [] by default."""
+        return []
 
     def stratify_key(self, row: dict):
         """Value to stratify held-out splits by (a label), or None."""

@@ -100,6 +100,10 @@ class TokenClassification(Task):
             return tagging.check_spans(row[cfg.text_column], row[cfg.spans_column], types)
         return f"no '{cfg.tokens_column}' or '{cfg.text_column}' column"
 
+    def check_notes(self) -> list[str]:
+        return [f"{split}: {n:,} sentence(s) with an invalid {self.scheme} tag sequence repaired by data.tag_repair "
+                f"({k:,} tag(s) changed; seqeval's reading kept)" for split, (n, k) in self.repairs.items()]
+
     def check_input(self, item) -> str | None:
         cfg = self.recipe.data
         if isinstance(item, dict) and cfg.tokens_column in item:
