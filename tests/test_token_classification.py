@@ -203,6 +203,11 @@ def test_five_planted_faults(tiny_tagger, tmp_path):
     scored = sorted(w for f in features for w in f["words"])
     assert scored == list(range(1000))                     # every word scored by exactly one window
     assert "Lagos" in row["tokens"] and task.labels == ["O", "B-LOC", "I-LOC", "B-ORG", "I-ORG", "B-PER", "I-PER"]
+    from tunesmith.diagnosis.diagnose import diagnose
+
+    report = diagnose(r)                                    # the doctor: the same 4 rejects, 1 windowed sentence
+    assert {(x["origin"], x["split"]) for x in report["rejects"]} == got
+    assert [o for x in report["lengths"]["by_split"].values() for o in x["windowed"]] == [f"{train}:{starts['long']}"]
 
 
 # --- alignment and windows --------------------------------------------------------------------------
