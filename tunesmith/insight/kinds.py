@@ -188,9 +188,9 @@ def _highlighted(samples: list[dict]) -> str:
 def spans_samples(run: dict) -> str:
     out = (_highlighted(run["samples"]) if run["samples"]
            else note("no samples.jsonl (the task writes its first test predictions there)"))
-    wrong = run.get("misclassified") or []
-    n = run["eval"].get("misclassified", len(wrong))
-    out += f'<h4 id="misclassified">Misclassified sentences: predicted entities differ from the reference ({n})</h4>'
+    wrong, n = run.get("misclassified") or [], run["eval"].get("misclassified")
+    count = f" ({n:,})" if scalar(n) else ""
+    out += f'<h4 id="misclassified">Misclassified sentences: predicted entities differ from the reference{count}</h4>'
     if not wrong:
         return out + note("none" if n == 0 else "no misclassified.jsonl in the run folder")
     shown = wrong[:MISCLASSIFIED_LISTED]
