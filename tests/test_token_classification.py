@@ -203,6 +203,11 @@ def test_five_planted_faults(tiny_tagger, tmp_path):
     scored = sorted(w for f in features for w in f["words"])
     assert scored == list(range(1000))                     # every word scored by exactly one window
     assert "Lagos" in row["tokens"] and task.labels == ["O", "B-LOC", "I-LOC", "B-ORG", "I-ORG", "B-PER", "I-PER"]
+    from tunesmith.diagnosis.diagnose import diagnose
+
+    report = diagnose(r)                                    # the doctor: the same 4 rejects, 1 windowed sentence
+    assert {(x["origin"], x["split"]) for x in report["rejects"]} == got
+    assert [o for x in report["lengths"]["by_split"].values() for o in x["windowed"]] == [f"{train}:{starts['long']}"]
 
 
 # --- alignment and windows --------------------------------------------------------------------------
@@ -233,7 +238,7 @@ def test_byte_level_tokenizers_get_a_prefix_space(tmp_path):
     """RoBERTa-style BPE: a word alone must be tokenized as after a space ("Ġb"), as in running text."""
     from transformers import RobertaTokenizer
 
-    from tunesmith.tasks.token_classification import words_like_text
+    from tunesmith.tasks.subwords import words_like_text
 
     vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, "<mask>": 4, "a": 5, "b": 6, "Ġ": 7, "Ġa": 8, "Ġb": 9}
     (tmp_path / "vocab.json").write_text(json.dumps(vocab))
@@ -269,7 +274,8 @@ def test_a_word_longer_than_a_window_is_cut_and_counted():
 @pytest.mark.parametrize("scheme", ["BIO", "BIOES"])
 def test_metrics_equal_a_direct_seqeval_call(tiny_tagger, tmp_path, scheme):
     from seqeval.metrics import accuracy_score, classification_report, f1_score, precision_score, recall_score
-    from seqeval.scheme import IOBES
+    from seqeval.metrics.sequence_labeling import get_entities
+    from seqeval.scheme import IOBES, Entities
 
     path = write_jsonl(tmp_path / "x.jsonl", [{"tokens": t, "tags": tagging.repair(g, scheme)}
                                               for t, g in sentences(40, seed=3)])
@@ -296,8 +302,22 @@ def test_metrics_equal_a_direct_seqeval_call(tiny_tagger, tmp_path, scheme):
     assert result["per_type"]["LOC"]["support"] == table["LOC"]["support"]
     assert result["n_words"] == sum(len(r["tokens"]) for r in rows)
     listed = [json.loads(x) for x in (tmp_path / "misclassified.jsonl").read_text().splitlines()]
-    assert len(listed) == final["misclassified"] == sum(t != p for t, p in zip(true, pred))
+    chunks = (lambda tags: {e.to_tuple() for e in Entities([tags], IOBES).entities[0]}) \
+        if scheme == "BIOES" else (lambda tags: set(get_entities(tags)))
+    differ = [i for i, (t, p) in enumerate(zip(true, pred)) if chunks(t) != chunks(p)]
+    assert [x["row"] for x in listed] == differ and final["misclassified"] == len(differ)
     assert all(x["predicted"] == pred[x["row"]] and x["tokens"] == rows[x["row"]]["tokens"] for x in listed)
+    for x in listed:
+        assert [(s["label"], s["text"]) for s in x["reference"]["spans"]] == \
+            [(k, " ".join(x["tokens"][a:b])) for k, a, b in tagging.entities(x["tags"])]
+
+
+def test_a_sentence_is_misclassified_when_its_entities_differ():
+    assert tagging.same_entities(["B-PER", "I-PER", "O"], ["I-PER", "I-PER", "O"], "BIO")      # conlleval reading
+    assert not tagging.same_entities(["B-PER", "I-PER", "O"], ["B-PER", "B-PER", "O"], "BIO")
+    assert not tagging.same_entities(["B-PER", "I-PER", "O"], ["B-PER", "I-PER", "B-LOC"], "BIO")
+    assert not tagging.same_entities(["B-PER", "E-PER"], ["I-PER", "E-PER"], "BIOES")           # strict mode
+    assert tagging.same_entities(["S-PER", "O"], ["S-PER", "O"], "BIOES")
 
 
 def test_strict_mode_for_bioes():
@@ -365,6 +385,77 @@ def test_spans_equal_the_hf_pipeline_with_first_subword_aggregation(trained):
         expected = [(e["entity_group"], e["start"], e["end"], float(e["score"])) for e in pipe(text)]
         assert [(e["label"], e["start"], e["end"]) for e in got["spans"]] == [x[:3] for x in expected]
         assert [e["score"] for e in got["spans"]] == pytest.approx([x[3] for x in expected], abs=1e-5)
+    assert json.loads((trained.path / "model" / "config.json").read_text())["tunesmith_aggregation"] == "first"
+
+
+def hf_simple_groups(pieces):
+    """transformers' own grouping code (TokenClassificationPipeline.group_entities and the "O" filter of its
+    postprocess) on (start, end, tag, probability) pieces."""
+    from types import SimpleNamespace
+
+    from transformers.pipelines.token_classification import TokenClassificationPipeline as P
+
+    class Grouper:
+        group_entities, group_sub_entities, get_tag = P.group_entities, P.group_sub_entities, P.get_tag
+        tokenizer = SimpleNamespace(convert_tokens_to_string=" ".join)
+
+    found = Grouper().group_entities([{"entity": t, "score": p, "word": "w", "start": a, "end": b}
+                                      for a, b, t, p in pieces])
+    return [(g["entity_group"], g["start"], g["end"], float(g["score"])) for g in found if g["entity_group"] != "O"]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_grouping_equals_the_pipelines_simple_aggregation(seed):
+    rng = random.Random(seed)
+    tags = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC", "E-LOC", "S-PER"]
+    pieces, at = [], 0
+    for _ in range(200):
+        n = rng.randint(1, 4)
+        pieces.append((at, at + n, rng.choice(tags), rng.random()))
+        at += n + rng.choice([0, 1])                    # a sub-word of the same word, or the next word
+    got = tagging.grouped_spans("x" * at, pieces)
+    expected = hf_simple_groups(pieces)
+    assert [(s["label"], s["start"], s["end"]) for s in got] == [x[:3] for x in expected]
+    assert [s["score"] for s in got] == pytest.approx([x[3] for x in expected], abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def trained_all_subwords(tiny_tagger, tmp_path_factory):
+    from tunesmith.pipeline import train
+
+    tmp = tmp_path_factory.mktemp("ner-run-all")
+    path = write_jsonl(tmp / "train.jsonl", [{"tokens": t, "tags": g} for t, g in sentences(200)])
+    return train(recipe(tiny_tagger, path, label_all_subwords=True), run_dir=tmp / "run")
+
+
+PARITY_TEXTS = ["Yesterday Mary Garcia met John at Initech, then visited New York.", "Ahmed works for Acme in Lagos.",
+                "Initech Lagos Globex Corp lagos INITECH.", "the team visited Lagos today."]
+
+
+def test_spans_equal_the_hf_pipeline_with_simple_aggregation_under_label_all_subwords(trained_all_subwords, tmp_path):
+    """Every sub-word trained (data.label_all_subwords): predict groups sub-words as aggregation_strategy="simple"
+    does, scores included; checked on the trained run and on an untrained head, whose sub-words disagree."""
+    from transformers import pipeline
+
+    folder = trained_all_subwords.path / "model"
+    assert json.loads((folder / "config.json").read_text())["tunesmith_aggregation"] == "simple"
+    predictor = trained_all_subwords.load(device="cpu")
+    task = predictor.task
+    random_head = task.load_model().eval()                 # the backbone, a new random head: tags flip mid-word
+    task.save(random_head, tmp_path / "random")
+    inside = 0
+    for model, path in ((predictor.model, folder), (random_head, tmp_path / "random")):
+        pipe = pipeline("token-classification", model=str(path), aggregation_strategy="simple", device="cpu")
+        ours = task.predict(model, PARITY_TEXTS + [{"tokens": ["Lagos", "Initech", "met", "Mary"]}])
+        theirs = [pipe(t) for t in PARITY_TEXTS] + pipe([["Lagos", "Initech", "met", "Mary"]], is_split_into_words=True)
+        for got, expected in zip(ours, theirs):
+            assert [(e["label"], e["start"], e["end"]) for e in got["spans"]] == \
+                [(x["entity_group"], x["start"], x["end"]) for x in expected]
+            assert [e["score"] for e in got["spans"]] == pytest.approx([float(x["score"]) for x in expected], abs=1e-5)
+        inside += sum(text[e["end"]:e["end"] + 1].isalnum() for text, p in zip(PARITY_TEXTS, ours) for e in p["spans"])
+    assert inside                                            # some span ends inside a word: "simple", not "first"
+    words = task.predict(predictor.model, ["Ahmed works for Acme in Lagos."])[0]["spans"]
+    assert {(e["text"], e["label"]) for e in words} >= {("Lagos", "LOC"), ("Ahmed", "PER")}
 
 
 # --- serving, report, export --------------------------------------------------------------------------
@@ -410,6 +501,36 @@ def test_the_report_draws_its_samples(trained, tmp_path):
         == marks
     overview = re.search(r'<section id="overview">(.*?)</section>', page, re.DOTALL).group(1)
     assert '<td class="l">token-classification</td><td class="l">spans</td>' in overview
+
+
+def test_the_report_has_a_per_type_table_and_lists_misclassified_sentences(trained, tmp_path):
+    import shutil
+
+    import tunesmith as ts
+    from tunesmith.insight.page import fmt
+
+    run = shutil.copytree(trained.path, tmp_path / "run", ignore=shutil.ignore_patterns("model", "checkpoints"))
+    result = json.loads((run / "eval.json").read_text())
+    for x in [json.loads(line) for line in (run / "misclassified.jsonl").read_text().splitlines()]:
+        assert x["input"] == " ".join(x["tokens"]) and x["reference"] != x["output"]
+    page = ts.report([run], tmp_path / "report.html", explain=False).read_text()
+    table = re.search(r'<section id="per-class">(.*?)</section>', page, re.DOTALL).group(1)
+    for kind, v in [*result["per_type"].items(), ("<b>macro</b>", {k: result[f"{k}_macro"] for k in ("precision",
+                                                                     "recall", "f1")} | {"support": None})]:
+        cells = "".join(f"<td>{fmt(v[k])}</td>" for k in ("precision", "recall", "f1"))
+        assert f'<td class="l">{kind}</td>{cells}' in table
+    wrong = [{"row": k, "input": f"sentence{k} Paris", "reference": {"spans": []},
+              "output": {"spans": [{"text": "Paris", "start": len(f"sentence{k} "), "end": len(f"sentence{k} Paris"),
+                                    "label": "LOC", "score": 0.5}]}} for k in range(25)]
+    (run / "misclassified.jsonl").write_text("".join(json.dumps(x) + "\n" for x in wrong))
+    (run / "eval.json").write_text(json.dumps(result | {"misclassified": 25}))
+    page = ts.report([run], tmp_path / "report.html", explain=False).read_text()
+    samples = re.search(r'<section id="samples">(.*?)</section>', page, re.DOTALL).group(1)
+    listed = samples[samples.index('id="misclassified"'):]
+    assert "differ from the reference (25)" in listed and "the first 20 of 25" in listed
+    pairs = [k for k in range(20) for _ in ("output", "reference")]
+    assert [int(k) for k in re.findall(r"sentence(\d+) ", listed)] == pairs
+    assert listed.count('<mark title="LOC 0.500">Paris<sub>LOC</sub></mark>') == 20
 
 
 def test_it_exports_logits_with_batch_and_sequence_axes(trained):

@@ -157,30 +157,36 @@ def leakage(keys: dict[str, list[str]] | None, origins: dict[str, list[str]], ne
 
 # --- class balance ------------------------------------------------------------------------------------
 
-def balance(labels: dict[str, list], ratio_limit: float, class_weights, split_off: set[str]) -> dict:
+def balance(labels: dict[str, list], ratio_limit: float, class_weights, split_off: set[str],
+            unit: str = "rows") -> dict:
     """Label counts per split; train skew (largest / smallest class), classes missing from a split, and
-    label shares that differ between train and a validation/test file. Suggestions say what to change."""
+    label shares that differ between train and a validation/test file. Suggestions say what to change.
+    unit: what one label counts (Task.balance_unit): "rows" (one label a row, the splits are stratified by it
+    and train.class_weights weighs it), or a part of a row ("entities"), for which those two suggestions do
+    not apply."""
     counts = {s: Counter(v) for s, v in labels.items()}
     names = [n for n, _ in counts["train"].most_common()]
     names += sorted({n for c in counts.values() for n in c} - set(names), key=str)
     train = counts["train"]
     ratio = max(train.values()) / max(min(train.values()), 1)
+    per_row = unit == "rows"
     warnings, suggestions = [], []
     if ratio > ratio_limit:
-        warnings.append(f"train is skewed: largest class / smallest = {ratio:.1f} (> doctor.imbalance_ratio "
-                        f"{ratio_limit:g})")
-        if class_weights is None:
+        warnings.append(f"train is skewed: largest class / smallest = {ratio:.1f}" + ("" if per_row else
+                        f" in {unit}") + f" (> doctor.imbalance_ratio {ratio_limit:g})")
+        if class_weights is None and per_row:
             suggestions.append("set train.class_weights: balanced (weights the loss by n / (classes x count))")
         suggestions.append("select and compare runs by f1_macro (train.metric: f1_macro), not accuracy")
     for split, c in counts.items():
         missing = [n for n in names if train[n] and not c[n]]
         if split != "train" and missing and sum(c.values()):       # an empty split is already blocking
-            warnings.append(f"{split} has no rows of class(es) {missing}: their scores cannot be measured")
+            warnings.append(f"{split} has no {unit} of class(es) {missing}: their scores cannot be measured")
         gap = 0.5 * sum(abs(c[n] / max(sum(c.values()), 1) - train[n] / sum(train.values())) for n in names)
         if split != "train" and split not in split_off and sum(c.values()) and gap > 0.1:
             warnings.append(f"label shares in {split} differ from train by {gap:.0%} (total variation)")
-            suggestions.append(f"leave data.{split} unset so tunesmith splits it from train, stratified by label")
-    return {"available": True, "labels": [str(n) for n in names],
+            if per_row:
+                suggestions.append(f"leave data.{split} unset so tunesmith splits it from train, stratified by label")
+    return {"available": True, "unit": unit, "labels": [str(n) for n in names],
             "counts": {s: {str(n): int(c[n]) for n in names} for s, c in counts.items()},
             "train_ratio": round(float(ratio), 3), "warnings": warnings, "suggestions": suggestions}
 
@@ -189,7 +195,7 @@ def balance(labels: dict[str, list], ratio_limit: float, class_weights, split_of
 
 def lengths(stats: dict, limit: int, origins: list[str]) -> dict:
     """Summary of Task.length_stats for one split: percentiles, share of examples and tokens cut at
-    `limit`, share of trained tokens, and the origins of all-masked / unterminated examples."""
+    `limit`, share of trained tokens, and the origins of all-masked / unterminated / windowed examples."""
     kept = np.asarray(stats["kept"], dtype=np.int64)
     full = np.asarray(stats.get("lengths", kept), dtype=np.int64)
     out = {"examples": int(len(kept)), "limit": limit}
@@ -205,7 +211,7 @@ def lengths(stats: dict, limit: int, origins: list[str]) -> dict:
     if "trained" in stats:
         out["trained_tokens"] = int(np.sum(stats["trained"]))
         out["trained_share"] = round(float(np.sum(stats["trained"]) / max(kept.sum(), 1)), 6)
-    for key in ("all_masked", "missing_end"):
+    for key in ("all_masked", "missing_end", "windowed"):
         if key in stats:
             out[key] = [origins[i] for i in stats[key]]
     return out

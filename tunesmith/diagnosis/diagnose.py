@@ -1,10 +1,10 @@
 """`ts.doctor(recipe)` and `tunesmith doctor RECIPE`: what is wrong with the data, found before training.
 
 It reads the data exactly as `train` does (tunesmith.splits.load_data) and asks the task only through the
-Task protocol (check, key, stratify_key, encode, length_stats, embed), so it works for every task; a check
-whose hook a task lacks is reported as not available, with the reason. Exit status: 0 clean or warnings
-only, 1 blocking problems (rows `train` would stop on under data.bad_rows=error, examples that train as
-loss 0). `train` runs the row checks itself and, under bad_rows=error, stops with `rejects_report`.
+Task protocol (check, check_notes, key, stratify_key, balance_labels, encode, length_stats, embed), so it works
+for every task; a check whose hook a task lacks is reported as not available, with the reason. Exit status: 0
+clean or warnings only, 1 blocking problems (rows `train` would stop on under data.bad_rows=error, examples that
+train as loss 0). `train` runs the row checks itself and, under bad_rows=error, stops with `rejects_report`.
 
 doctor.json (version 1; these keys are stable, later versions only add keys):
   version          1
@@ -17,6 +17,8 @@ doctor.json (version 1; these keys are stable, later versions only add keys):
   unused_rows      usable train rows left out by data.max_rows
   rejects          [{origin, split, reason}] every unusable row, file order; origin "file:line" or "file#row"
   reject_kinds     {kind: count}, the reasons without their details
+  check_notes      [str] what the task's row checks changed in usable rows (Task.check_notes: repaired tags), also
+                    in warnings
   duplicates       {available, note?, by_split: {split: {exact_extra, normalised_extra, exact: [group],
                     normalised: [group]}}, conflicting: [group + splits] | null}   group = {text, origins, labels?};
                     *_extra: rows a dedup would drop; conflicting: same normalised input, different labels
@@ -24,9 +26,11 @@ doctor.json (version 1; these keys are stable, later versions only add keys):
   leakage          {available, note?, near_method, near_threshold, by_splits: [{splits, exact, normalised, near}],
                     pairs: [{kind, similarity, split_a, origin_a, split_b, origin_b, text_a, text_b}]}
                     kind: exact | normalised (case, whitespace, punctuation) | near; one pair per later-split row
-  balance          {available, note?, labels, counts: {split: {label: n}}, train_ratio, warnings, suggestions}
+  balance          {available, note?, unit, labels, counts: {split: {label: n}}, train_ratio, warnings, suggestions}
+                    unit: what a count counts (Task.balance_unit): "rows", or "entities" (a tagger's entity types)
   lengths          {available, note?, by_split: {split: {examples, limit, p50, p90, p99, max, cut?, cut_share?,
-                    tokens_cut?, tokens_cut_share?, trained_tokens?, trained_share?, all_masked?, missing_end?}}}
+                    tokens_cut?, tokens_cut_share?, trained_tokens?, trained_share?, all_masked?, missing_end?,
+                    windowed?}}}     windowed: origins of examples longer than the limit, kept whole as windows
   label_noise      {available, note?, method, checked, skipped_rare, oof_accuracy,
                     candidates: [{origin, split, label, suggested, label_probability, text}]}  most suspicious first
   seconds          {read, model, lengths, embed, leakage, label_noise, total}
@@ -89,6 +93,8 @@ def diagnose(recipe) -> dict:
             blocking.append(f"{n:,} unusable row(s): train stops on them; fix them or set data.bad_rows=skip")
         else:
             warnings.append(f"{n:,} unusable row(s): train skips them and lists each in the run's rejects.jsonl")
+    report["check_notes"] = task.check_notes()
+    warnings.extend(report["check_notes"])
     blocking.extend(f"{s}: no usable rows; train cannot evaluate on it" for s, t in tables.items() if not len(t))
     clock("read")
 
@@ -96,11 +102,12 @@ def diagnose(recipe) -> dict:
     labels = {s: [task.stratify_key(r) for r in t.rows] for s, t in tables.items()}
     labels = labels if any(v is not None for v in labels["train"]) else None
     report["duplicates"] = _duplicates(keys, labels, origins, warnings)
-    if labels is None:
-        report["balance"] = {"available": False, "note": f"{NOT_AVAILABLE}: Task.stratify_key gives no labels"}
+    classes = {s: [c for r in t.rows for c in task.balance_labels(r)] for s, t in tables.items()}
+    if not classes["train"]:
+        report["balance"] = {"available": False, "note": f"{NOT_AVAILABLE}: Task.balance_labels gives no classes"}
     else:
-        report["balance"] = balance(labels, cfg.imbalance_ratio, task.class_weights,
-                                    set(report["split_from_train"]))
+        report["balance"] = balance(classes, cfg.imbalance_ratio, task.class_weights,
+                                    set(report["split_from_train"]), task.balance_unit)
         warnings.extend(report["balance"]["warnings"])
 
     features = {s: task.encode(t.rows) if len(t) else [] for s, t in tables.items()}   # the processor alone

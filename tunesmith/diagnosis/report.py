@@ -39,7 +39,7 @@ def render(report: dict, listed: int = 20) -> str:
     out = [f"tunesmith doctor · task {r['task']} · model {r['model']} · data {r['train']}", "", "Files",
            *files_table(report["files"])]
     used = " · ".join(f"{s} {n:,}" for s, n in report["splits"].items())
-    how = ", stratified by label" if report["balance"]["available"] else ""
+    how = ", stratified by label" if report["balance"].get("unit") == "rows" else ""
     out.append(f"  rows used: {used}" + (f" ({', '.join(report['split_from_train'])} split from train{how})"
                                          if report["split_from_train"] else ""))
     if report["unused_rows"]:
@@ -51,6 +51,7 @@ def render(report: dict, listed: int = 20) -> str:
         out += _more(report["rejects"], listed)
     else:
         out.append("  none")
+    out += [f"  {x}" for x in report.get("check_notes", [])]
     out += ["", "Duplicates within a split", *_render_duplicates(report["duplicates"], listed)]
     out += ["", "Leakage across splits", *_render_leakage(report["leakage"], listed)]
     out += ["", "Class balance", *_render_balance(report["balance"])]
@@ -102,8 +103,9 @@ def _render_leakage(d: dict, listed: int) -> list[str]:
 def _render_balance(d: dict) -> list[str]:
     if not d["available"]:
         return _note(d)
-    splits = list(d["counts"])
-    out = table(["label", *splits], [[n, *(d["counts"][s][n] for s in splits)] for n in d["labels"]])
+    splits, unit = list(d["counts"]), d.get("unit", "rows")
+    head = "label" if unit == "rows" else f"label ({unit})"
+    out = table([head, *splits], [[n, *(d["counts"][s][n] for s in splits)] for n in d["labels"]])
     out.append(f"  train largest/smallest class: {d['train_ratio']:.2f}")
     return out + [f"  suggestion: {x}" for x in d["suggestions"]]
 
@@ -117,10 +119,17 @@ def _render_lengths(d: dict) -> list[str]:
         lost = f"{x['tokens_cut_share']:.1%}" if "cut" in x else "unknown"
         trained = f"{x['trained_share']:.1%}" if "trained_share" in x else "-"
         extra = [len(x.get("all_masked", [])), len(x.get("missing_end", []))]
+        windowed = f"{len(x['windowed']):,}" if "windowed" in x else "-"
         rows.append([s, x["examples"], x.get("p50", 0), x.get("p90", 0), x.get("p99", 0), x.get("max", 0),
-                     f"{cut} at {x['limit']}", lost, trained, *extra])
-    return table(["split", "examples", "p50", "p90", "p99", "max", "cut", "tokens cut", "trained", "all masked",
-                  "no end"], rows)
+                     f"{cut} at {x['limit']}", lost, trained, *extra, windowed])
+    out = table(["split", "examples", "p50", "p90", "p99", "max", "cut", "tokens cut", "trained", "all masked",
+                 "no end", "windowed"], rows)
+    for s, x in d["by_split"].items():
+        if x.get("windowed"):
+            out.append(f"  {s}: {len(x['windowed']):,} example(s) longer than {x['limit']} tokens, kept whole as "
+                       f"overlapping windows: " + ", ".join(x["windowed"][:3]) + (" ..." if len(x["windowed"]) > 3
+                                                                                 else ""))
+    return out
 
 
 def _render_noise(d: dict, listed: int) -> list[str]:

@@ -3,7 +3,8 @@ one table, SECTIONS[kind][section id] -> renderer(run) -> HTML. A section a kind
 
   label   confusion matrix, per-class metrics, reliability diagram (predictions.jsonl), slices (eval.slices)
   text    samples.jsonl: prompt, reference, output
-  spans   samples.jsonl: the input with the predicted and the reference spans highlighted
+  spans   per-type metrics (eval.json per_type); samples.jsonl: the input with the predicted and the reference
+          spans highlighted, then the first MISCLASSIFIED_LISTED sentences of misclassified.jsonl alike
   boxes   samples.jsonl: the predicted and the reference boxes listed per input
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ from tunesmith.insight.page import e, fmt, note, png, scalar, table
 MAX_LABELS_ANNOTATED = 25                              # confusion matrices larger than this lose cell numbers
 BINS = 10                                              # reliability bins, equal width, as tunesmith.metrics
 NO_PREDICTIONS = "reliability diagram needs predictions.jsonl"
+MISCLASSIFIED_LISTED = 20                              # spans: misclassified sentences shown (all are in the file)
 
 
 # ---------------------------------------------------------------- label
@@ -166,12 +168,34 @@ def highlight(text: str, spans: list[dict]) -> str:
     return "".join(out + [e(text[at:])])
 
 
-def spans_samples(run: dict) -> str:
-    if not run["samples"]:
-        return note("no samples.jsonl (the task writes its first test predictions there)")
+def per_type(run: dict) -> str:
+    types = run["eval"].get("per_type")
+    if types is None:
+        return note("no per-type metrics in eval.json (the run did not finish)")
+    ev = run["eval"]
+    rows = [[e(k), v.get("precision"), v.get("recall"), v.get("f1"), v.get("support")] for k, v in types.items()]
+    rows += [[f"<b>{avg}</b>", ev.get(f"precision{sfx}"), ev.get(f"recall{sfx}"), ev.get(f"f1{sfx}"),
+              sum(v.get("support", 0) for v in types.values())] for avg, sfx in (("micro", ""), ("macro", "_macro"))]
+    return table(["entity type", "precision", "recall", "F1", "support"], rows)
+
+
+def _highlighted(samples: list[dict]) -> str:
     rows = [{k: highlight(str(s.get("input", "")), (s.get(k) or {}).get("spans", [])) for k in ("output", "reference")}
-            for s in run["samples"]]
+            for s in samples]
     return _cells(rows, ("output", "reference"), lambda k, v: v)
+
+
+def spans_samples(run: dict) -> str:
+    out = (_highlighted(run["samples"]) if run["samples"]
+           else note("no samples.jsonl (the task writes its first test predictions there)"))
+    wrong, n = run.get("misclassified") or [], run["eval"].get("misclassified")
+    count = f" ({n:,})" if scalar(n) else ""
+    out += f'<h4 id="misclassified">Misclassified sentences: predicted entities differ from the reference{count}</h4>'
+    if not wrong:
+        return out + note("none" if n == 0 else "no misclassified.jsonl in the run folder")
+    shown = wrong[:MISCLASSIFIED_LISTED]
+    more = f"the first {len(shown)} of {len(wrong)}; " if len(wrong) > len(shown) else ""
+    return out + note(f"{more}every one is in misclassified.jsonl") + _highlighted(shown)
 
 
 def _boxes(boxes: list[dict]) -> str:
@@ -192,7 +216,7 @@ SECTIONS = {
     "label": {"confusion": confusion, "per-class": per_class, "reliability": reliability_diagram, "slices": slices,
               "samples": label_samples},
     "text": {"samples": text_samples},
-    "spans": {"samples": spans_samples},
+    "spans": {"per-class": per_type, "samples": spans_samples},
     "boxes": {"samples": boxes_samples},
 }
 

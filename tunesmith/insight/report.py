@@ -1,17 +1,17 @@
 """`write_report(run_dirs, out)`: one self-contained HTML page about one or several run folders.
 
 Apart from the explanations section it only reads files in the run folders (recipe.yaml, metrics.jsonl,
-eval.json, checkpoints/best/state.json, and when present predictions.jsonl, samples.jsonl, doctor.json) and what
-each run's task declares (Task.prediction, Task.explainable: the task's class is imported, no model is loaded), so
-it works on a laptop that holds nothing but copied run folders. Plots are matplotlib PNGs (Agg backend) embedded as
-base64 data URIs; there is no script and no external URL, so the page opens offline.
+eval.json, checkpoints/best/state.json, and when present predictions.jsonl, samples.jsonl, misclassified.jsonl,
+doctor.json) and what each run's task declares (Task.prediction, Task.explainable: the task's class is imported, no
+model is loaded), so it works on a laptop that holds nothing but copied run folders. Plots are matplotlib PNGs (Agg
+backend) embedded as base64 data URIs; there is no script and no external URL, so the page opens offline.
 
 Sections (every one is always present, with a note where it does not apply, so tools can find them by id):
   overview        runs, task, what it predicts, model, steps, time, best checkpoint, the test metrics side by side
   curves          train/validation loss, the validation selection metric, learning rate, samples/s;
                   one colour per run, the best checkpoint's step marked (dashed line, star)
   confusion       confusion matrix heatmap per run (rows: true label, columns: predicted)       label runs
-  per-class       precision / recall / F1 / support per label                                  label runs
+  per-class       precision / recall / F1 / support per label (label runs), per entity type (spans runs)
   reliability     reliability diagram + ECE from per-example probabilities (eval.json          label runs
                   "predictions" or predictions.jsonl: one {"label", "probabilities": {name: p}} per test row)
   before-after    eval.json `before` against the fine-tuned metrics
@@ -19,7 +19,8 @@ Sections (every one is always present, with a note where it does not apply, so t
   explanations    token attributions / saliency for the most confident mistakes (tunesmith/insight/explain.py: loads
                   the model, so this section alone needs torch and captum; write_report(explain=False) skips it)
   doctor          doctor.json status, blocking problems, warnings
-  samples         test examples as the run's prediction kind draws them (samples.jsonl): text, spans, boxes
+  samples         test examples as the run's prediction kind draws them (samples.jsonl): text, spans, boxes;
+                  spans runs also list their misclassified sentences (misclassified.jsonl)
   recipe-diff     recipe keys whose values differ between the runs
 Which sections a prediction kind fills is the table in tunesmith/insight/kinds.py.
 """
@@ -63,6 +64,7 @@ def load_run(path: str | Path) -> dict:
     preds = ev.get("predictions") or io.read_jsonl(p / "predictions.jsonl") or None
     run = {"path": p, "name": p.name, "recipe": recipe or {}, "records": io.read_jsonl(p / "metrics.jsonl"),
            "eval": ev, "state": state, "predictions": preds, "samples": io.read_jsonl(p / "samples.jsonl"),
+           "misclassified": io.read_jsonl(p / "misclassified.jsonl"),
            "doctor": io.read_json(p / "doctor.json"), **declarations((recipe or {}).get("task"))}
     run["metric"] = _selection_metric(run)
     run["best_step"] = state.get("step")

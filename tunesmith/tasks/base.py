@@ -2,7 +2,7 @@
 
 Setup:  setup(source) loads the processor (no weights);  labels;  metrics (name -> "max"/"min")
 Data:   read(source, split) -> Table or None (a format of its own);
-        check(row, split) -> reason or None;  prepare(train_rows);  encode(rows) -> Features;
+        check(row, split) -> reason or None; check_notes();  prepare(train_rows);  encode(rows) -> Features;
         length(feature);  collate(features) -> batch
 Model:  load_model() -> model for training;  load_trained(folder) -> model;  save(model, folder)
 Train:  loss(model, batch) -> sum over items;  count(batch) -> items;  evaluate(model, features, batch_size)
@@ -11,7 +11,8 @@ Distil: teacher_outputs(model, features, batch_size);  distillation(temperature,
         `distills` (tunesmith distill)
 Use:    check_input(input) -> reason or None;  predict(model, inputs) -> one dict per input, in the task's
         output schema (shared by `predict`, the Python API and `serve`)
-Doctor: key(row); stratify_key(row); length_stats(rows, features); embed(model, features, batch_size)
+Doctor: key(row); stratify_key(row); balance_labels(row); length_stats(rows, features);
+        embed(model, features, batch_size)
 
 Capabilities are declared here, on the class, and shared code reads the declarations; it never compares a task's
 name and never probes for a method (tests/test_layering.py checks the first):
@@ -26,6 +27,8 @@ name and never probes for a method (tests/test_layering.py checks the first):
                     (tunesmith export then offers --format hf); export_inputs() gives the graph's inputs
   distills          True: teacher_outputs() and distillation() work (tunesmith distill)
   feature_cache     True: collate takes cached hidden states (tunesmith/featcache.py)
+  balance_unit      what the doctor's class balance counts, one per balance_labels() item: "rows" (a row's label,
+                    its stratify_key) or a part of a row ("entities": a tagger counts each entity's type)
 """
 from __future__ import annotations
 
@@ -78,6 +81,7 @@ class Task:
     explainable = False             # True: explain() works (tunesmith explain, the report's explanations)
     distills = False                # True: teacher_outputs() and distillation() work (tunesmith distill trains a
                                     # smaller student on this task's fine-tuned model)
+    balance_unit = "rows"           # what balance_labels() counts: "rows" (one label a row), or e.g. "entities"
 
     def __init__(self, recipe, pad_multiple: int = 1):
         self.recipe = recipe
@@ -148,9 +152,20 @@ class Task:
         """Why `row` cannot be used, or None. Called on train rows before `prepare`, then on the others."""
         return None
 
+    def check_notes(self) -> list[str]:
+        """What `check` changed or noticed in the rows it accepted, one line each, for the doctor's warnings (a
+        tagger's tag sequences repaired under data.tag_repair); [] by default."""
+        return []
+
     def stratify_key(self, row: dict):
         """Value to stratify held-out splits by (a label), or None."""
         return None
+
+    def balance_labels(self, row: dict) -> list:
+        """The classes `row` adds to the doctor's class-balance counts, one per `balance_unit`: by default its
+        stratify_key alone ([] when it has none)."""
+        label = self.stratify_key(row)
+        return [] if label is None else [label]
 
     def key(self, row: dict) -> str:
         """The example's input as one string; duplicate and leakage checks compare these."""
@@ -182,6 +197,8 @@ class Task:
           trained:     tokens whose label is not -100 (chat: the answer tokens)
           all_masked:  indices of examples whose every label is -100 (they train as loss 0: blocking)
           missing_end: indices of examples whose trained tokens lack the end-of-turn token
+          windowed:    indices of examples longer than data.max_length that train and score as several
+                       overlapping windows (nothing cut) rather than being cut
         Default: `kept` from `length` when features are one per row and hold input_ids; {} (not available) otherwise."""
         if features and len(features) == len(rows) and "input_ids" in features[0]:
             return {"kept": [self.length(f) for f in features]}

@@ -208,6 +208,15 @@ def emit(spans: list[tuple[str, int, int]], n: int, scheme: str) -> list[str]:
     return tags
 
 
+def same_entities(true: list[str], pred: list[str], scheme: str) -> bool:
+    """Whether `pred` has exactly the entities of `true` (valid tags) as the metrics count them: seqeval's default
+    reading, and under BIOES (strict mode, where a chunk with an invalid transition counts for nothing) a
+    predicted sequence with an invalid transition never does."""
+    if CANONICAL[scheme] == "BIOES" and pred != true and violation(pred, scheme) is not None:
+        return False
+    return set(entities(true)) == set(entities(pred))
+
+
 def repair(tags: list[str], scheme: str) -> list[str]:
     """The tags rewritten as valid `scheme` tags with the same entities as seqeval's default reading."""
     return emit(entities(tags), len(tags), scheme)
@@ -264,6 +273,28 @@ def entity_spans(text: str, offsets: list[tuple[int, int]], tags: list[str], pro
         start, end = offsets[a][0], offsets[b - 1][1]
         out.append({"text": text[start:end], "start": start, "end": end, "label": kind,
                     "score": round(float(sum(probs[a:b]) / (b - a)), 6)})
+    return out
+
+
+def grouped_spans(text: str, pieces: list[tuple[int, int, str, float]]) -> list[dict]:
+    """Span dicts of sub-words grouped as transformers' pipeline("token-classification") groups them under
+    aggregation_strategy="simple" (TokenClassificationPipeline.group_entities): pieces are (start, end, tag,
+    probability), in text order. A piece joins the group before it when it has the same type (the part after
+    B- or I-; any other tag, O included, is a type of its own) and is not B-; a group's label is its first tag
+    after the first dash, groups labelled O are left out; score: the mean probability of its pieces."""
+    groups = []                                         # (type, first tag, [(start, end, probability)])
+    for start, end, tag, prob in pieces:
+        bi, kind = (tag[0], tag[2:]) if tag[:2] in ("B-", "I-") else ("I", tag)
+        if groups and groups[-1][0] == kind and bi != "B":
+            groups[-1][2].append((start, end, prob))
+        else:
+            groups.append((kind, tag, [(start, end, prob)]))
+    out = []
+    for _, tag, members in groups:
+        label, start, end = tag.split("-", 1)[-1], members[0][0], members[-1][1]
+        if label != "O":
+            out.append({"text": text[start:end], "start": start, "end": end, "label": label,
+                        "score": round(sum(p for _, _, p in members) / len(members), 6)})
     return out
 
 

@@ -4,10 +4,14 @@ Rows: {tokens, tags} (JSONL, or CoNLL through `read`) or {text, spans} (characte
 tagging.split_words). A word's first sub-word carries its tag, the others -100 (or the tag, B- as I-, with
 data.label_all_subwords). A sentence longer than data.max_length sub-words becomes several windows of whole
 words sharing data.stride sub-words; training sees every window, evaluation and prediction take each word from
-the window where it is most central, so every word is scored exactly once.
+the window where it is most central, so every word is scored exactly once (the alignment: tasks/subwords.py).
+
+predict's spans are those of transformers' pipeline("token-classification") with aggregation_strategy
+`aggregation` ("first"; "simple" under data.label_all_subwords), also named in the saved config.json.
 
 Declares: prediction "spans" (schema tagging.TaggedSpans: a pre-tokenized input also gets its tags), ONNX outputs
-(logits [B, T, C], batch and sequence axes); it does not chat, explain or distil.
+(logits [B, T, C], batch and sequence axes), balance_unit "entities" (the doctor counts entity types); it does not
+chat, explain or distil.
 """
 from __future__ import annotations
 
@@ -20,19 +24,11 @@ import torch.nn.functional as F
 from tunesmith import io, metrics
 from tunesmith.data import DataError
 from tunesmith.errors import TunesmithError
-from tunesmith.tasks import conll, tagging
+from tunesmith.tasks import conll, subwords, tagging
 from tunesmith.tasks.base import Features, Task, batches, model_device
 from tunesmith.tasks.hf import load_hf
 
 SAMPLES = 20                            # test sentences evaluate_final writes to samples.jsonl (the report's)
-
-
-def words_like_text(tok, probe: str = "a b") -> bool:
-    """Whether a word given alone (is_split_into_words) gets the ids it has after a space in running text."""
-    enc = tok(probe, add_special_tokens=False, return_offsets_mapping=True)
-    text = [i for i, (_, end) in zip(enc["input_ids"], enc["offset_mapping"]) if end > probe.rindex(" ")]
-    words = tok(probe.split(), is_split_into_words=True, add_special_tokens=False)
-    return text == [i for i, w in zip(words["input_ids"], words.word_ids()) if w == len(probe.split()) - 1]
 
 
 class TokenClassification(Task):
@@ -40,6 +36,7 @@ class TokenClassification(Task):
     peft_task_type = "TOKEN_CLS"
     input_key = "text"
     prediction = "spans"            # predict: {"spans": [{text, start, end, label, score}]} (+ tags for tokens)
+    balance_unit = "entities"       # the doctor's class balance counts entities per type
     names: list[str] = []           # tag names in id order, "O" first (set by prepare or load_trained)
     label2id: dict[str, int] = {}
     inside: list[int] = []          # label_all_subwords: tag id -> the id a word's later sub-words learn
@@ -103,6 +100,10 @@ class TokenClassification(Task):
             return tagging.check_spans(row[cfg.text_column], row[cfg.spans_column], types)
         return f"no '{cfg.tokens_column}' or '{cfg.text_column}' column"
 
+    def check_notes(self) -> list[str]:
+        return [f"{split}: {n:,} sentence(s) with an invalid {self.scheme} tag sequence repaired by data.tag_repair "
+                f"({k:,} tag(s) changed; seqeval's reading kept)" for split, (n, k) in self.repairs.items()]
+
     def check_input(self, item) -> str | None:
         cfg = self.recipe.data
         if isinstance(item, dict) and cfg.tokens_column in item:
@@ -138,6 +139,9 @@ class TokenClassification(Task):
     def key(self, row: dict) -> str:
         return " ".join(self.sentence(row)[0])
 
+    def balance_labels(self, row: dict) -> list[str]:
+        return [kind for kind, _, _ in tagging.entities(self.sentence(row)[1] or [])]
+
     def prepare(self, rows: list[dict]) -> None:
         types = sorted({tagging.parse(t)[1] for r in rows for t in (self.sentence(r)[1] or ()) if t != "O"})
         if not types:
@@ -147,7 +151,8 @@ class TokenClassification(Task):
     def encode(self, rows: list[dict]) -> Features:
         """Windows of sub-word ids (see the module doc); each feature: input_ids, labels (when the row is
         tagged), row (its index in `rows`), n_words, words (the word indices it scores), first (their first
-        sub-word's position, -1 for a word without sub-words), gold (their tag ids, when tagged)."""
+        sub-word's position, -1 for a word without sub-words), pieces (their sub-word counts), gold (their tag
+        ids, when tagged)."""
         sents = []
         for r in rows:
             words, tags, _ = self.sentence(r)
@@ -155,60 +160,14 @@ class TokenClassification(Task):
         return self.windows(sents)
 
     def windows(self, sents: list[tuple[list[str], list[int] | None]]) -> Features:
-        tok, limit = self.tokenizer, self.recipe.data.max_length
-        budget = limit - tok.num_special_tokens_to_add()
-        out, cut = [], 0
-        enc = tok([w for w, _ in sents], is_split_into_words=True, verbose=False) if sents else None
-        for i, (words, tags) in enumerate(sents):
-            ids, wids = enc["input_ids"][i], enc.word_ids(i)
-            if len(ids) <= limit:
-                out.append(self.window(i, ids, wids, range(len(words)), len(words), tags))
-                continue
-            lengths = [0] * len(words)
-            for w in wids:
-                if w is not None:
-                    lengths[w] += 1
-            plan = tagging.plan_windows(lengths, budget, self.recipe.data.stride)
-            owner = tagging.owners(lengths, plan)
-            cut += any(n > budget for n in lengths)
-            for k, (a, b) in enumerate(plan):
-                part = tok(words[a:b], is_split_into_words=True, truncation=True, max_length=limit)
-                wids = [None if w is None else w + a for w in part.word_ids()]
-                out.append(self.window(i, part["input_ids"], wids, [w for w in range(a, b) if owner[w] == k],
-                                       len(words), tags))
-        return Features(out, truncated=cut)
-
-    def window(self, row: int, ids: list[int], wids: list, own, n_words: int, tags: list[int] | None) -> dict:
-        first = {}
-        for p, w in enumerate(wids):
-            if w is not None and w not in first:
-                first[w] = p
-        own = list(own)
-        f = {"input_ids": ids, "row": row, "n_words": n_words, "words": own, "first": [first.get(w, -1) for w in own]}
-        if tags is not None:
-            labels = [-100] * len(ids)
-            for p, w in enumerate(wids):
-                if w is not None and first[w] == p:
-                    labels[p] = tags[w]
-                elif w is not None and self.recipe.data.label_all_subwords:
-                    labels[p] = self.inside[tags[w]]
-            f["labels"], f["gold"] = labels, [tags[w] for w in own]
-        return f
+        cfg = self.recipe.data
+        return subwords.windows(self.tokenizer, sents, cfg.max_length, cfg.stride,
+                                self.inside if cfg.label_all_subwords else None)
 
     def length_stats(self, rows: list[dict], features: list[dict]) -> dict:
         """lengths: sub-words per sentence (special tokens included); kept: the same less what is cut from words
-        longer than a window (windows keep everything else)."""
-        tok = self.tokenizer
-        budget = self.recipe.data.max_length - tok.num_special_tokens_to_add()
-        enc = tok([self.sentence(r)[0] for r in rows], is_split_into_words=True, verbose=False)
-        lengths, kept = [], []
-        for i in range(len(rows)):
-            counts = {}
-            for w in enc.word_ids(i):
-                counts[w] = counts.get(w, 0) + 1
-            lengths.append(len(enc["input_ids"][i]))
-            kept.append(lengths[-1] - sum(max(0, n - budget) for w, n in counts.items() if w is not None))
-        return {"lengths": lengths, "kept": kept}
+        longer than a window (windows keep everything else); windowed: sentences longer than data.max_length."""
+        return subwords.length_stats(self.tokenizer, [self.sentence(r)[0] for r in rows], self.recipe.data.max_length)
 
     def collate(self, features: list[dict]) -> dict[str, torch.Tensor]:
         # input_ids, attention_mask, labels: [B, T] padded to the longest (labels with -100)
@@ -237,9 +196,9 @@ class TokenClassification(Task):
         if not tok.is_fast:
             raise TunesmithError(f"model '{source}': token classification needs a fast tokenizer (word ids per "
                                  f"sub-word); this one is {type(tok).__name__}")
-        if not words_like_text(tok):        # byte-level BPE (RoBERTa, GPT-2): a word after a space is "Ġword"
+        if not subwords.words_like_text(tok):        # byte-level BPE (RoBERTa, GPT-2): a word after a space is "Ġword"
             spaced = AutoTokenizer.from_pretrained(source, add_prefix_space=True, **kw)
-            tok = spaced if words_like_text(spaced) else tok
+            tok = spaced if subwords.words_like_text(spaced) else tok
         return tok
 
     def load_model(self):
@@ -260,6 +219,7 @@ class TokenClassification(Task):
     def save(self, model, folder) -> None:
         tokenizer = copy.copy(self.tokenizer)       # a copy: the task's tokenizer is shared
         tokenizer.model_max_length = self.recipe.data.max_length
+        model.config.tunesmith_aggregation = self.aggregation     # for transformers' pipeline users (see aggregation)
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
 
@@ -273,9 +233,10 @@ class TokenClassification(Task):
     def count(self, batch: dict) -> float:
         return float((batch["labels"] != -100).sum())
 
-    def word_logprobs(self, model, features: list[dict], batch_size: int) -> dict[int, tuple]:
+    def word_logprobs(self, model, features: list[dict], batch_size: int, pieces: bool = False) -> dict[int, tuple]:
         """row -> (log-probabilities [n_words, C], scored [n_words] bool): each word from the window that owns
-        it, at its first sub-word; a word without sub-words is unscored and all its mass is on O (id 0)."""
+        it, at its first sub-word; a word without sub-words is unscored and all its mass is on O (id 0). pieces:
+        a third item, per word the log-probabilities of all its sub-words [n_pieces, C] (n_pieces may be 0)."""
         out = {}
         for idx, batch in batches(self, features, batch_size, model_device(model)):
             batch.pop("labels", None)
@@ -285,13 +246,16 @@ class TokenClassification(Task):
                 if f["row"] not in out:
                     blank = torch.full((f["n_words"], lp.shape[-1]), float("-inf"))
                     blank[:, 0] = 0.0
-                    out[f["row"]] = (blank, torch.zeros(f["n_words"], dtype=torch.bool))
-                scores, scored = out[f["row"]]
+                    out[f["row"]] = (blank, torch.zeros(f["n_words"], dtype=torch.bool), [lp[:0]] * f["n_words"])
+                scores, scored, subs = out[f["row"]]
                 first, words = torch.tensor(f["first"], dtype=torch.long), torch.tensor(f["words"], dtype=torch.long)
                 keep = first >= 0
                 scores[words[keep]] = lp[first[keep]]
                 scored[words[keep]] = True
-        return out
+                if pieces:
+                    for w, a, n in zip(f["words"], f["first"], f["pieces"]):
+                        subs[w] = lp[a:a + n] if a >= 0 else lp[:0]
+        return {r: x if pieces else x[:2] for r, x in out.items()}
 
     def scores(self, model, features: list[dict], batch_size: int) -> tuple[dict, list, list, list]:
         """(metrics, gold tags, predicted tags, the predicted tags' probabilities [n_words]), one per sentence in
@@ -322,25 +286,26 @@ class TokenClassification(Task):
 
     def evaluate_final(self, model, rows: list[dict], features: list[dict], batch_size: int,
                        out_dir=None) -> dict:
-        """`evaluate`'s metrics and `misclassified` (sentences with a wrong tag); with out_dir, those sentences
-        in misclassified.jsonl: {row, tokens, tags, predicted} ("row": the sentence's position in `rows`), and
-        the first SAMPLES sentences in samples.jsonl as the report draws spans: {input (the text, or the tokens
-        joined by single spaces), reference, output} (reference spans score 1)."""
+        """`evaluate`'s metrics and `misclassified` (sentences whose predicted entities differ from the gold ones,
+        as the metrics read them: tagging.same_entities); with out_dir, those sentences in misclassified.jsonl and
+        the first SAMPLES sentences in samples.jsonl, each as the report draws spans: {input (the text, or the
+        tokens joined by single spaces), reference, output} (reference spans score 1); misclassified rows also
+        carry row (the sentence's position in `rows`), tokens, tags and predicted (one tag per token)."""
         result, true, pred, prob = self.scores(model, features, batch_size)
-        wrong = [i for i, (t, p) in enumerate(zip(true, pred)) if t != p]
+        wrong = [i for i, (t, p) in enumerate(zip(true, pred)) if not tagging.same_entities(t, p, self.scheme)]
         result["misclassified"] = len(wrong)
         if out_dir is not None:
-            io.write_jsonl(Path(out_dir) / "misclassified.jsonl",
-                           ({"row": i, "tokens": self.sentence(rows[i])[0], "tags": true[i], "predicted": pred[i]}
-                            for i in wrong))
-            samples = []
-            for i in range(min(SAMPLES, len(rows))):
+            def shown(i: int) -> dict:
                 words, _, offsets = self.sentence(rows[i])
                 text, offsets = (rows[i][self.recipe.data.text_column], offsets) if offsets else tagging.joined(words)
                 gold = tagging.entity_spans(text, offsets, true[i], [1.0] * len(words))
                 found = tagging.entity_spans(text, offsets, pred[i], prob[i].tolist())
-                samples.append({"input": text, "reference": {"spans": gold}, "output": {"spans": found}})
-            io.write_jsonl(Path(out_dir) / "samples.jsonl", samples)
+                return {"input": text, "reference": {"spans": gold}, "output": {"spans": found}}
+
+            io.write_jsonl(Path(out_dir) / "misclassified.jsonl",
+                           ({"row": i, "tokens": self.sentence(rows[i])[0], "tags": true[i], "predicted": pred[i],
+                             **shown(i)} for i in wrong))
+            io.write_jsonl(Path(out_dir) / "samples.jsonl", [shown(i) for i in range(min(SAMPLES, len(rows)))])
         return result
 
     def summary(self, metrics: dict) -> str:
@@ -351,11 +316,24 @@ class TokenClassification(Task):
     def output_schema(cls):
         return tagging.TaggedSpans
 
+    @property
+    def aggregation(self) -> str | None:
+        """The aggregation_strategy of transformers' pipeline("token-classification") that gives the spans `predict`
+        gives (on a text within one window): "first" by default (a word's first sub-word carries its tag),
+        "simple" under data.label_all_subwords (every sub-word is trained, so each is read and grouped as that
+        pipeline does); None under BIOES (the pipeline groups by B-/I- prefixes only). Saved in the model's
+        config.json as tunesmith_aggregation."""
+        if self.scheme == "BIOES":
+            return None
+        return "simple" if self.recipe.data.label_all_subwords else "first"
+
     def predict(self, model, inputs: list) -> list[dict]:
         """A text (or {text_column: ...}) -> {"spans": [{text, start, end, label, score}]}: character offsets into
-        the text (end exclusive; text == input[start:end]), score = the mean over the entity's words of the
-        probability of their predicted tag. {tokens_column: [...]} -> the same spans over the tokens joined by
-        single spaces, and "tags", "scores": one per token."""
+        the text (end exclusive; text == input[start:end]). Spans are whole words, score = the mean over the
+        entity's words of the probability of their predicted tag; under `aggregation` "simple", spans group
+        sub-words as that pipeline does (an entity may end inside a word) and score = the mean over its
+        sub-words. {tokens_column: [...]} -> the same spans over the tokens joined by single spaces, and "tags",
+        "scores": one per token (its first sub-word's)."""
         cfg = self.recipe.data
         sents, texts = [], []
         for x in inputs:
@@ -368,15 +346,29 @@ class TokenClassification(Task):
                 words = [text[a:b] for a, b in offsets]
                 texts.append((text, offsets, False))
             sents.append((words, None))
+        simple = self.aggregation == "simple"
         with torch.no_grad():
-            logp = self.word_logprobs(model, self.windows(sents), self.recipe.eval.batch_size)
+            logp = self.word_logprobs(model, self.windows(sents), self.recipe.eval.batch_size, pieces=simple)
         out = []
         for i, (text, offsets, tokens) in enumerate(texts):
             best = logp[i][0].exp().max(-1)
             tags = [self.names[j] for j in best.indices.tolist()]
-            out.append({"spans": tagging.entity_spans(text, offsets, tags, best.values)})
+            if simple:
+                out.append({"spans": tagging.grouped_spans(text, self.pieces(sents[i][0], offsets, logp[i][2]))})
+            else:
+                out.append({"spans": tagging.entity_spans(text, offsets, tags, best.values)})
             if tokens:
                 out[-1] |= {"tags": tags, "scores": [round(float(p), 6) for p in best.values]}
+        return out
+
+    def pieces(self, words: list[str], offsets: list[tuple[int, int]], logp: list) -> list[tuple]:
+        """(start, end, tag, probability) of each sub-word of `words` (at `offsets` in their text) that was scored,
+        in order; logp: per word its sub-words' log-probabilities [n, C] (word_logprobs with pieces)."""
+        out = []
+        for w, spans in enumerate(subwords.offsets(self.tokenizer, words, [a for a, _ in offsets])):
+            for (a, b), lp in zip(spans, logp[w]):
+                p, j = lp.exp().max(-1)
+                out.append((a, b, self.names[int(j)], float(p)))
         return out
 
     # --- ONNX export (tunesmith/deploy/export.py) ------------------------------------------------------
