@@ -2,13 +2,16 @@
 traceback, nothing half-written."""
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 from conftest import recipe_dict, write_reviews
+from deploy_fixtures import text_run  # noqa: F401  (fixture)
 
 import tunesmith as ts
 from tunesmith.cli import main
@@ -37,6 +40,82 @@ def test_export_max_drop_must_be_a_finite_non_negative_number(tmp_path, capsys, 
     assert "--max-drop" in one_line(capsys)
     with pytest.raises(TunesmithError, match="max_drop"):      # the API refuses it too, before reading the run
         ts.export(tmp_path / "run", max_drop=float(value))
+
+
+# --- 5: export on a full disk, to a folder that cannot be written -----------------------------------------
+
+def listing(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("where", ["fp32", "int8"])
+def test_export_on_a_full_disk_is_one_line_and_leaves_nothing(text_run, tmp_path, capsys, monkeypatch, where):
+    """The disk fills while model.onnx is written (OSError ENOSPC, half a file), or while onnxruntime quantizes
+    (its shape-inferred copy is cut short and read back: protobuf's "Wire format was corrupt", the issue's
+    traceback). One line, exit 1; a folder that did not exist is gone again; an earlier export is left as it was."""
+    import onnxruntime.quantization
+    import torch
+    from google.protobuf.message import DecodeError
+
+    real_export = torch.onnx.export
+
+    def export_then_fill(model, args, path, **kw):
+        real_export(model, args, path, **kw)
+        with open(path, "r+b") as f:
+            f.truncate(Path(path).stat().st_size // 2)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def quantize_then_fill(model_input, model_output, **kw):
+        Path(model_output).with_name("model-inferred.onnx").write_bytes(b"\x08\x07" * 100)
+        full = shutil.disk_usage(tmp_path)._replace(free=0)
+        monkeypatch.setattr(shutil, "disk_usage", lambda path: full)       # the disk is full now
+        raise DecodeError("Error parsing message with type 'onnx.ModelProto': Wire format was corrupt")
+
+    if where == "fp32":
+        monkeypatch.setattr(torch.onnx, "export", export_then_fill)
+    else:
+        monkeypatch.setattr(onnxruntime.quantization, "quantize_dynamic", quantize_then_fill)
+    new = tmp_path / "new" / "export"
+    assert main(["export", str(text_run), "--out", str(new), "--quantize", "int8"]) == 1
+    err = one_line(capsys)
+    assert err.startswith(f"error: no space left on device writing {new}") and "choose --out" in err
+    assert not (tmp_path / "new").exists()                      # made by the export: removed with nothing in it
+    if where == "int8":
+        return
+    monkeypatch.undo()
+    earlier = tmp_path / "earlier"
+    ts.export(text_run, out=earlier, repeats=1)
+    before = listing(earlier)
+    monkeypatch.setattr(torch.onnx, "export", export_then_fill)
+    assert main(["export", str(text_run), "--out", str(earlier), "--quantize", "int8"]) == 1
+    assert "no space left on device" in one_line(capsys)
+    assert listing(earlier) == before and "model.onnx" in before   # the checked earlier export, untouched
+
+
+@pytest.mark.parametrize("how", ["read-only folder", "permission"])
+def test_export_to_a_folder_that_cannot_be_written_is_one_line(text_run, tmp_path, capsys, monkeypatch, how):
+    import tempfile
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    if how == "permission":                                     # a real mode: root ignores it
+        if os.geteuid() == 0:
+            pytest.skip("root writes into a folder of mode 0o500")
+        locked.chmod(0o500)
+    else:                                                       # a read-only file system, as the kernel says it
+        def read_only(*a, **kw):
+            raise OSError(errno.EROFS, "Read-only file system", str(kw.get("dir")))
+
+        monkeypatch.setattr(tempfile, "mkdtemp", read_only)
+    try:
+        assert main(["export", str(text_run), "--out", str(locked / "export")]) == 1
+        err = one_line(capsys)
+        assert err.startswith("error: cannot write") and "choose another --out" in err
+        assert not (locked / "export").exists()
+        assert main(["export", str(text_run), "--out", str(locked), "--format", "hf"]) == 1
+        assert "choose another --out" in one_line(capsys) and not any(locked.iterdir())
+    finally:
+        locked.chmod(0o700)
 
 
 # --- 9: cv --folds, tune --budget ------------------------------------------------------------------------
