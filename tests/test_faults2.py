@@ -16,6 +16,7 @@ from deploy_fixtures import text_run  # noqa: F401  (fixture)
 import tunesmith as ts
 from tunesmith.cli import main
 from tunesmith.errors import TunesmithError
+from tunesmith.recipe import UsageError
 
 
 def one_line(capsys) -> str:
@@ -118,6 +119,46 @@ def test_export_to_a_folder_that_cannot_be_written_is_one_line(text_run, tmp_pat
         locked.chmod(0o700)
 
 
+# --- 8: search --storage ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("storage, code, says", [
+    ("notaurl", 2, "not a database URL"),
+    ("postgresql://u@[::1:5432/db", 2, "not a database URL"),
+    ("postgresql://u:secret@127.0.0.1:1/db", 1, "cannot open it"),           # nothing listens on port 1
+    ("sqlite:///{tmp}/missing/folder/study.db", 1, "does not exist; create it"),
+])
+def test_search_storage_that_cannot_be_opened_is_one_line(tmp_path, capsys, storage, code, says):
+    if storage.startswith("postgresql://u:"):
+        pytest.importorskip("psycopg")
+    storage = storage.format(tmp=tmp_path)
+    start = time.monotonic()
+    assert main(["search", str(recipe_file(tmp_path)), "--storage", storage, "--dir", str(tmp_path / "st")]) == code
+    err = one_line(capsys)
+    assert says in err and "--storage" in err and "secret" not in err and time.monotonic() - start < 15
+    assert not (tmp_path / "st").exists()                      # no empty study folder left behind
+
+
+def test_search_whose_trials_all_fail_says_why_in_one_line(tmp_path, capsys):
+    """A model that cannot load: each trial says so in one line (optuna logged a traceback per trial); after
+    three, one error line names the reason, and the study folder this call made (only failures in it) goes."""
+    path = recipe_file(tmp_path)
+    assert main(["search", str(path), "--dir", str(tmp_path / "st"), "--trials", "1"]) == 1
+    out, err = capsys.readouterr()
+    assert "trial 0 failed: model" in out and "Traceback" not in err + out
+    assert err.strip().count("\n") == 0 and "3 trials in a row failed (the last: model" in err
+    assert not (tmp_path / "st").exists()
+
+
+def test_search_budget_from_the_api_is_a_one_line_usage_error(tmp_path):
+    from tunesmith.recipe import UsageError
+
+    for budget in ("0s", "soon"):
+        with pytest.raises(UsageError, match="budget") as e:
+            ts.search(recipe_file(tmp_path), tmp_path / "st", budget=budget)
+        assert "\n" not in str(e.value)
+    assert not (tmp_path / "st").exists()
+
+
 # --- 9: cv --folds, tune --budget ------------------------------------------------------------------------
 
 def test_cv_folds_above_the_smallest_class_is_one_line(tmp_path, tiny_bert, capsys):
@@ -139,12 +180,27 @@ def test_tune_budget_that_cannot_run_is_refused_before_any_work(tmp_path, capsys
     path = recipe_file(tmp_path)
     start = time.monotonic()
     code = main(["tune", str(path), "--budget", budget, "--dir", str(tmp_path / "tune")])
-    assert code in (1, 2) and time.monotonic() - start < 5
+    assert code == 2 and time.monotonic() - start < 5          # a usage error, as the command line's own checks
     err = one_line(capsys)
     assert "budget" in err
     if budget == "1s":
         assert "at least 5s" in err                             # says the minimum
     assert not (tmp_path / "tune").exists()                     # no probe run left behind
+    with pytest.raises(UsageError, match="budget") as e:       # the API: the same one-line error
+        ts.tune(path, tmp_path / "tune", budget=budget)
+    assert "\n" not in str(e.value)
+
+
+def test_tune_whose_probe_spends_the_budget_leaves_no_probe_run(tmp_path, tiny_bert, capsys, monkeypatch):
+    import tunesmith.selection.tune as tune_mod
+
+    monkeypatch.setattr(tune_mod, "MIN_BUDGET_S", 0.1)          # a budget the probe run (seconds) cannot fit in
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe_dict(tiny_bert, write_reviews(tmp_path / "r.csv", n=40))))
+    assert main(["tune", str(path), "--budget", "0.2s", "--dir", str(tmp_path / "tune")]) == 1
+    err = capsys.readouterr().err
+    assert "left no time for the plain recipe; give at least --budget" in err and "Traceback" not in err
+    assert not (tmp_path / "tune").exists()                     # the probe run was not a finished tune: gone
 
 
 # --- 10: overlong names, a FIFO as data ----------------------------------------------------------------

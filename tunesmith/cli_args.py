@@ -8,8 +8,7 @@ import platform
 import sys
 from importlib.metadata import PackageNotFoundError, version
 
-from tunesmith.errors import TunesmithError
-from tunesmith.recipe import RecipeError
+from tunesmith.recipe import UsageError
 
 VALUED = ("--budget", "--max-drop")             # options whose value may start with "-"
 
@@ -200,14 +199,6 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         args = p.parse_args(argv)
     args.debug, args.verbose = flags["--debug"], flags["--verbose"]
     return args
-
-
-class UsageError(RecipeError):
-    """A bad command-line value: one line (exit 2, as recipe errors)."""
-
-    def __init__(self, message: str):
-        self.source, self.errors = "command line", [message]
-        TunesmithError.__init__(self, message)
 
 
 def check(args: argparse.Namespace) -> None:
