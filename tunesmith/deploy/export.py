@@ -187,7 +187,7 @@ def staging(out: Path, needed: int):
     missing), and move what is done into `out` with `publish`. On any error `work` is removed, and `out` too
     (with the folders above it that this call made) when nothing else is in it; a full disk or a folder that cannot
     be written becomes one line (TunesmithError)."""
-    top = next((p for p in reversed([out, *out.parents]) if not p.exists()), None)   # the first folder made here
+    top = io.first_missing(out)                     # the first folder made here
     work = None
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -288,8 +288,10 @@ def search(recipe, folder: str | Path | None = None, trials: int | None = None, 
         raise UsageError(f"budget {budget}: {e}") from None
     if trials is None and deadline is None:
         raise RecipeError("search", ["give search.trials or a budget"])
+    if trials is not None and trials < 1:
+        raise UsageError(f"trials {trials}: give a whole number >= 1")
     check_space(recipe)
-    made = not folder.exists()
+    made = io.first_missing(folder)                # removed again when the study cannot start
     try:
         folder.mkdir(parents=True, exist_ok=True)
         st = open_study(recipe, folder, storage, name)
@@ -297,7 +299,7 @@ def search(recipe, folder: str | Path | None = None, trials: int | None = None, 
         raise TunesmithError(f"cannot make the study folder {folder}: {e.strerror or e}; give another --dir") from None
     except TunesmithError:
         if made:                                    # no empty study folder left behind
-            shutil.rmtree(folder, ignore_errors=True)
+            shutil.rmtree(made, ignore_errors=True)
         raise
     run_trial = objective(recipe, folder, say)
     finished = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -329,7 +331,7 @@ def search(recipe, folder: str | Path | None = None, trials: int | None = None, 
         failures = failures + 1 if mine and mine[0].state == TrialState.FAIL else 0
         if failures >= 3:
             if made and not any(t.state in finished for t in st.get_trials(deepcopy=False)):
-                shutil.rmtree(folder, ignore_errors=True)       # nothing in it worth keeping
+                shutil.rmtree(made, ignore_errors=True)         # nothing in it worth keeping
                 where = ""
             else:
                 where = f"; see {folder}"

@@ -119,7 +119,7 @@ def tune(recipe, folder: str | Path | None = None, budget: str | None = None, sa
     start = time.monotonic()
     deadline = start + total_s
     folder = Path(folder or Path("runs") / f"tune-{recipe.name or recipe.task}")
-    made = not folder.exists()
+    made = io.first_missing(folder)                 # what a failure removes again
     prof = profile(recipe)                          # data or model errors: before any folder is made
     folder.mkdir(parents=True, exist_ok=True)
     say(f"data: {prof['rows']} train rows, {prof['classes'] or '-'} classes (largest/smallest {prof['balance']}), "
@@ -183,7 +183,7 @@ def tune(recipe, folder: str | Path | None = None, budget: str | None = None, sa
 
     plain = attempt("plain", {}, recipe.train.epochs)
     if plain is None and not results:               # the probe spent the budget: say so rather than exit 1 silently
-        shutil.rmtree(folder if made else folder / "probe", ignore_errors=True)     # and leave no probe run
+        shutil.rmtree(made or folder / "probe", ignore_errors=True)     # and leave no probe run
         raise TunesmithError(f"budget {budget}: the probe run took {overhead + step_s * len(steps):.0f}s and left no "
                              f"time for the plain recipe; give at least --budget "
                              f"{math.ceil(2 * (overhead + step_s * len(steps)) + estimate(1))}s")
