@@ -9,6 +9,7 @@ classification run (tests/deploy_fixtures.py), {recipe} a valid recipe on the ti
 does not exist, {bad} one with a recipe error, {notarun} an empty folder, {file} a plain text file."""
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -132,6 +133,16 @@ SUBPROCESS_ROWS = [                                  # the real process: exit co
     ["train", "{missing}.yaml"],
     ["export", "{run}", "--max-drop", "nan"],
 ]
+
+
+@pytest.fixture(autouse=True)
+def same_environment():
+    """main() sets TRANSFORMERS_VERBOSITY and HF_HUB_DISABLE_PROGRESS_BARS in os.environ (quiet()); a later test's
+    subprocess would inherit them (tests/test_cli.py checks that --verbose shows the load report)."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 def test_every_command_has_rows():
