@@ -226,6 +226,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2 if isinstance(e, RecipeError) else 1
+    except OSError as e:                        # a path the user named: a file where a folder goes, read-only, full
+        if args.debug:
+            raise
+        print(f"error: {e.filename or 'a file'}: {e.strerror or e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

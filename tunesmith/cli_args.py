@@ -8,8 +8,7 @@ import platform
 import sys
 from importlib.metadata import PackageNotFoundError, version
 
-from tunesmith.errors import TunesmithError
-from tunesmith.recipe import RecipeError
+from tunesmith.recipe import UsageError
 
 VALUED = ("--budget", "--max-drop")             # options whose value may start with "-"
 
@@ -222,21 +221,35 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-class UsageError(RecipeError):
-    """A bad command-line value: one line (exit 2, as recipe errors)."""
-
-    def __init__(self, message: str):
-        self.source, self.errors = "command line", [message]
-        TunesmithError.__init__(self, message)
+# numeric options -> (what a value must be, the test); a value must also be finite (NaN compares false)
+NUMBERS = {
+    "max_drop": ("a finite number >= 0 (0.01 = one point of the metric)", lambda v: v >= 0),
+    "trials": ("a whole number >= 1", lambda v: v >= 1),
+    "folds": ("a whole number >= 2", lambda v: v >= 2),
+    "repeats": ("a whole number >= 1", lambda v: v >= 1),
+    "mistakes": ("a whole number >= 0", lambda v: v >= 0),
+    "max_new_tokens": ("a whole number >= 1", lambda v: v >= 1),
+    "context": ("a whole number of tokens >= 2", lambda v: v >= 2),
+    "port": ("a port number from 0 to 65535", lambda v: 0 <= v <= 65535),
+    "max_batch": ("a whole number >= 1", lambda v: v >= 1),
+    "max_queue": ("a whole number >= 1", lambda v: v >= 1),
+    "max_body": ("a number of bytes >= 1", lambda v: v >= 1),
+    "max_pixels": ("a number of pixels >= 1", lambda v: v >= 1),
+    "max_wait_ms": ("a number of milliseconds >= 0", lambda v: v >= 0),
+    "timeout": ("a number of seconds above 0", lambda v: v > 0),
+    "temperature": ("a number above 0", lambda v: v > 0),
+    "alpha": ("a number from 0 to 1", lambda v: 0 <= v <= 1),
+}
 
 
 def check(args: argparse.Namespace) -> None:
     """Values argparse's types let through but no command can use, refused before any work."""
     from tunesmith.selection.space import seconds
 
-    max_drop = getattr(args, "max_drop", None)
-    if max_drop is not None and not (math.isfinite(max_drop) and max_drop >= 0):
-        raise UsageError(f"--max-drop {max_drop}: give a finite number >= 0 (0.01 = one point of the metric)")
+    for dest, (what, ok) in NUMBERS.items():
+        value = getattr(args, dest, None)
+        if value is not None and not (math.isfinite(value) and ok(value)):
+            raise UsageError(f"--{dest.replace('_', '-')} {value}: give {what}")
     budget = getattr(args, "budget", None)
     if budget is not None:
         try:

@@ -8,12 +8,17 @@ import time
 
 import torch
 
+from tunesmith.errors import TunesmithError
+
 
 def choose_device(asked: str = "auto") -> torch.device:
     """"auto": the GPU when there is one, else the CPU; otherwise as asked ("cpu", "cuda", "cuda:1", "mps")."""
     if asked == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(asked)
+    try:
+        return torch.device(asked)
+    except RuntimeError:
+        raise TunesmithError(f"--device {asked[:40]}: not a device; give auto, cpu, cuda, cuda:N or mps") from None
 
 
 def cpu_flags() -> set[str]:

@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -25,6 +26,8 @@ def atomic_write(path: str | Path, data: str | bytes) -> Path:
     """Write `data` to `path` through a temporary file beside it (fsynced, then renamed over `path`). On an
     OSError (full disk, read-only folder) the temporary file is removed and the error raised; `path` is untouched."""
     path = Path(path)
+    if path.is_dir():                                   # os.replace would say so of the temporary file's name
+        raise IsADirectoryError(errno.EISDIR, "a folder, not a file: give a file name", str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp(path)
     try:
@@ -62,6 +65,13 @@ def atomic_folder(path: str | Path, keep_existing: bool = False):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def first_missing(path: str | Path) -> Path | None:
+    """The topmost folder of `path` (itself included) that does not exist: what `mkdir(parents=True)` makes, so
+    that a command which fails can remove exactly what it made (None: `path` exists)."""
+    path = Path(path)
+    return next((p for p in reversed([path, *path.parents]) if not p.exists()), None)
 
 
 def finite(obj, where: str = "") -> tuple[object, list[str]]:

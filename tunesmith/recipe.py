@@ -44,6 +44,15 @@ class RecipeError(TunesmithError):
         super().__init__(f"{source}: {len(errors)} error(s) in recipe\n" + "\n".join(f"  - {e}" for e in errors))
 
 
+class UsageError(RecipeError):
+    """A bad value on the command line or in an API call's arguments (a budget, a storage URL): one line (exit 2,
+    as recipe errors)."""
+
+    def __init__(self, message: str):
+        self.source, self.errors = "command line", [message]
+        TunesmithError.__init__(self, message)
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 

@@ -8,7 +8,9 @@ generating task, whose graph would need a KV cache: `--format hf` copies its run
 For each file: max |difference| of the declared outputs (logits, for classifiers) against the PyTorch model, the test
 metric (train.metric, scored as eval.json scores it) against eval.json, latency p50/p95 at batch 1 and 32, and file
 size. A file whose metric falls more than `max_drop` below eval.json is removed and the export fails (exit 1);
-export.json (the "done" record) lists only files that passed.
+export.json (the "done" record) lists only files that passed. Everything is written into a temporary folder inside
+the out folder and moved into place only after the check (export.json last), so a full disk, a read-only folder or
+Ctrl-C leaves no file behind, only one line saying what happened.
 
 Out folder (default RUN/export/): model.onnx, model.int8.onnx, config.json (labels), the tokenizer or image
 processor, export.json. `OnnxModel` puts an exported file behind the call tasks make (`model(**batch).logits`: each
@@ -16,12 +18,16 @@ declared output as an attribute), so the task's own evaluate and predict score a
 """
 from __future__ import annotations
 
+import errno
 import logging
 import math
+import os
 import shutil
 import statistics
+import tempfile
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -155,12 +161,69 @@ def _size_mb(path: Path) -> float:
     return round(sum(p.stat().st_size for p in files) / 1e6, 3)
 
 
+def _free(path: Path) -> int:
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return -1
+
+
+def _write_error(e: BaseException, out: Path, work: Path | None, needed: int) -> TunesmithError | None:
+    """One line for a failed write into `out`; None: not a writing problem (a bug keeps its traceback). A write
+    cut short by a full disk can surface as a parse error of the cut file (onnx's "Wire format was corrupt"): any
+    error while `out`'s file system has less than `needed` bytes free is read as a full disk."""
+    full = (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or 0 <= _free(work or out) < needed
+    if full:
+        return TunesmithError(f"no space left on device writing {out} (a model file needs about "
+                              f"{needed / 2**20:,.0f} MiB); free space or choose --out")
+    if isinstance(e, OSError):
+        return TunesmithError(f"cannot write {e.filename or out}: {e.strerror or e}; choose another --out")
+    return None
+
+
+@contextmanager
+def staging(out: Path, needed: int):
+    """`with staging(out, needed) as work:` write into `work`, a temporary folder inside `out` (created if
+    missing), and move what is done into `out` with `publish`. On any error `work` is removed, and `out` too
+    (with the folders above it that this call made) when nothing else is in it; a full disk or a folder that cannot
+    be written becomes one line (TunesmithError)."""
+    top = io.first_missing(out)                     # the first folder made here
+    work = None
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
+        yield work
+    except TunesmithError:
+        raise
+    except Exception as e:
+        error = _write_error(e, out, work, needed)
+        if error is None:
+            raise
+        raise error from None
+    finally:
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
+        if top is not None and top.is_dir() and not any(p.is_file() for p in top.rglob("*")):
+            shutil.rmtree(top, ignore_errors=True)
+
+
+def publish(work: Path, out: Path, names: list[str], record: Path | None = None) -> None:
+    """Move `names` (files or folders in `work`) into `out`, replacing what is there; `record` (already written in
+    `work`) last, so a reader never finds a record naming a file not yet in place. Renames in one file system:
+    no byte is written, so no disk can fill here."""
+    for name in names:
+        target = out / name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        os.replace(work / name, target)
+    if record is not None:
+        os.replace(record, out / record.name)
+
+
 def export(run_dir, format: str = "onnx", quantize: str | None = None, out=None, max_drop: float = 0.01,
            repeats: int = 30) -> dict:
     """Export a finished run (see the module docstring); returns the report (as export.json holds it, plus
     `rejected`: files whose test metric dropped by more than max_drop, removed; `passed`: none was)."""
-    import torch
-
     from tunesmith.run import Run
     from tunesmith.splits import load_rows
 
@@ -179,7 +242,10 @@ def export(run_dir, format: str = "onnx", quantize: str | None = None, out=None,
     if format == "hf":
         if not run.model_dir.is_dir():
             raise TunesmithError(f"{run.path}: no model/ folder (the run has not finished)")
-        shutil.copytree(run.model_dir, out, dirs_exist_ok=True)
+        needed = sum(p.stat().st_size for p in run.model_dir.rglob("*") if p.is_file())
+        with staging(out, needed) as work:
+            shutil.copytree(run.model_dir, work / "model")
+            publish(work / "model", out, sorted(p.name for p in (work / "model").iterdir()))
         return {"format": "hf", "out": str(out), "size_mb": _size_mb(out)}
     if format != "onnx":
         raise TunesmithError(f"--format {format}: use onnx or hf")
@@ -192,17 +258,33 @@ def export(run_dir, format: str = "onnx", quantize: str | None = None, out=None,
     if outputs is None:
         raise TunesmithError(f"task '{task.name}' declares no ONNX outputs (Task.export_outputs), so it has no ONNX "
                              f"export; its merged HF folder is {run.model_dir}: use --format hf to copy it")
-    metric, direction = run.recipe.train.metric, run.recipe.direction
+    metric = run.recipe.train.metric
     if metric not in reference_metrics:
         raise TunesmithError(f"{run.path}: eval.json has no {metric}; the run has not finished")
     rows = load_rows(task, str(run.path / "data" / "test.jsonl"))
     features = task.encode(rows)
-    batch_size = run.recipe.eval.batch_size
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "export.json").unlink(missing_ok=True)                 # done only once this export is checked
+    with staging(out, int(_size_mb(run.model_dir) * 1e6) + 2**20) as work:
+        report = _export_checked(task, model, run, outputs, rows, features, work, out, quantize, max_drop, repeats)
+        kept = [p.name for p in work.iterdir() if p.name != "export.json"]
+        for name in ["export.json", *(FILES[kind] for kind in report["rejected"])]:
+            (out / name).unlink(missing_ok=True)    # this export replaces the last one's record; rejected: no file
+        if report["files"]:
+            publish(work, out, kept, work / "export.json")
+    return report
+
+
+def _export_checked(task, model, run, outputs, rows, features, work: Path, out: Path, quantize, max_drop,
+                    repeats) -> dict:
+    """Write the ONNX file(s), the processor and config into `work`, check each file, remove the ones that fail
+    the gate and write export.json (naming `out`) into `work`; returns the report."""
+    import torch
+
+    metric, direction = run.recipe.train.metric, run.recipe.direction
+    reference_metrics = run.metrics
+    batch_size = run.recipe.eval.batch_size
     inputs = task.export_inputs()
-    fp32 = out / FILES["fp32"]
+    fp32 = work / FILES["fp32"]
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")     # tracer notes on shape-dependent Python branches: parity checks them
         torch.onnx.export(_declared(model, list(inputs), list(outputs)), tuple(x for x, _ in inputs.values()),
@@ -213,11 +295,11 @@ def export(run_dir, format: str = "onnx", quantize: str | None = None, out=None,
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         logging.getLogger().setLevel(logging.ERROR)               # its advice to pre-process goes to the root logger
-        paths["int8"] = out / FILES["int8"]
+        paths["int8"] = work / FILES["int8"]
         quantize_dynamic(str(fp32), str(paths["int8"]), weight_type=QuantType.QInt8,
                          per_channel=True)          # per output channel: 0.2-0.4 vs 1.2 points lost (MiniLM)
-    task.processor.save_pretrained(out)
-    model.config.save_pretrained(out)
+    task.processor.save_pretrained(work)
+    model.config.save_pretrained(work)
 
     report = {"format": "onnx", "run": str(run.path), "out": str(out), "metric": metric, "direction": direction,
               "eval_json": reference_metrics[metric], "max_drop": max_drop, "test_rows": len(rows),
@@ -241,7 +323,7 @@ def export(run_dir, format: str = "onnx", quantize: str | None = None, out=None,
             report["files"][kind] = path.name
     report["passed"] = not report["rejected"]
     if report["files"]:
-        io.write_json(out / "export.json", {k: v for k, v in report.items() if k != "rejected"})
+        io.write_json(work / "export.json", {k: v for k, v in report.items() if k != "rejected"})
     return report
 
 

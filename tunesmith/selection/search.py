@@ -14,6 +14,7 @@ same command resumes the study (finished trials are kept; the target counts them
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import socket
@@ -24,10 +25,11 @@ from pathlib import Path
 
 from tunesmith import io
 from tunesmith.errors import TunesmithError
-from tunesmith.recipe import Recipe, RecipeError, load
+from tunesmith.recipe import QUOTE, Recipe, RecipeError, UsageError, load
 from tunesmith.run import Callback, StopTraining
 from tunesmith.safety import LOCK, Interrupted
 from tunesmith.selection.space import Param, SearchConfig, default_space, seconds
+from tunesmith.selection.storage import storage_error, storage_url
 
 
 def optuna_module():
@@ -38,7 +40,28 @@ def optuna_module():
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)   # heartbeat API
+    logger = logging.getLogger("optuna.study._optimize")
+    if not any(isinstance(f, QuietFailures) for f in logger.filters):
+        logger.addFilter(QuietFailures())
     return optuna
+
+
+class QuietFailures(logging.Filter):
+    """Drops optuna's "Trial N failed ..." records (a traceback and a line) for a trial that raised a
+    TunesmithError, which the search says in one line of its own, or that Ctrl-C stopped, where the search says how
+    to resume. Any other failure keeps optuna's record and traceback."""
+
+    def __init__(self):
+        super().__init__()
+        self.quiet: set[str] = set()                # trial numbers whose records are dropped
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        words = record.getMessage().split(" ", 2)
+        trial = words[1] if words[0] == "Trial" and len(words) > 1 else None
+        if record.exc_info and isinstance(record.exc_info[1], (TunesmithError, KeyboardInterrupt)):
+            self.quiet.add(trial)
+            return False
+        return trial is None or trial not in self.quiet
 
 
 def settings(recipe: Recipe) -> SearchConfig:
@@ -125,21 +148,21 @@ def resumable(folder: Path, name: str | None) -> Path | None:
     return folder / name if owner.get("host", socket.gethostname()) == socket.gethostname() else None
 
 
-def storage_url(storage: str | None, folder: Path) -> str:
-    if storage is None:
-        return f"sqlite:///{(folder / 'study.db').resolve()}"
-    if storage.startswith(("postgresql://", "postgres://")):      # psycopg 3, the driver the extra installs
-        return "postgresql+psycopg://" + storage.split("://", 1)[1]
-    return storage
-
-
 def open_study(recipe: Recipe, folder: Path, storage: str | None, name: str):
     optuna = optuna_module()
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+    from sqlalchemy.exc import SQLAlchemyError
 
     cfg = settings(recipe)
-    rdb = RDBStorage(storage_url(storage, folder), heartbeat_interval=cfg.heartbeat, grace_period=2 * cfg.heartbeat,
-                     heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=cfg.max_retry))
+    url = storage_url(storage, folder)
+    # a server that does not answer: 10 s, not the operating system's minutes (a URL's own connect_timeout wins)
+    engine = {"connect_args": {"connect_timeout": 10}} if url.startswith("postgresql") and \
+        "connect_timeout" not in url else None
+    try:
+        rdb = RDBStorage(url, engine_kwargs=engine, heartbeat_interval=cfg.heartbeat, grace_period=2 * cfg.heartbeat,
+                         heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=cfg.max_retry))
+    except (SQLAlchemyError, ImportError, ValueError) as e:
+        raise storage_error(storage, url, e) from None
     pruner = {"hyperband": optuna.pruners.HyperbandPruner(min_resource=1, reduction_factor=3),
               "halving": optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3),
               "none": optuna.pruners.NopPruner()}[cfg.pruner]
@@ -195,7 +218,15 @@ def objective(recipe: Recipe, folder: Path, say=print):
             raise optuna.TrialPruned(report.pruned)
         return score
 
-    return run_trial
+    def said(trial) -> float:                       # a user's mistake in a trial: one line, kept in the study
+        try:
+            return run_trial(trial)
+        except TunesmithError as e:
+            say(f"trial {trial.number} failed: {e}")
+            trial.set_user_attr("error", str(e)[:QUOTE])
+            raise
+
+    return said
 
 
 def search(recipe, folder: str | Path | None = None, trials: int | None = None, budget: str | None = None,
@@ -214,12 +245,25 @@ def search(recipe, folder: str | Path | None = None, trials: int | None = None, 
     cfg = settings(recipe)
     trials = trials if trials is not None else (None if budget else cfg.trials)
     budget = budget or cfg.budget
-    deadline = time.monotonic() + seconds(budget) if budget else None
+    try:
+        deadline = time.monotonic() + seconds(budget) if budget else None
+    except ValueError as e:
+        raise UsageError(f"budget {budget}: {e}") from None
     if trials is None and deadline is None:
         raise RecipeError("search", ["give search.trials or a budget"])
+    if trials is not None and trials < 1:
+        raise UsageError(f"trials {trials}: give a whole number >= 1")
     check_space(recipe)
-    folder.mkdir(parents=True, exist_ok=True)
-    st = open_study(recipe, folder, storage, name)
+    made = io.first_missing(folder)                # removed again when the study cannot start
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        st = open_study(recipe, folder, storage, name)
+    except OSError as e:
+        raise TunesmithError(f"cannot make the study folder {folder}: {e.strerror or e}; give another --dir") from None
+    except TunesmithError:
+        if made:                                    # no empty study folder left behind
+            shutil.rmtree(made, ignore_errors=True)
+        raise
     run_trial = objective(recipe, folder, say)
     finished = (TrialState.COMPLETE, TrialState.PRUNED)
     failures = 0
@@ -249,7 +293,13 @@ def search(recipe, folder: str | Path | None = None, trials: int | None = None, 
         mine = st.get_trials(deepcopy=False)[-1:]
         failures = failures + 1 if mine and mine[0].state == TrialState.FAIL else 0
         if failures >= 3:
-            raise TunesmithError(f"search: 3 trials in a row failed; see {folder}")
+            if made and not any(t.state in finished for t in st.get_trials(deepcopy=False)):
+                shutil.rmtree(made, ignore_errors=True)         # nothing in it worth keeping
+                where = ""
+            else:
+                where = f"; see {folder}"
+            raise TunesmithError(f"search: 3 trials in a row failed (the last: "
+                                 f"{mine[0].user_attrs.get('error', 'see above')}){where}")
     return summarize(st, recipe, folder, say)
 
 

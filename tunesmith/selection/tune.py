@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tunesmith import io
 from tunesmith.errors import TunesmithError
-from tunesmith.recipe import Recipe, RecipeError, load
+from tunesmith.recipe import Recipe, RecipeError, UsageError, load
 from tunesmith.run import Callback, StopTraining
 from tunesmith.selection.search import best_validation, with_values
 from tunesmith.selection.space import seconds
@@ -112,15 +112,16 @@ def tune(recipe, folder: str | Path | None = None, budget: str | None = None, sa
     try:
         total_s = seconds(budget)
     except ValueError as e:
-        raise RecipeError("tune", [f"budget: {e}"]) from None
+        raise UsageError(f"budget {budget}: {e}") from None
     if total_s < MIN_BUDGET_S:                      # less than the probe run needs: nothing could be compared
-        raise TunesmithError(f"budget {budget} is too small to run anything: tune needs at least "
+        raise UsageError(f"budget {budget} is too small to run anything: tune needs at least "
                              f"{MIN_BUDGET_S:g}s (a probe run, then the plain recipe); e.g. --budget 5m")
     start = time.monotonic()
     deadline = start + total_s
     folder = Path(folder or Path("runs") / f"tune-{recipe.name or recipe.task}")
+    made = io.first_missing(folder)                 # what a failure removes again
+    prof = profile(recipe)                          # data or model errors: before any folder is made
     folder.mkdir(parents=True, exist_ok=True)
-    prof = profile(recipe)
     say(f"data: {prof['rows']} train rows, {prof['classes'] or '-'} classes (largest/smallest {prof['balance']}), "
         f"median {prof['tokens']} tokens; model: {prof['blocks']} blocks")
     stop = Deadline(deadline)
@@ -182,6 +183,7 @@ def tune(recipe, folder: str | Path | None = None, budget: str | None = None, sa
 
     plain = attempt("plain", {}, recipe.train.epochs)
     if plain is None and not results:               # the probe spent the budget: say so rather than exit 1 silently
+        shutil.rmtree(made or folder / "probe", ignore_errors=True)     # and leave no probe run
         raise TunesmithError(f"budget {budget}: the probe run took {overhead + step_s * len(steps):.0f}s and left no "
                              f"time for the plain recipe; give at least --budget "
                              f"{math.ceil(2 * (overhead + step_s * len(steps)) + estimate(1))}s")
