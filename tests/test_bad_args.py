@@ -9,7 +9,6 @@ classification run (tests/deploy_fixtures.py), {recipe} a valid recipe on the ti
 does not exist, {bad} one with a recipe error, {notarun} an empty folder, {file} a plain text file."""
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -126,6 +125,14 @@ ROWS = [
     ("serve", ["{run}", "--max-body", "0"]),
     ("serve", ["{run}", "--max-pixels", "0"]),
     ("serve", ["{run}", "--onnx"]),                  # no checked export in the run
+    # init: nothing written
+    ("init", ["{missing}.csv"]),
+    ("init", ["{notarun}"]),                         # an empty folder: no data
+    ("init", ["{file}"]),                            # plain text, not a table or tagged file
+    ("init", ["reviews.csv", "--task", "no-such-task"]),
+    ("init", ["reviews.csv", "--text-column", "nosuch"]),
+    ("init", ["reviews.csv", "--out", "{file}"]),    # exists: kept without --force
+    ("init", ["reviews.csv", "--bogus"]),
 ]
 
 SUBPROCESS_ROWS = [                                  # the real process: exit code and stderr as a shell sees them
@@ -133,16 +140,6 @@ SUBPROCESS_ROWS = [                                  # the real process: exit co
     ["train", "{missing}.yaml"],
     ["export", "{run}", "--max-drop", "nan"],
 ]
-
-
-@pytest.fixture(autouse=True)
-def same_environment():
-    """main() sets TRANSFORMERS_VERBOSITY and HF_HUB_DISABLE_PROGRESS_BARS in os.environ (quiet()); a later test's
-    subprocess would inherit them (tests/test_cli.py checks that --verbose shows the load report)."""
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 def test_every_command_has_rows():

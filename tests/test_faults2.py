@@ -19,16 +19,6 @@ from tunesmith.errors import TunesmithError
 from tunesmith.recipe import UsageError
 
 
-@pytest.fixture(autouse=True)
-def same_environment():
-    """main() sets TRANSFORMERS_VERBOSITY and HF_HUB_DISABLE_PROGRESS_BARS in os.environ (quiet()); a later test's
-    subprocess would inherit them (tests/test_cli.py checks that --verbose shows the load report)."""
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
-
-
 def one_line(capsys) -> str:
     err = capsys.readouterr().err.strip()
     assert err and "\n" not in err and "Traceback" not in err, err
