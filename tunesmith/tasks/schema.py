@@ -161,3 +161,15 @@ class CausalLMRecipe(Recipe):
     data: CausalLMData
     train: CausalLMTrain = CausalLMTrain()
     eval: GenerativeEval = GenerativeEval()
+
+    def tune_metric(self) -> tuple[str, Literal["max", "min"]]:
+        """With eval.generate: exact match of the generated answers on the validation rows (what a chat model is
+        judged by: the loss can fall while the answers stay wrong); else validation loss."""
+        return ("exact_match", "max") if self.eval.generate is not None else super().tune_metric()
+
+    def search_space(self, blocks: int | None, learning_rate: float) -> list[tuple[str, dict]]:
+        """LoRA rank x learning rate, at LoRA rates (1e-4 .. 1e-3: QLoRA's 2e-4 and PEFT's examples sit inside; a
+        full fine-tuning rate such as 5e-5 leaves a small adapter untrained); alpha = 2r keeps the update's scale."""
+        return [(f"lora r{r} lr {lr:g}", {"adapt.method": "lora", "adapt.lora.r": r, "adapt.lora.alpha": 2 * r,
+                                          "train.learning_rate": lr})
+                for r in (8, 32) for lr in (1e-4, 3e-4, 1e-3)]
