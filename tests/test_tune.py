@@ -52,7 +52,7 @@ def test_tune_races_candidates_and_writes_best_yaml(tiny_bert, tmp_path):
 
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe_dict(tiny_bert, data, train={"epochs": 1})))
-    res = tunesmith("tune", path, "--budget", "30s", "--dir", tmp_path / "tune")
+    res = tunesmith("tune", path, "--budget", "25s", "--dir", tmp_path / "tune")
     assert res.returncode == 0, res.stderr
     assert "plan:" in res.stdout and "head-only" in res.stdout and "best vs plain recipe" in res.stdout
     assert "feature cache: on" in res.stdout                          # head-only trains on cached features

@@ -40,13 +40,14 @@ def steps_per_epoch(rows: int, batch_size: int) -> int:
 
 
 def best_epochs(history: list[dict], metric: str, direction: str) -> float | None:
-    """The epochs trained when the kept checkpoint was scored: the best validation record's step, read as the
-    (fractional) epoch of the train record at that step."""
+    """The epochs trained when the best validation value was reached, read as the (fractional) epoch of the
+    train record at that step; of evaluations tied at the best, the last (a run that never left the majority
+    class, or sat on a plateau, says nothing for fewer epochs)."""
     evals = [r for r in history if r.get("split") == "validation" and metric in r]
     if not evals:
         return None
-    pick = max if direction == "max" else min
-    best = pick(evals, key=lambda r: r[metric])
+    top = (max if direction == "max" else min)(r[metric] for r in evals)
+    best = [r for r in evals if r[metric] == top][-1]
     epochs = [r["epoch"] for r in history if "split" not in r and r.get("step") == best["step"] and "epoch" in r]
     return float(epochs[0]) if epochs else None
 

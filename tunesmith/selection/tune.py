@@ -224,7 +224,7 @@ def tune(recipe, folder: str | Path | None = None, budget: str | None = None, sa
                              f"{math.ceil(setup + 2 * race.estimate('plain', 1))}s")
     test_plain = None
     if plain and folds:                             # the plain recipe as `tunesmith train` runs it: the baseline
-        test_plain = plain_test(fixed, folder, stop, say)
+        test_plain = plain["test"] = plain_test(fixed, folder, stop, say)
     alive = cands
     for k, epochs in rungs:
         scored = []
@@ -332,11 +332,15 @@ def finish(recipe: Recipe, refit_recipe: Recipe, folder: Path, race: Race, plain
 
     def note(r):
         chosen = best and r["name"] == best["name"] and r["epochs"] == best["epochs"]
-        return (("best " if chosen else "") + ("(extra) " if results.index(r) >= planned else "")
+        mean = f" (mean {best['score']:.4f} over {best['seeds']} seeds)" if chosen and best["seeds"] > 1 else ""
+        return (("best" + mean + " " if chosen else "") + ("(extra) " if results.index(r) >= planned else "")
                 + (f"({r['stopped']})" if r["stopped"] else "")).strip()
 
-    rows = [[r["name"], r["epochs"] if r["epochs"] is not None else r.get("trained"), r["seed"], r["score"],
-             r["test"], note(r)] for r in results]
+    def epochs(r):
+        e = r["epochs"] if r["epochs"] is not None else r.get("trained")
+        return "-" if e is None else f"{e:g}"
+
+    rows = [[r["name"], epochs(r), r["seed"], r["score"], r["test"], note(r)] for r in results]
     if final:
         rows.append([f"final: {final['name']}", final["epochs"], best["runs"][0]["seed"], None, final["test"],
                      f"refit on train + validation ({final['rows']} rows)"
