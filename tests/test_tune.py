@@ -136,7 +136,8 @@ def test_small_data_is_scored_by_k_fold_and_the_choice_refit_on_train_and_valida
     assert [r["name"] for r in out["runs"]] == ["plain", "full lr 0.01"]
     for row in out["runs"]:
         cv = json.loads((Path(row["run_dir"]) / "cv.json").read_text())
-        assert cv["rows"] == 72 and len(cv["runs"]) == 3
+        assert cv["rows"] == 72 and len(cv["runs"]) == 3                         # the 18 test rows not pooled
+        assert not (Path(row["run_dir"]) / "oof.jsonl").exists()                # scores only: no predictions
         assert row["folds"] == cv["metrics"]["accuracy"]["values"]
         assert row["score"] == pytest.approx(statistics.mean(row["folds"])) and row["n"] == 72
         held = 0
@@ -227,3 +228,27 @@ def test_causal_lm_tune_races_lora_ranks_and_rates_on_generated_answers(tmp_path
     assert best["name"] in ["plain", *space] and final["rows"] == 68             # 60 train + 8 validation
     assert ts.Run(final["run_dir"]).recipe.adapt.lora.r == best["values"].get("adapt.lora.r", 8)
     assert final["test"] is not None and "best vs plain recipe: exact_match" in text
+
+
+def test_k_fold_scoring_is_chosen_by_size_and_falls_back_when_folds_cannot_be_cut(tmp_path):
+    """Below SMALL_ROWS rows of train + validation: 3 folds; at or above: the validation split; search.cv sets the
+    folds at any size; a class with fewer rows than folds: the validation split, and why."""
+    from types import SimpleNamespace
+
+    from tunesmith.selection.tune import SMALL_ROWS, scoring
+
+    task = SimpleNamespace(stratify_key=lambda r: r["label"])
+
+    def tables(n, rare=0):
+        rows = [{"text": "x", "label": "a" if i % 2 else "b"} for i in range(n - rare)] + [{"label": "c"}] * rare
+        cut = n * 3 // 4
+        return {"train": SimpleNamespace(rows=rows[:cut]), "validation": SimpleNamespace(rows=rows[cut:])}
+
+    recipe = ts.load_recipe(recipe_dict(tmp_path, tmp_path / "r.csv"))
+    lines = []
+    assert scoring(recipe, task, tables(SMALL_ROWS - 1), lines.append) == 3
+    assert scoring(recipe, task, tables(SMALL_ROWS), lines.append) is None
+    five = ts.load_recipe({**recipe_dict(tmp_path, tmp_path / "r.csv"), "search": {"cv": 5}})
+    assert scoring(five, task, tables(SMALL_ROWS), lines.append) == 5
+    assert scoring(recipe, task, tables(100, rare=2), lines.append) is None and not lines[:-1]
+    assert lines[-1].startswith("tune: scoring on the validation split, not by 3-fold cross-validation: ")

@@ -125,7 +125,8 @@ class DoctorConfig(Section):
 
 class Recipe(Section):
     """The sections every task has. A task's recipe subclasses this: `task: Literal["its-name"]`, its own
-    section classes, and the class variables below."""
+    section classes, and the class variables below; it may override tune_metric() and search_space() (what
+    `tune` scores candidates on and which candidates it races)."""
     task_class: ClassVar[str] = ""              # "module:Class" of the Task; imported only when training
     # what evaluate() reports, and which way is better
     metrics: ClassVar[dict[str, Literal["max", "min"]]] = {"loss": "min"}

@@ -297,7 +297,13 @@ def refit(race: Race, refit_recipe: Recipe, config: dict, folder: Path, pooled: 
     say(f"tune: refitting {config['name']} on train + validation ({pooled} rows) for {epochs} epochs "
         f"(about {expected:.0f}s)")
     # at most one run's expected time past the budget: the deadline moves by the refit's own estimate
-    run = ts.train(with_values(refit_recipe, keys), folder / "final", callbacks=[Deadline(race.deadline + expected)])
+    try:
+        run = ts.train(with_values(refit_recipe, keys), folder / "final",
+                       callbacks=[Deadline(race.deadline + expected)])
+    except Exception as e:                          # the runs stay: the best one is then the final model
+        say(f"tune: the refit failed ({type(e).__name__}: {e}); the final model is the run "
+            f"{config['runs'][0]['run_dir']}, trained on train alone")
+        return None
     return {"name": config["name"], "epochs": epochs, "run_dir": str(run.path), "rows": pooled,
             "test": run.metrics.get(race.metric), "values": config["values"],
             "stopped": run.history[-1].get("stopped") if run.history else None}
