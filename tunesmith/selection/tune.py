@@ -40,7 +40,7 @@ MIN_BUDGET_S = 5.0                                  # a probe run of a tiny mode
 # K folds score every pooled row (2,000 rows: 0.009) at K runs a candidate, seconds to minutes at this size
 SMALL_ROWS = 2000
 FOLDS = 3                                           # every row scored at 3/5 of 5-fold's cost (folds train on 2/3)
-AUTO_EPOCHS = 3                                     # planning a recipe with epochs: auto (its rungs reach 9 epochs)
+AUTO_EPOCHS = 3                                     # the plain run of a recipe whose epochs is not a number (auto)
 
 
 class Deadline(Callback):
@@ -184,25 +184,25 @@ def tune(recipe, folder: str | Path | None = None, budget: str | None = None, sa
     race = Race(fixed, folder, deadline, [stop], timing, rows["train"], pooled, folds, lr, say)
     metric = race.metric
 
-    # the plain recipe trains at least train.min_steps; on small data the first rung is a third of that, so
-    # candidates are compared after enough steps to differ (one epoch of 15 steps ties them at the majority class)
+    # tune's plain run trains the recipe's epochs (not a number, e.g. auto: AUTO_EPOCHS), at least
+    # train.min_steps; on small data the first rung is a third of that, so candidates are compared after enough
+    # steps to differ (one epoch of 15 steps ties them at the majority class)
     min_steps = fixed.dump()["train"].get("min_steps") or 0
-    asked = number(recipe.train.epochs)
-    plain_epochs = max(asked, min_steps / per_epoch) if asked else None
+    plain_epochs = max(number(recipe.train.epochs) or AUTO_EPOCHS, min_steps / per_epoch)
     cands = candidates(fixed, prof, lr)
     rungs, r = [], max(1, math.ceil(min_steps / 3 / per_epoch))
     n = len(cands)
-    while n >= 1 and r <= max((plain_epochs or AUTO_EPOCHS) * 3, 1):
+    while n >= 1 and r <= max(plain_epochs * 3, 1):
         rungs.append((n, r))
         if n == 1:
             break
         n, r = math.ceil(n / 3), r * 3
     top = rungs[-1][1] if rungs else 1
-    total = (race.estimate("plain", plain_epochs or AUTO_EPOCHS, None) * (2 if folds else 1)
+    total = (race.estimate("plain", plain_epochs, None) * (2 if folds else 1)
              + sum(k * race.estimate("-", e) for k, e in rungs)
              + race.estimate("-", top, None, pooled))
     plan = " -> ".join(f"{k} x {e} epochs" for k, e in rungs)
-    say(f"plan: plain recipe ({f'{round(plain_epochs, 1):g} epochs' if plain_epochs else 'epochs: auto'}), then "
+    say(f"plan: plain recipe ({round(plain_epochs, 1):g} epochs), then "
         f"{plan} ({', '.join(c[0] for c in cands)}); then, while time is left: more epochs for leaders still "
         f"improving, learning rates x3 and /3 around the best, more seeds for the top {TOP}; step {step_s:.3f}s, "
         f"{per_epoch} steps/epoch, run overhead {overhead:.1f}s; estimated {total:.0f}s for the plan of "
@@ -216,7 +216,7 @@ def tune(recipe, folder: str | Path | None = None, budget: str | None = None, sa
     say(f"final model: the chosen recipe trained again on train + validation ({pooled} rows) for the epochs of "
         f"its best checkpoint; test {metric} on the {rows['test']} test rows, untouched until then")
 
-    plain = race.attempt("plain", {}, None)
+    plain = race.attempt("plain", {}, plain_epochs)
     if plain is None and not race.results:          # the probe spent the budget: say so rather than exit 1 silently
         setup = time.monotonic() - start
         raise TunesmithError(f"budget {budget}: reading the data and the probe run took {setup:.0f}s and left no "
@@ -224,7 +224,7 @@ def tune(recipe, folder: str | Path | None = None, budget: str | None = None, sa
                              f"{math.ceil(setup + 2 * race.estimate('plain', 1))}s")
     test_plain = None
     if plain and folds:                             # the plain recipe as `tunesmith train` runs it: the baseline
-        test_plain = plain["test"] = plain_test(fixed, folder, stop, say)
+        test_plain = plain["test"] = plain_test(fixed, plain_epochs, folder, stop, say)
     alive = cands
     for k, epochs in rungs:
         scored = []
@@ -244,14 +244,17 @@ def tune(recipe, folder: str | Path | None = None, budget: str | None = None, sa
     return {**out, "folder": str(folder)}
 
 
-def plain_test(fixed: Recipe, folder: Path, stop, say) -> float | None:
+def plain_test(fixed: Recipe, epochs: float, folder: Path, stop, say) -> float | None:
     """The plain recipe's test metric as `tunesmith train` gives it (K-fold scores say nothing of the test rows)."""
     import tunesmith as ts
 
     metric = fixed.tune_metric()[0]
     if stop.deadline <= time.monotonic():
         return None
-    run = ts.train(with_values(fixed, {"train.log_every": 1}), folder / "plain-run", callbacks=[stop])
+    keys = {"train.log_every": 1, "train.epochs": epochs}
+    if has_key(type(fixed), "train.min_steps"):
+        keys["train.min_steps"] = 0                 # the epochs the plan counted, min_steps included
+    run = ts.train(with_values(fixed, keys), folder / "plain-run", callbacks=[stop])
     return run.metrics.get(metric)
 
 
