@@ -146,7 +146,7 @@ def test_small_data_is_scored_by_k_fold_and_the_choice_refit_on_train_and_valida
             held += len((Path(row["run_dir"]) / "folds" / name / "test.jsonl").read_text().splitlines())
         assert held == 72                                     # every train + validation row held out once
     final = out["final"]
-    assert final and final["rows"] == 72 and final["name"] == out["best"]["name"]
+    assert final and final["rows"] == 72 and final["name"] == out["best"]["name"] and out["model"] == final["run_dir"]
     run = ts.Run(final["run_dir"])
     splits = json.loads((run.path / "data" / "splits.json").read_text())
     assert splits["rows"] == {"train": 72, "validation": 18, "test": 18}

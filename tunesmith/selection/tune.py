@@ -141,8 +141,8 @@ def scoring(recipe: Recipe, task, tables: dict, say) -> int | None:
 def tune(recipe, folder: str | Path | None = None, budget: str | None = None, say=print) -> dict:
     """Plan, race, spend what is left, refit on train + validation and compare, within `budget` (wall time, e.g.
     "15m"; default the recipe's search.budget). recipe: a Recipe, or what ts.load_recipe takes (a YAML path, a
-    dict); folder: default runs/tune-<name>. Returns tune.json's content (runs, best, plain, final, profile) and
-    `folder`; best is None when no run finished."""
+    dict); folder: default runs/tune-<name>. Returns tune.json's content (runs, best, plain, final, model: the
+    final model's run folder, profile) and `folder`; best is None when no run finished."""
     import tunesmith as ts
 
     recipe = recipe if isinstance(recipe, Recipe) else load(recipe)
@@ -289,9 +289,10 @@ def refit(race: Race, refit_recipe: Recipe, config: dict, folder: Path, pooled: 
 
     epochs = refit_epochs(config)
     expected = race.refit_estimate(config)
+    fallback = ("no final model (its runs are cv folders)" if race.folds else
+                f"the final model is its run {config['runs'][0]['run_dir']}, trained on train alone")
     if race.left() <= 0:
-        say(f"tune: no time left to refit {config['name']} on train + validation (about {expected:.0f}s); the final "
-            f"model is its run {config['runs'][0]['run_dir']}, trained on train alone")
+        say(f"tune: no time left to refit {config['name']} on train + validation (about {expected:.0f}s); {fallback}")
         return None
     keys = {**config["values"], "train.epochs": epochs, "train.keep": "last", "train.log_every": 1,
             "train.seed": config["runs"][0]["seed"]}
@@ -304,8 +305,7 @@ def refit(race: Race, refit_recipe: Recipe, config: dict, folder: Path, pooled: 
         run = ts.train(with_values(refit_recipe, keys), folder / "final",
                        callbacks=[Deadline(race.deadline + expected)])
     except Exception as e:                          # the runs stay: the best one is then the final model
-        say(f"tune: the refit failed ({type(e).__name__}: {e}); the final model is the run "
-            f"{config['runs'][0]['run_dir']}, trained on train alone")
+        say(f"tune: the refit failed ({type(e).__name__}: {e}); {fallback}")
         return None
     return {"name": config["name"], "epochs": epochs, "run_dir": str(run.path), "rows": pooled,
             "test": run.metrics.get(race.metric), "values": config["values"],
@@ -327,7 +327,9 @@ def finish(recipe: Recipe, refit_recipe: Recipe, folder: Path, race: Race, plain
         test_plain = plain["test"]
     elapsed = time.monotonic() - start
     summary = {k: best[k] for k in ("name", "values", "epochs", "score", "n", "seeds", "best_epochs")} if best else None
-    out = {"metric": m, "profile": prof, "seconds": elapsed, "budget_seconds": race.deadline - start,
+    # the model tune ends with: the refit, else the best configuration's first run (one split: a run folder)
+    model = final["run_dir"] if final else best["runs"][0]["run_dir"] if best and not folds else None
+    out = {"model": model, "metric": m, "profile": prof, "seconds": elapsed, "budget_seconds": race.deadline - start,
            "scoring": {"folds": folds, "rows": pooled if folds else plain and plain["n"]},
            "planned_runs": planned, "runs": results, "best": summary, "plain": plain, "plain_test": test_plain,
            "final": final, "margin": margin}
@@ -355,11 +357,11 @@ def finish(recipe: Recipe, refit_recipe: Recipe, folder: Path, race: Race, plain
                      f"refit on train + validation ({final['rows']} rows)"
                      + (f" ({final['stopped']})" if final["stopped"] else "")])
     say("\n" + io.table(["run", "epochs", "seed", score, f"{m} test", "note"], rows))
-    shown = final["test"] if final else best and best["runs"][0]["test"]
+    shown = final["test"] if final else model and best["runs"][0]["test"]
     if best and shown is not None and test_plain is not None:
         what = "refit on train + validation" if final else "trained on train"
         say(f"best vs plain recipe: {m} {shown:.4f} ({best['name']}, {what}) vs {test_plain:.4f} (the plain "
-            f"recipe) on the test split ({shown - test_plain:+.4f}); final model "
-            f"{final['run_dir'] if final else best['runs'][0]['run_dir']}; recipe {folder / 'best.yaml'}")
+            f"recipe) on the test split ({shown - test_plain:+.4f}); final model {model}; recipe "
+            f"{folder / 'best.yaml'}")
     say(f"tune: {elapsed:.0f}s spent of {race.deadline - start:.0f}s ({len(results)} runs, {planned} planned)")
     return out
