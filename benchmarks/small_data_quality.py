@@ -9,11 +9,10 @@ MobileNetV2 at 64 px, the shipped fashion_mnist.yaml). Arms, per data set, on th
   steps0   the recipe with train.min_steps=0 (3 epochs of the text default; 2 of the image recipe)
   minN     the recipe with train.min_steps=N
   tune     nested: on each fold, `tune` (starting from the minN recipe) sees only the fold's train rows within the
-           budget; its best run (chosen on its validation split) is scored on the held-out fold
+           budget; the model it ends with (its choice refit on the fold's train rows) is scored on the held-out fold
 Prints mean and 95% interval per arm and the paired corrected t-test over folds against steps0
 (tunesmith.selection.cv.paired). The evidence a change of the small-data defaults (issue 10, item 6) needs; run it on a
-quiet machine: at most folds x (budget + 2 min) per data set (43 min for all three with --folds 3 --budget 10m:
-tune ends when its plan is done).
+quiet machine: about folds x budget per data set for the tune arm (tune spends its budget).
 """
 from __future__ import annotations
 
@@ -92,8 +91,8 @@ def nested_tune(recipe, plain_cv: dict, cv_dir: Path, out: Path, budget: str) ->
     for name in plain_cv["runs"]:
         r = fold_recipe(base, cv_dir / "folds" / name)          # the fold's files, as cross_validate wrote them
         result = tune(r, out / name, budget, say=lambda s, name=name: print(f"  [{name}] {s}", flush=True))
-        metrics = ts.Run(result["best"]["run_dir"]).metrics
-        picks.append(f"{result['best']['name']} {result['best']['epochs']:g}ep")
+        metrics = ts.Run(result["model"]).metrics                # the refit on the fold's train rows
+        picks.append(f"{result['best']['name']} {result['final']['epochs'] if result['final'] else '-'}ep")
         for m in METRICS:
             values[m].append(float(metrics[m]))
     return {"assignment": plain_cv["assignment"], "test_fraction": plain_cv["test_fraction"], "picks": picks,

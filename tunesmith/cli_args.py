@@ -32,9 +32,11 @@ ABOUT = {
                "share one study; the same command resumes."),
     "cv": ("K-fold cross-validation, one run per fold", "Stratified, grouped by data.group_column; folds in the cv "
            "folder (default runs/cv-<name>); mean, std, 95% interval per metric; cv.json and oof.jsonl."),
-    "tune": ("automated fine-tuning within a time budget", "Profiles the data and a step, races candidates (head "
-             "only, top blocks, full, LoRA) by successive halving against the plain recipe in the tune folder "
-             "(default runs/tune-<name>); writes best.yaml; exit 1 when no run finished."),
+    "tune": ("automated fine-tuning within a time budget", "Profiles the data and a step, races the task's "
+             "candidates (head only, top blocks, full, LoRA; causal-lm: LoRA rank x rate) by successive halving "
+             "against the plain recipe (K-fold scoring below 2,000 rows), spends what is left on more epochs, "
+             "rates and seeds, and refits the choice on train + validation (final/) in the tune folder (default "
+             "runs/tune-<name>); writes best.yaml; exit 1 when no run finished."),
     "report": ("an HTML report of one or several runs", "Curves, confusion, slices, explanations, ... in one page."),
     "explain": ("why a run's model predicts what it does", "Attributions or saliency for the inputs and the most "
                 "confident test mistakes; writes an HTML page."),

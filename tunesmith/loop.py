@@ -154,7 +154,7 @@ class Validation:
             acc.print(f"step {state.step}: validation {', '.join(broken)} not finite; not a best checkpoint")
         if not broken and better(self.direction, value, state.best):
             state.best, state.best_step, state.bad_evals = value, state.step, 0
-            if acc.is_main_process:
+            if acc.is_main_process and self.cfg.keep == "best":      # keep: last saves no best checkpoint
                 weights = trainable_state(acc.unwrap_model(self.model), self.names)
                 checkpoint.save(self.run.checkpoints / "best", weights, None, None, {"step": state.step, metric: value})
         else:

@@ -114,6 +114,8 @@ class TrainConfig(Section):
     eval_every: int | None = Field(None, gt=0)  # optimizer steps; None: once per epoch
     save_every: int | None = Field(None, gt=0)  # optimizer steps; None: at each evaluation
     keep_checkpoints: int = Field(2, ge=1)
+    keep: Literal["best", "last"] = "best"      # the weights a run ends with: its best validation checkpoint, or
+                                                # the last step's (tune's refit, whose validation rows it trains on)
     log_every: int = Field(10, gt=0)
     metric: str | None = None                   # best checkpoint / early stopping: one of the task's metrics
     patience: int | None = Field(None, gt=0)    # evaluations without improvement; None: no early stop
@@ -143,7 +145,8 @@ class DoctorConfig(Section):
 
 class Recipe(Section):
     """The sections every task has. A task's recipe subclasses this: `task: Literal["its-name"]`, its own
-    section classes, and the class variables below."""
+    section classes, and the class variables below; it may override tune_metric() and search_space() (what
+    `tune` scores candidates on and which candidates it races)."""
     task_class: ClassVar[str] = ""              # "module:Class" of the Task; imported only when training
     # what evaluate() reports, and which way is better
     metrics: ClassVar[dict[str, Literal["max", "min"]]] = {"loss": "min"}
@@ -220,6 +223,34 @@ class Recipe(Section):
     def direction(self) -> Literal["max", "min"]:
         """Which way train.metric improves."""
         return self.metrics[self.train.metric]
+
+    def tune_metric(self) -> tuple[str, Literal["max", "min"]]:
+        """(metric, direction) `tune` scores candidates on: train.metric. A task whose validation metric is not what
+        the user judges by may name one of its final evaluation's metrics instead (causal-lm: exact match)."""
+        return self.train.metric, self.direction
+
+    def search_space(self, blocks: int | None, learning_rate: float) -> list[tuple[str, dict]]:
+        """`tune`'s candidates: (name, recipe keys), raced on epochs; cheapest first. blocks: the model's repeated
+        blocks (None: unknown); learning_rate: the plain recipe's rate as it ran. A task overrides this with the
+        space that suits it; this default suits a pretrained backbone with a new head: head only (on cached
+        features), the top two blocks, full fine-tuning at the recipe's rate and 3x, LoRA."""
+        blocks = blocks or 6
+        lr = learning_rate
+        out = [("head-only", {"adapt.method": "freeze", "adapt.freeze_backbone": True, "model.dropout": 0.0,
+                              "train.learning_rate": 2e-3, "train.scheduler": "constant"}),
+               (f"top-2 of {blocks}", {"adapt.method": "full", "adapt.freeze_backbone": False,
+                                       "adapt.freeze_embeddings": True, "adapt.freeze_layers": max(blocks - 2, 0),
+                                       "model.dropout": 0.0, "train.learning_rate": 4 * lr}),
+               (f"full lr {lr:g}", {"adapt.method": "full", "train.learning_rate": lr}),
+               (f"full lr {3 * lr:g}", {"adapt.method": "full", "train.learning_rate": 3 * lr}),
+               ("lora r16", {"adapt.method": "lora", "adapt.lora.r": 16, "adapt.lora.alpha": 32,
+                             "train.learning_rate": 1e-3})]
+        for _, values in out[2:]:                   # not frozen: whatever the plain recipe froze is released
+            values.update({"adapt.freeze_backbone": False, "adapt.freeze_layers": 0,
+                           "adapt.freeze_embeddings": False})
+        if self.adapt.method == "lora":             # a task whose default is LoRA: keep its method family
+            out = [c for c in out if c[1]["adapt.method"] != "full"]
+        return out
 
     def dump(self) -> dict:
         return self.model_dump(mode="json")

@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import shutil
+import time
 from pathlib import Path
 
 import yaml
@@ -93,9 +94,13 @@ def default_folder(recipe: Recipe) -> Path:
 
 
 def cross_validate(recipe, folder: str | Path | None = None, folds: int = 5, repeats: int = 1, callbacks: list = (),
-                   say=print) -> dict:
+                   say=print, pool: tuple[str, ...] = ("train", "validation", "test"),
+                   predictions: bool = True, until: float | None = None) -> dict:
     """Train one run per fold (and repeat); write cv.json and oof.jsonl; return cv.json's content and `folder`.
-    recipe: a Recipe, or what ts.load_recipe takes (a YAML path, a dict). folder: default runs/cv-<name>."""
+    recipe: a Recipe, or what ts.load_recipe takes (a YAML path, a dict). folder: default runs/cv-<name>.
+    pool: the splits whose rows are pooled and cut into folds (tune keeps the test split out: train and
+    validation); predictions: False skips oof.jsonl (tune scores candidates by the folds' metrics alone);
+    until: a time.monotonic() after which no further fold starts (tune's budget; cv.json has the folds run)."""
     import tunesmith as ts
     from tunesmith.splits import load_data
     from tunesmith.tasks import get_task
@@ -107,7 +112,7 @@ def cross_validate(recipe, folder: str | Path | None = None, folds: int = 5, rep
     task = get_task(recipe)
     task.setup()
     loaded = load_data(task, recipe)
-    rows = [r for split in ("train", "validation", "test") for r in loaded.tables[split].rows]
+    rows = [r for split in pool for r in loaded.tables[split].rows]
     keys = [task.stratify_key(r) for r in rows]
     plan = assignments(recipe, rows, keys, folds, repeats)
     base = {**recipe.dump(), "search": None}
@@ -116,6 +121,9 @@ def cross_validate(recipe, folder: str | Path | None = None, folds: int = 5, rep
     digest = hashlib.sha256(json.dumps([[n, te] for n, _, te in plan]).encode()).hexdigest()[:16]
     results, oof = {}, []
     for name, tr, te in plan:
+        if until is not None and results and time.monotonic() >= until:
+            say(f"cv: time is up; {len(results)} of {len(plan)} folds run")
+            break
         data_dir, run_dir = folder / "folds" / name, folder / name
         if not (run_dir / "eval.json").exists():
             for split, idx in (("train", tr), ("test", te)):
@@ -126,6 +134,8 @@ def cross_validate(recipe, folder: str | Path | None = None, folds: int = 5, rep
                 shutil.rmtree(run_dir)
             ts.train(fold, run_dir=run_dir, callbacks=callbacks)
         results[name] = ts.Run(run_dir).metrics
+        if not predictions:
+            continue
         predictor = ts.Run(run_dir).load()
         for i, p in zip(te, predictor.predict([rows[i] for i in te])):
             oof.append({"fold": name, "row": i, "target": keys[i], **p})
@@ -133,8 +143,9 @@ def cross_validate(recipe, folder: str | Path | None = None, folds: int = 5, rep
     out = {"folds": folds, "repeats": repeats, "rows": len(rows), "assignment": digest,
            "group_column": recipe.data.group_column, "runs": list(results),
            "metrics": {m: interval([float(results[n][m]) for n in results]) for m in metrics},
-           "test_fraction": sum(len(te) for _, _, te in plan) / (len(plan) * len(rows))}
-    io.write_jsonl(folder / "oof.jsonl", oof, say)
+           "test_fraction": sum(len(te) for n, _, te in plan if n in results) / (len(results) * len(rows))}
+    if predictions:
+        io.write_jsonl(folder / "oof.jsonl", oof, say)
     io.write_json(folder / "cv.json", out, say)
     for m in list(type(recipe).metrics)[:4]:
         if m in out["metrics"]:

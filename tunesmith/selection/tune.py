@@ -1,13 +1,19 @@
 """`ts.tune(recipe, budget="15m")` and `tunesmith tune RECIPE --budget 15m`: automated fine-tuning within a
 wall-time budget, in a tune folder (default runs/tune-<recipe name or task>).
 
-1. profile the data (rows, classes, balance, tokens) and measure a step (a 5-step probe run);
-2. plan: the plain recipe, then candidates (head only on cached features, top blocks, full at two learning
-   rates, LoRA) raced by successive halving: every candidate trains r epochs, the best third 3r, and so on;
-   the plan (runs x epochs, estimated seconds) is printed before anything else trains;
-3. every run carries a Deadline callback: past the budget it raises StopTraining, so the run ends after the
-   current step with one evaluation (the final test evaluation of its best checkpoint); no run starts
-   unless its estimate fits in what is left.
+1. cut the data once (folder/data: every candidate sees the same rows, the test rows reach no choice), profile it
+   (rows, classes, balance, tokens) and measure a step (a 5-step probe run);
+2. plan, printed before anything else trains: the plain recipe, then the candidates the recipe's task declares
+   (Recipe.search_space: head only, top blocks, full at two rates, LoRA; causal-lm: LoRA rank x rate) raced by
+   successive halving: every candidate trains r epochs, the best third 3r, and so on. Scoring: the validation
+   split, or below SMALL_ROWS rows of train + validation the mean of K held-out folds (selection/cv.py), on the
+   metric the task names (Recipe.tune_metric: causal-lm with eval.generate scores generated answers);
+3. spend what is left (selection/race.py): more epochs for leaders still improving, learning rates x3 and /3
+   around the best, more seeds for the top configurations, while a run and the refit fit in the time left
+   (estimates from measured run times); every run carries a Deadline callback: past the budget it raises
+   StopTraining, so the run ends after the current step with one evaluation;
+4. refit the chosen configuration on train + validation for the epochs of its best checkpoint: the final model
+   (folder/final), whose test metric is compared with the plain recipe's.
 It ends with the table of runs against the plain recipe, tune.json and best.yaml in the tune folder.
 """
 from __future__ import annotations
@@ -18,14 +24,24 @@ import statistics
 import time
 from pathlib import Path
 
+import yaml
+
 from tunesmith import io
 from tunesmith.errors import TunesmithError
 from tunesmith.recipe import Recipe, RecipeError, UsageError, load
 from tunesmith.run import Callback, StopTraining
-from tunesmith.selection.search import best_validation, with_values
-from tunesmith.selection.space import seconds
+from tunesmith.selection.race import TOP, Race, Timing, refit_epochs, steps_per_epoch
+from tunesmith.selection.search import with_values
+from tunesmith.selection.space import has_key, seconds
 
 MIN_BUDGET_S = 5.0                                  # a probe run of a tiny model on CPU takes about that
+# candidates are scored by K-fold below this many train + validation rows: the validation split (10%) is then
+# under 200 rows, where an accuracy near 0.8 has a standard error of 0.028 or more, as large as the gaps between
+# candidates (84 rows picked a 9-epoch run at 0.714 that scored 0.644 on test, below a 3-epoch one: issue 19);
+# K folds score every pooled row (2,000 rows: 0.009) at K runs a candidate, seconds to minutes at this size
+SMALL_ROWS = 2000
+FOLDS = 3                                           # every row scored at 3/5 of 5-fold's cost (folds train on 2/3)
+AUTO_EPOCHS = 3                                     # the plain run of a recipe whose epochs is not a number (auto)
 
 
 class Deadline(Callback):
@@ -37,17 +53,13 @@ class Deadline(Callback):
             raise StopTraining("time budget spent")
 
 
-def profile(recipe: Recipe) -> dict:
-    """What the plan is drawn from: train rows, classes and their balance, tokens per example, model blocks."""
+def profile(recipe: Recipe, task, tables: dict) -> dict:
+    """What the plan is drawn from: train rows, classes and their balance, tokens per example, model blocks.
+    task: the recipe's Task, set up; tables: its rows per split (tunesmith.splits.load_data)."""
     from transformers import AutoConfig
 
     from tunesmith.assets.bundled import resolve_model
-    from tunesmith.splits import load_data
-    from tunesmith.tasks import get_task
 
-    task = get_task(recipe)
-    task.setup()
-    tables = load_data(task, recipe).tables
     rows = tables["train"].rows
     keys = [task.stratify_key(r) for r in rows]
     counts = {k: keys.count(k) for k in set(keys)} if keys and keys[0] is not None else {}
@@ -76,33 +88,62 @@ def count_blocks(config, trust_remote_code: bool) -> int | None:
     return len(skeleton.get_submodule(name)) if name else None
 
 
-def candidates(recipe: Recipe, prof: dict) -> list[tuple[str, dict]]:
-    """(name, recipe keys) to race; head-only first (cheapest, on cached features)."""
-    blocks = prof["blocks"] or 6
-    lr = recipe.train.learning_rate                 # full fine-tuning at the recipe's rate (set for its model) and 3x
-    out = [("head-only", {"adapt.method": "freeze", "adapt.freeze_backbone": True, "model.dropout": 0.0,
-                          "train.learning_rate": 2e-3, "train.scheduler": "constant"}),
-           (f"top-2 of {blocks}", {"adapt.method": "full", "adapt.freeze_backbone": False,
-                                   "adapt.freeze_embeddings": True,
-                                   "adapt.freeze_layers": max(blocks - 2, 0), "model.dropout": 0.0,
-                                   "train.learning_rate": 4 * lr}),
-           (f"full lr {lr:g}", {"adapt.method": "full", "train.learning_rate": lr}),
-           (f"full lr {3 * lr:g}", {"adapt.method": "full", "train.learning_rate": 3 * lr}),
-           ("lora r16", {"adapt.method": "lora", "adapt.lora.r": 16, "adapt.lora.alpha": 32,
-                         "train.learning_rate": 1e-3})]
-    for _, values in out[2:]:                    # not frozen: whatever the plain recipe froze is released
-        values.update({"adapt.freeze_backbone": False, "adapt.freeze_layers": 0, "adapt.freeze_embeddings": False})
-    for _, values in out:                           # rungs are counted in epochs exactly (see tune())
-        values["train.min_steps"] = 0
-    if recipe.adapt.method == "lora":               # a task whose default is LoRA: keep its method family
-        out = [c for c in out if c[1]["adapt.method"] != "full"]
-    return out
+def candidates(recipe: Recipe, prof: dict, learning_rate: float) -> list[tuple[str, dict]]:
+    """(name, recipe keys) to race: the space the recipe's task declares (Recipe.search_space)."""
+    return recipe.search_space(prof["blocks"], learning_rate)
+
+
+def number(value) -> float | None:
+    """A recipe value that is a number (epochs may be "auto", a learning rate None: resolved at training)."""
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def split_once(recipe: Recipe, folder: Path) -> tuple[Recipe, Recipe, object, dict]:
+    """The recipe's rows cut once, written to folder/data: every candidate trains, validates and is tested on the
+    same rows whatever its seed (a seed also cuts the splits), and the test rows never reach a choice.
+    Returns (the recipe on train/validation/test, the refit's recipe on train + validation as its train rows,
+    the task (set up), the rows per split)."""
+    from tunesmith.splits import load_data
+    from tunesmith.tasks import get_task
+
+    task = get_task(recipe)
+    task.setup()
+    tables = load_data(task, recipe).tables
+    data = folder / "data"
+    for split in ("train", "validation", "test"):
+        io.write_jsonl(data / f"{split}.jsonl", tables[split].rows)
+    io.write_jsonl(data / "refit.jsonl", tables["train"].rows + tables["validation"].rows)
+    base = {**recipe.dump(), "search": None}
+
+    def on(train: str) -> Recipe:
+        return load({**base, "data": {**base["data"], "train": str(data / train), "max_rows": None,
+                                      "validation": str(data / "validation.jsonl"), "max_eval_rows": None,
+                                      "test": str(data / "test.jsonl")}})
+
+    return on("train.jsonl"), on("refit.jsonl"), task, tables
+
+
+def scoring(recipe: Recipe, task, tables: dict, say) -> int | None:
+    """Folds to score candidates by, or None (one validation split). search.cv when the recipe sets it; else K-fold
+    below SMALL_ROWS rows of train + validation; never when the folds cannot be cut (a class with fewer rows)."""
+    from tunesmith.selection.cv import assignments
+
+    pool = tables["train"].rows + tables["validation"].rows
+    folds = recipe.search.cv if recipe.search and recipe.search.cv else FOLDS if len(pool) < SMALL_ROWS else None
+    if folds:
+        try:
+            assignments(recipe, pool, [task.stratify_key(r) for r in pool], folds, 1)
+        except TunesmithError as e:
+            say(f"tune: scoring on the validation split, not by {folds}-fold cross-validation: {e}")
+            return None
+    return folds
 
 
 def tune(recipe, folder: str | Path | None = None, budget: str | None = None, say=print) -> dict:
-    """Plan, race and compare within `budget` (wall time, e.g. "15m"; default the recipe's search.budget).
-    recipe: a Recipe, or what ts.load_recipe takes (a YAML path, a dict); folder: default runs/tune-<name>.
-    Returns tune.json's content (runs, best, plain, profile) and `folder`; best is None when no run finished."""
+    """Plan, race, spend what is left, refit on train + validation and compare, within `budget` (wall time, e.g.
+    "15m"; default the recipe's search.budget). recipe: a Recipe, or what ts.load_recipe takes (a YAML path, a
+    dict); folder: default runs/tune-<name>. Returns tune.json's content (runs, best, plain, final, model: the
+    final model's run folder, profile) and `folder`; best is None when no run finished."""
     import tunesmith as ts
 
     recipe = recipe if isinstance(recipe, Recipe) else load(recipe)
@@ -120,102 +161,120 @@ def tune(recipe, folder: str | Path | None = None, budget: str | None = None, sa
     deadline = start + total_s
     folder = Path(folder or Path("runs") / f"tune-{recipe.name or recipe.task}")
     made = io.first_missing(folder)                 # what a failure removes again
-    prof = profile(recipe)                          # data or model errors: before any folder is made
+    # data or model errors: raised while reading, before split_once writes folder/data
+    fixed, refit_recipe, task, tables = split_once(recipe, folder)
     folder.mkdir(parents=True, exist_ok=True)
+    rows = {split: len(t.rows) for split, t in tables.items()}
+    prof = profile(fixed, task, tables)
     say(f"data: {prof['rows']} train rows, {prof['classes'] or '-'} classes (largest/smallest {prof['balance']}), "
         f"median {prof['tokens']} tokens; model: {prof['blocks']} blocks")
+    folds = scoring(recipe, task, tables, say)
     stop = Deadline(deadline)
     t0 = time.monotonic()                           # probe: load + 5 steps + one evaluation + final test
-    probe = ts.train(with_values(recipe, {"train.max_steps": 5, "train.log_every": 1}), folder / "probe",
+    probe = ts.train(with_values(fixed, {"train.max_steps": 5, "train.log_every": 1}), folder / "probe",
                      callbacks=[stop])
     overhead = time.monotonic() - t0
+    ran = probe.recipe.train                        # what the probe ran: a batch size or rate left unset is resolved
+    batch = int(number(ran.batch_size) or number(recipe.train.batch_size) or 32)
+    lr = number(ran.learning_rate) or number(recipe.train.learning_rate) or 5e-5
     steps = [r for r in probe.history if "samples_per_s" in r]
     # one step per record; the first carries one-time costs (allocation, kernel choice): the median of the rest
-    step_s = statistics.median(recipe.train.batch_size * recipe.train.grad_accum / r["samples_per_s"]
-                               for r in steps[1:] or steps)
+    step_s = statistics.median(batch * ran.grad_accum / r["samples_per_s"] for r in steps[1:] or steps)
     overhead = max(overhead - step_s * len(steps), 0.0)
-    per_epoch = math.ceil(prof["rows"] / recipe.train.batch_size)      # train rows, validation already cut
+    timing = Timing(step_s, overhead, batch)
+    per_epoch = steps_per_epoch(rows["train"], batch)
+    pooled = rows["train"] + rows["validation"]
+    race = Race(fixed, folder, deadline, [stop], timing, rows["train"], pooled, folds, lr, say)
+    metric = race.metric
 
-    def estimate(epochs: float) -> float:
-        return overhead + epochs * per_epoch * step_s
-
-    # the plain recipe trains at least train.min_steps; on small data the first rung is a third of that, so
-    # candidates are compared after enough steps to differ (one epoch of 15 steps ties them at the majority class)
-    plain_epochs = max(recipe.train.epochs, recipe.train.min_steps / per_epoch)
-    cands = candidates(recipe, prof)
-    rungs, r = [], max(1, math.ceil(recipe.train.min_steps / 3 / per_epoch))
+    # tune's plain run trains the recipe's epochs (not a number, e.g. auto: AUTO_EPOCHS), at least
+    # train.min_steps; on small data the first rung is a third of that, so candidates are compared after enough
+    # steps to differ (one epoch of 15 steps ties them at the majority class)
+    min_steps = fixed.dump()["train"].get("min_steps") or 0
+    plain_epochs = max(number(recipe.train.epochs) or AUTO_EPOCHS, min_steps / per_epoch)
+    cands = candidates(fixed, prof, lr)
+    rungs, r = [], max(1, math.ceil(min_steps / 3 / per_epoch))
     n = len(cands)
     while n >= 1 and r <= max(plain_epochs * 3, 1):
         rungs.append((n, r))
         if n == 1:
             break
         n, r = math.ceil(n / 3), r * 3
-    total = estimate(plain_epochs) + sum(k * estimate(e) for k, e in rungs)
-    race = " -> ".join(f"{k} x {e} epochs" for k, e in rungs)
-    say(f"plan: plain recipe ({round(plain_epochs, 1):g} epochs), then {race}"
-        f" ({', '.join(c[0] for c in cands)}); step {step_s:.3f}s, {per_epoch} steps/epoch, run overhead "
-        f"{overhead:.1f}s; estimated {total:.0f}s of {seconds(budget):.0f}s budget")
+    top = rungs[-1][1] if rungs else 1
+    total = (race.estimate("plain", plain_epochs, None) * (2 if folds else 1)
+             + sum(k * race.estimate("-", e) for k, e in rungs)
+             + race.estimate("-", top, None, pooled))
+    plan = " -> ".join(f"{k} x {e} epochs" for k, e in rungs)
+    say(f"plan: plain recipe ({round(plain_epochs, 1):g} epochs), then "
+        f"{plan} ({', '.join(c[0] for c in cands)}); then, while time is left: more epochs for leaders still "
+        f"improving, learning rates x3 and /3 around the best, more seeds for the top {TOP}; step {step_s:.3f}s, "
+        f"{per_epoch} steps/epoch, run overhead {overhead:.1f}s; estimated {total:.0f}s for the plan of "
+        f"{total_s:.0f}s budget")
+    if folds:
+        say(f"scoring: {folds}-fold cross-validation on train + validation ({pooled} rows, fewer than "
+            f"{SMALL_ROWS}: one validation split of {rows['validation']} rows is too noisy to choose by): each "
+            f"candidate's {metric} is the mean of its {folds} held-out folds")
+    else:
+        say(f"scoring: validation {metric} on {rows['validation']} rows (best checkpoint)")
+    say(f"final model: the chosen recipe trained again on train + validation ({pooled} rows) for the epochs of "
+        f"its best checkpoint; test {metric} on the {rows['test']} test rows, untouched until then")
 
-    results = []
-
-    def attempt(name: str, values: dict, epochs: float) -> dict | None:
-        if time.monotonic() + estimate(min(epochs, 1)) > deadline:
-            say(f"tune: skipping {name} ({epochs:g} epochs): does not fit in the budget left")
-            return None
-        run_dir = folder / f"{len(results):02d}-{name.replace(' ', '-').replace('/', '-')}-{epochs:g}ep"
-        try:
-            run = ts.train(with_values(recipe, {**values, "train.epochs": epochs, "train.log_every": 1}), run_dir,
-                           callbacks=[stop])
-        except Exception as e:                      # one candidate that cannot run (e.g. LoRA on an unknown
-            if not values:                          # architecture) does not end the race; the plain recipe does
-                raise
-            say(f"tune: {name} failed: {type(e).__name__}: {e}")
-            results.append({"name": name, "epochs": epochs, "run_dir": str(run_dir), "values": values,
-                            "score": None, "test": None, "stopped": f"failed: {type(e).__name__}"})
-            return None
-        row = {"name": name, "epochs": epochs, "run_dir": str(run_dir), "values": values,
-               "score": best_validation(run.history, recipe.train.metric, recipe.direction),
-               "n": next((r.get("n_examples") for r in run.history if r.get("split") == "validation"), None),
-               "test": run.metrics.get(recipe.train.metric),
-               "stopped": run.history[-1].get("stopped") if run.history else None}
-        results.append(row)
-        return row
-
-    plain = attempt("plain", {}, recipe.train.epochs)
-    if plain is None and not results:               # the probe spent the budget: say so rather than exit 1 silently
-        shutil.rmtree(made or folder / "probe", ignore_errors=True)     # and leave no probe run
-        raise TunesmithError(f"budget {budget}: the probe run took {overhead + step_s * len(steps):.0f}s and left no "
+    plain = race.attempt("plain", {}, plain_epochs)
+    if plain is None and not race.results:          # the probe spent the budget: say so rather than exit 1 silently
+        setup = time.monotonic() - start
+        for left in ([made] if made else [folder / "probe", folder / "data"]):
+            shutil.rmtree(left, ignore_errors=True)             # and leave no probe run
+        raise TunesmithError(f"budget {budget}: reading the data and the probe run took {setup:.0f}s and left no "
                              f"time for the plain recipe; give at least --budget "
-                             f"{math.ceil(2 * (overhead + step_s * len(steps)) + estimate(1))}s")
-    if plain:                                       # the epochs it trained, train.min_steps included
-        plain["epochs"] = round(plain_epochs, 1)
+                             f"{math.ceil(setup + 2 * race.estimate('plain', 1))}s")
+    test_plain = None
+    if plain and folds:                             # the plain recipe as `tunesmith train` runs it: the baseline
+        test_plain = plain["test"] = plain_test(fixed, plain_epochs, folder, stop, say)
     alive = cands
     for k, epochs in rungs:
         scored = []
         for name, values in alive[:k]:
-            row = attempt(name, values, epochs)
+            row = race.attempt(name, values, epochs)
             if row and row["score"] is not None:
-                scored.append(((row["score"] if recipe.direction == "max" else -row["score"]), name, values))
+                scored.append(((row["score"] if race.direction == "max" else -row["score"]), name, values))
         if not scored:
             break
         scored.sort(key=lambda x: -x[0])
         alive = [(n, v) for _, n, v in scored]
-    out = finish(recipe, folder, results, plain, prof, time.monotonic() - start, say)
+    planned, left = len(race.results), race.left()
+    extra = race.spend(top) if race.results else 0
+    if extra:
+        say(f"tune: the plan ended with {left:.0f}s left: {extra} more run(s) (more epochs, learning rates, seeds)")
+    out = finish(recipe, refit_recipe, folder, race, plain, test_plain, prof, start, planned, folds, say)
     return {**out, "folder": str(folder)}
 
 
+def plain_test(fixed: Recipe, epochs: float, folder: Path, stop, say) -> float | None:
+    """The plain recipe's test metric as `tunesmith train` gives it (K-fold scores say nothing of the test rows)."""
+    import tunesmith as ts
+
+    metric = fixed.tune_metric()[0]
+    if stop.deadline <= time.monotonic():
+        return None
+    keys = {"train.log_every": 1, "train.epochs": epochs}
+    if has_key(type(fixed), "train.min_steps"):
+        keys["train.min_steps"] = 0                 # the epochs the plan counted, min_steps included
+    run = ts.train(with_values(fixed, keys), folder / "plain-run", callbacks=[stop])
+    return run.metrics.get(metric)
+
+
 def standard_error(metric: str, score: float, n: int | None) -> float:
-    """Noise of a validation score on n rows: binomial for accuracy (a mean of n right/wrong outcomes); other
-    metrics have no closed form here (0: no margin)."""
-    return math.sqrt(score * (1 - score) / n) if metric == "accuracy" and n else 0.0
+    """Noise of a validation score on n rows: binomial for accuracy and exact match (a mean of n right/wrong
+    outcomes); other metrics have no closed form here (0: no margin)."""
+    return math.sqrt(max(score * (1 - score), 0.0) / n) if metric in ("accuracy", "exact_match") and n else 0.0
 
 
 def choose(results: list[dict], plain: dict | None, metric: str, direction: str) -> tuple[dict | None, float]:
-    """The best run, by the one-standard-error rule: a candidate replaces the plain recipe only when its
-    validation score beats the plain recipe's by more than that score's standard error. Small validation splits
-    (40 rows: +-0.07 accuracy) otherwise pick noise: on 9 small-data folds, the 5 where a candidate scored
-    highest on validation gave 2 losses and 3 ties against the plain recipe on the test rows, no win
-    (docs/benchmarks.md). Returns (best, margin)."""
+    """The best run (or configuration: mean over seeds), by the one-standard-error rule: a candidate replaces the
+    plain recipe only when its validation score beats the plain recipe's by more than that score's standard
+    error. Small validation splits (40 rows: +-0.07 accuracy) otherwise pick noise: on 9 small-data folds, the 5
+    where a candidate scored highest on validation gave 2 losses and 3 ties against the plain recipe on the test
+    rows, no win (docs/benchmarks.md). Returns (best, margin)."""
     sign = 1 if direction == "max" else -1
     done = [r for r in results if r["score"] is not None]
     if not done:
@@ -227,23 +286,87 @@ def choose(results: list[dict], plain: dict | None, metric: str, direction: str)
     return (top if sign * (top["score"] - plain["score"]) > margin else plain), margin
 
 
-def finish(recipe, folder: Path, results: list[dict], plain: dict | None, prof: dict, elapsed: float, say) -> dict:
-    m = recipe.train.metric
-    best, margin = choose(results, plain, m, recipe.direction)
-    if best is plain and margin:
-        say(f"tune: the plain recipe stays best: no candidate beat its validation {m} ({plain['score']:.4f}) by "
-            f"more than one standard error ({margin:.4f} on {plain['n']} rows)")
-    out = {"metric": m, "profile": prof, "seconds": elapsed, "runs": results, "best": best, "plain": plain,
-           "margin": margin}
+def refit(race: Race, refit_recipe: Recipe, config: dict, folder: Path, pooled: int, say) -> dict | None:
+    """The chosen configuration trained again on train + validation: its keys, its first seed, the epochs of its
+    best checkpoint, the last step's weights kept (train.keep: last: its validation rows are rows it trained on,
+    so they cannot choose a checkpoint). None when no time is left for it (the best run is then the final model)."""
+    import tunesmith as ts
+
+    epochs = refit_epochs(config)
+    expected = race.refit_estimate(config)
+    fallback = ("no final model (its runs are cv folders)" if race.folds else
+                f"the final model is its run {config['runs'][0]['run_dir']}, trained on train alone")
+    if race.left() <= 0:
+        say(f"tune: no time left to refit {config['name']} on train + validation (about {expected:.0f}s); {fallback}")
+        return None
+    keys = {**config["values"], "train.epochs": epochs, "train.keep": "last", "train.log_every": 1,
+            "train.seed": config["runs"][0]["seed"]}
+    if has_key(type(refit_recipe), "train.min_steps"):
+        keys["train.min_steps"] = 0
+    say(f"tune: refitting {config['name']} on train + validation ({pooled} rows) for {epochs} epochs "
+        f"(about {expected:.0f}s)")
+    # at most one run's expected time past the budget: the deadline moves by the refit's own estimate
+    try:
+        run = ts.train(with_values(refit_recipe, keys), folder / "final",
+                       callbacks=[Deadline(race.deadline + expected)])
+    except Exception as e:                          # the runs stay: the best one is then the final model
+        say(f"tune: the refit failed ({type(e).__name__}: {e}); {fallback}")
+        return None
+    return {"name": config["name"], "epochs": epochs, "run_dir": str(run.path), "rows": pooled,
+            "test": run.metrics.get(race.metric), "values": config["values"],
+            "stopped": run.history[-1].get("stopped") if run.history else None}
+
+
+def finish(recipe: Recipe, refit_recipe: Recipe, folder: Path, race: Race, plain: dict | None,
+           test_plain: float | None, prof: dict, start: float, planned: int, folds: int | None, say) -> dict:
+    m, results = race.metric, race.results
+    configs = race.configs()
+    plain_config = next((c for c in configs if c["name"] == "plain"), None)
+    best, margin = choose(configs, plain_config, m, race.direction)
+    if best is plain_config and margin:
+        say(f"tune: the plain recipe stays best: no candidate beat its {m} ({plain_config['score']:.4f}) by "
+            f"more than one standard error ({margin:.4f} on {plain_config['n']} rows)")
+    pooled = race.refit_rows
+    final = refit(race, refit_recipe, best, folder, pooled, say) if best else None
+    if test_plain is None and plain:
+        test_plain = plain["test"]
+    elapsed = time.monotonic() - start
+    summary = {k: best[k] for k in ("name", "values", "epochs", "score", "n", "seeds", "best_epochs")} if best else None
+    # the model tune ends with: the refit, else the best configuration's first run (one split: a run folder)
+    model = final["run_dir"] if final else best["runs"][0]["run_dir"] if best and not folds else None
+    out = {"model": model, "metric": m, "profile": prof, "seconds": elapsed, "budget_seconds": race.deadline - start,
+           "scoring": {"folds": folds, "rows": pooled if folds else plain and plain["n"]},
+           "planned_runs": planned, "runs": results, "best": summary, "plain": plain, "plain_test": test_plain,
+           "final": final, "margin": margin}
     io.write_json(folder / "tune.json", out, say)
     if best:
-        shutil.copyfile(Path(best["run_dir"]) / "recipe.yaml", folder / "best.yaml")
-    rows = [[r["name"], f"{r['epochs']:g}", r["score"], r["test"],
-             (("best " if r is best else "") + (f"({r['stopped']})" if r["stopped"] else "")).strip()]
-            for r in results]
-    say("\n" + io.table(["run", "epochs", f"{m} val", f"{m} test", "note"], rows))
-    if best and plain and plain["test"] is not None and best["test"] is not None:
-        say(f"best vs plain recipe: {m} {best['test']:.4f} vs {plain['test']:.4f} on the test split "
-            f"({best['test'] - plain['test']:+.4f}); best run {best['run_dir']}; recipe {folder / 'best.yaml'}")
-    say(f"tune: {elapsed:.0f}s spent")
+        keys = {**best["values"], "train.epochs": refit_epochs(best)}
+        if has_key(type(recipe), "train.min_steps"):
+            keys["train.min_steps"] = 0
+        io.atomic_write(folder / "best.yaml", yaml.safe_dump(with_values(recipe, keys).dump(), sort_keys=False))
+    score = f"{m} {f'cv{folds}' if folds else 'val'}"
+
+    def note(r):
+        chosen = best and r["name"] == best["name"] and r["epochs"] == best["epochs"]
+        mean = f" (mean {best['score']:.4f} over {best['seeds']} seeds)" if chosen and best["seeds"] > 1 else ""
+        return (("best" + mean + " " if chosen else "") + ("(extra) " if results.index(r) >= planned else "")
+                + (f"({r['stopped']})" if r["stopped"] else "")).strip()
+
+    def epochs(r):
+        e = r["epochs"] if r["epochs"] is not None else r.get("trained")
+        return "-" if e is None else f"{e:g}"
+
+    rows = [[r["name"], epochs(r), r["seed"], r["score"], r["test"], note(r)] for r in results]
+    if final:
+        rows.append([f"final: {final['name']}", final["epochs"], best["runs"][0]["seed"], None, final["test"],
+                     f"refit on train + validation ({final['rows']} rows)"
+                     + (f" ({final['stopped']})" if final["stopped"] else "")])
+    say("\n" + io.table(["run", "epochs", "seed", score, f"{m} test", "note"], rows))
+    shown = final["test"] if final else model and best["runs"][0]["test"]
+    if best and shown is not None and test_plain is not None:
+        what = "refit on train + validation" if final else "trained on train"
+        say(f"best vs plain recipe: {m} {shown:.4f} ({best['name']}, {what}) vs {test_plain:.4f} (the plain "
+            f"recipe) on the test split ({shown - test_plain:+.4f}); final model {model}; recipe "
+            f"{folder / 'best.yaml'}")
+    say(f"tune: {elapsed:.0f}s spent of {race.deadline - start:.0f}s ({len(results)} runs, {planned} planned)")
     return out

@@ -224,6 +224,22 @@ class GenerativeEval(EvalConfig):
     generate: GenerateConfig | None = None      # set: final evaluation also generates (exact match, ROUGE-L)
 
 
+class GenerativeTuning:
+    """What `tune` scores and races for a generative task's recipe (mixed in before Recipe)."""
+
+    def tune_metric(self) -> tuple[str, Literal["max", "min"]]:
+        """With eval.generate: exact match of the generated answers on the validation rows (what a chat model is
+        judged by: the loss can fall while the answers stay wrong); else validation loss."""
+        return ("exact_match", "max") if self.eval.generate is not None else super().tune_metric()
+
+    def search_space(self, blocks: int | None, learning_rate: float) -> list[tuple[str, dict]]:
+        """LoRA rank x learning rate, at LoRA rates (1e-4 .. 1e-3: QLoRA's 2e-4 and PEFT's examples sit inside; a
+        full fine-tuning rate such as 5e-5 leaves a small adapter untrained); alpha = 2r keeps the update's scale."""
+        return [(f"lora r{r} lr {lr:g}", {"adapt.method": "lora", "adapt.lora.r": r, "adapt.lora.alpha": 2 * r,
+                                          "train.learning_rate": lr})
+                for r in (8, 32) for lr in (1e-4, 3e-4, 1e-3)]
+
+
 # --- causal LM (chat / instruction tuning) -----------------------------------------------------------
 
 class CausalLMData(DataConfig):
@@ -251,7 +267,7 @@ def conversation(value) -> list[dict] | None:
     return value if ok else None
 
 
-class CausalLMRecipe(Recipe):
+class CausalLMRecipe(GenerativeTuning, Recipe):
     task_class: ClassVar[str] = "tunesmith.tasks.causal_lm:CausalLM"
     metrics: ClassVar[dict[str, Literal["max", "min"]]] = {"loss": "min", "perplexity": "min"}
     default_metric: ClassVar[str] = "loss"
