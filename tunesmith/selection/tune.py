@@ -18,7 +18,7 @@ import statistics
 import time
 from pathlib import Path
 
-from tunesmith import io
+from tunesmith import defaults, io
 from tunesmith.errors import TunesmithError
 from tunesmith.recipe import Recipe, RecipeError, load
 from tunesmith.run import Callback, StopTraining
@@ -121,6 +121,9 @@ def tune(recipe, folder: str | Path | None = None, budget: str | None = None, sa
     folder = Path(folder or Path("runs") / f"tune-{recipe.name or recipe.task}")
     folder.mkdir(parents=True, exist_ok=True)
     prof = profile(recipe)
+    # the rates and batch size the plain recipe would train with (unset: tunesmith/defaults.py), concrete for the plan
+    recipe = with_values(recipe, {"train.learning_rate": defaults.learning_rate(recipe),
+                                  "train.batch_size": defaults.batch_size(recipe, prof["rows"])})
     say(f"data: {prof['rows']} train rows, {prof['classes'] or '-'} classes (largest/smallest {prof['balance']}), "
         f"median {prof['tokens']} tokens; model: {prof['blocks']} blocks")
     stop = Deadline(deadline)
@@ -138,9 +141,11 @@ def tune(recipe, folder: str | Path | None = None, budget: str | None = None, sa
     def estimate(epochs: float) -> float:
         return overhead + epochs * per_epoch * step_s
 
-    # the plain recipe trains at least train.min_steps; on small data the first rung is a third of that, so
+    # tune's plain run trains at least train.min_steps; on small data the first rung is a third of that, so
     # candidates are compared after enough steps to differ (one epoch of 15 steps ties them at the majority class)
-    plain_epochs = max(recipe.train.epochs, recipe.train.min_steps / per_epoch)
+    # (epochs: auto is raced as 3 epochs, raised to train.min_steps as auto would train at least)
+    plain_epochs = max(3 if recipe.train.epochs == "auto" else recipe.train.epochs,
+                       recipe.train.min_steps / per_epoch)
     cands = candidates(recipe, prof)
     rungs, r = [], max(1, math.ceil(recipe.train.min_steps / 3 / per_epoch))
     n = len(cands)
@@ -180,7 +185,7 @@ def tune(recipe, folder: str | Path | None = None, budget: str | None = None, sa
         results.append(row)
         return row
 
-    plain = attempt("plain", {}, recipe.train.epochs)
+    plain = attempt("plain", {}, plain_epochs)
     if plain is None and not results:               # the probe spent the budget: say so rather than exit 1 silently
         raise TunesmithError(f"budget {budget}: the probe run took {overhead + step_s * len(steps):.0f}s and left no "
                              f"time for the plain recipe; give at least --budget "
