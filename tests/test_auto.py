@@ -1,5 +1,7 @@
 """epochs: auto (stops on a plateau, restores the best), defaults resolved per method and data size, and the
 one line that says what the validation curve saw (likely undertrained / overfitting)."""
+import html
+
 import pytest
 import torch
 from conftest import recipe_dict, write_reviews
@@ -144,3 +146,7 @@ def test_a_short_run_says_it_is_likely_undertrained(tiny_bert, tmp_path, capsys)
     assert curve["line"].startswith("likely undertrained: validation loss still falling at the last evaluation")
     assert curve["line"] in capsys.readouterr().out and run.history[-1]["curve"] == curve
     assert ts.Run(run.path).training == run.training
+    from tunesmith.insight.report import write_report
+
+    page = write_report([run.path], tmp_path / "report.html", explain=False).read_text()
+    assert html.escape(curve["line"]) in page and html.escape(run.training["ended"]) in page

@@ -15,8 +15,7 @@ from dataclasses import dataclass
 import torch
 from accelerate.utils import send_to_device
 
-from tunesmith import safety
-from tunesmith.defaults import auto, steps_per_epoch
+from tunesmith import defaults, safety
 from tunesmith.device import autocast
 from tunesmith.dropout import CheapDropout
 from tunesmith.errors import TunesmithError
@@ -68,8 +67,8 @@ class Schedule:
 
     @classmethod
     def of(cls, cfg, examples: int) -> Schedule:
-        per_epoch = steps_per_epoch(examples, cfg.batch_size, cfg.grad_accum)
-        curve = auto(cfg)
+        per_epoch = defaults.steps_per_epoch(examples, cfg.batch_size, cfg.grad_accum)
+        curve = defaults.auto(cfg)
         total = cfg.max_steps or math.ceil((cfg.max_epochs if curve else cfg.epochs) * per_epoch)
         warmup = int(cfg.warmup) if cfg.warmup >= 1 else round(cfg.warmup * total)
         eval_every = cfg.eval_every or per_epoch
