@@ -25,13 +25,14 @@ def test_auto_is_the_default_and_stops_on_a_plateau_restoring_the_best(tiny_bert
     one end training long before train.max_epochs; model/ holds the best evaluation's weights, and the run says why
     it stopped (terminal, metrics.jsonl, run.json)."""
     data = write_reviews(tmp_path / "r.csv", n=300)
-    recipe = recipe_dict(tiny_bert, data, train={"eval_every": 6, "patience": 3, "max_epochs": 40, "min_steps": 24})
+    recipe = recipe_dict(tiny_bert, data, train={"eval_every": 6, "patience": 3, "max_epochs": 40, "min_steps": 36})
     del recipe["train"]["epochs"]
     run = train(load(recipe), run_dir=tmp_path / "run")
     assert load(run.path / "recipe.yaml").train.epochs == "auto"
     evals = validations(run)
     best = max(e["accuracy"] for e in evals)
     first_best = next(e["step"] for e in evals if e["accuracy"] == best)
+    assert best > 0.9 and first_best > 36 - 3 * 6       # learnt; the chance-level start (< min_steps) did not stop it
     assert evals[-1]["step"] == first_best + 3 * 6 < 40 * 12          # exactly `patience` evaluations after the best
     ended = run.training["ended"]
     assert ended.startswith(f"stopped: validation accuracy has not improved for 3 evaluations since epoch "

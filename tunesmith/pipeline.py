@@ -4,9 +4,11 @@ what differs (a Trainer: the model, the objective, its own checks and files):
 
   prepare    the task (with its pad multiple), the data read and checked (trainer.check), the run folder chosen
              (a new one must be new or empty; a resumed one is locked)
-  load       the model (trainer.load_model); then a new run folder is created: run.json (with made_by: how the run
-             is made), recipe.yaml, data/ (the held-out splits), rejects.jsonl. A failed load leaves nothing behind.
-  features   encoded; the trainer's objective (it may add to the train features); eval.before; adapt; feature cache
+  load       the model (trainer.load_model); the features encoded; the training keys the recipe leaves unset
+             made concrete from them (tunesmith/defaults.py: rate, batch size, epochs: auto's cadence); then a new
+             run folder is created: run.json (with made_by: how the run is made), recipe.yaml (those numbers),
+             data/ (the held-out splits), rejects.jsonl. A failed load leaves nothing behind.
+  features   the trainer's objective (it may add to the train features); eval.before; adapt; feature cache
   fit        tunesmith/loop.py, under safety.StopFlag (SIGTERM / Ctrl-C: a checkpoint, then safety.Interrupted)
   save       model/, written whole or not at all
   evaluate   eval.json on the test split, the trainer's own files, callbacks' on_end
