@@ -151,3 +151,20 @@ def test_a_short_run_says_it_is_likely_undertrained(tiny_bert, tmp_path, capsys)
 
     page = write_report([run.path], tmp_path / "report.html", explain=False).read_text()
     assert html.escape(curve["line"]) in page and html.escape(run.training["ended"]) in page
+
+
+def test_causal_lm_with_no_training_keys_gets_the_lora_rate_and_auto(tmp_path):
+    """A chat recipe naming no training settings: LoRA (the task's method) at the LoRA rate, a batch sized to the
+    data, epochs: auto evaluating validation loss several times per epoch, capped here by train.max_epochs."""
+    from test_causal_lm import build_tiny_llama, lm_recipe, write_chats
+
+    model = build_tiny_llama(tmp_path / "llama")
+    recipe = lm_recipe(model, write_chats(tmp_path / "c.jsonl", n=80), train={"max_epochs": 2})
+    recipe["train"] = {k: v for k, v in recipe["train"].items() if k not in ("epochs", "learning_rate", "batch_size")}
+    run = train(load(recipe), run_dir=tmp_path / "run")
+    saved = load(run.path / "recipe.yaml").train
+    assert (saved.epochs, saved.learning_rate, saved.batch_size) == ("auto", 2e-4, 8)
+    steps = [e["step"] for e in validations(run)]
+    per_epoch = run.training["steps"] / run.training["epochs"]
+    assert len(steps) >= 4 and steps[0] == saved.eval_every and saved.eval_every < per_epoch   # several per epoch
+    assert run.training["ended"].startswith("stopped: ") and saved.patience >= 3
