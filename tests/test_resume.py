@@ -33,19 +33,17 @@ def last_step(run):
     return max(steps, default=0)
 
 
-def test_sigkill_and_resume_is_bitwise_equal(tiny_bert, tmp_path):
+def kill_and_resume(tmp_path, tiny_bert, train_cfg: dict) -> tuple:
+    """Train `train_cfg` whole, then again SIGKILLed at a random step and resumed; assert both end bitwise equal.
+    Returns (the whole run's folder, its last step)."""
     data = write_reviews(tmp_path / "r.csv", n=300)
     recipe = tmp_path / "r.yaml"
-    # dropout on (RNG matters), grouped batches, grad accumulation, a checkpoint every 2 steps
-    recipe.write_text(yaml.safe_dump(recipe_dict(
-        tiny_bert, data, train={"epochs": 6, "batch_size": 8, "grad_accum": 2, "save_every": 2, "eval_every": 5,
-                                "keep_checkpoints": 3, "learning_rate": 1e-3, "warmup": 0.1})))
-    total = 6 * 12   # 180 train rows / 8 = 23 micro-batches -> 12 optimizer steps per epoch
+    recipe.write_text(yaml.safe_dump(recipe_dict(tiny_bert, data, train=train_cfg)))
 
     whole = tmp_path / "whole"
     out = tunesmith("train", recipe, "--run-dir", whole)
     assert out.returncode == 0, out.stderr
-    assert last_step(whole) == total
+    total = last_step(whole)
 
     killed = tmp_path / "killed"
     # a new kill point each run, from a seed that is printed (and shown on failure): KILL_SEED=N replays it
@@ -85,3 +83,25 @@ def test_sigkill_and_resume_is_bitwise_equal(tiny_bert, tmp_path):
     steps = [json.loads(x)["step"] for x in (killed / "metrics.jsonl").read_text().splitlines()
              if "loss" in json.loads(x) and "split" not in json.loads(x)]
     assert steps == sorted(set(steps)) and steps[-1] == total, (kill_at, reached)
+    ended = [json.loads((d / "run.json").read_text())["training"]["ended"] for d in (whole, killed)]
+    assert ended[0] == ended[1]
+    return whole, total
+
+
+def test_sigkill_and_resume_is_bitwise_equal(tiny_bert, tmp_path):
+    # dropout on (RNG matters), grouped batches, grad accumulation, a checkpoint every 2 steps
+    whole, total = kill_and_resume(tmp_path, tiny_bert, {
+        "epochs": 6, "batch_size": 8, "grad_accum": 2, "save_every": 2, "eval_every": 5, "keep_checkpoints": 3,
+        "learning_rate": 1e-3, "warmup": 0.1})
+    assert total == 6 * 12   # 180 train rows / 8 = 23 micro-batches -> 12 optimizer steps per epoch
+
+
+def test_sigkill_and_resume_under_epochs_auto_is_bitwise_equal(tiny_bert, tmp_path):
+    """epochs: auto: the stop on a plateau (patience counted across the kill) and the schedule over
+    train.max_epochs resume exactly."""
+    whole, total = kill_and_resume(tmp_path, tiny_bert, {
+        "epochs": "auto", "max_epochs": 30, "patience": 3, "batch_size": 8, "grad_accum": 2, "save_every": 2,
+        "eval_every": 4, "keep_checkpoints": 3, "learning_rate": 1e-3, "warmup": 0.1})
+    assert total < 30 * 12
+    ended = json.loads((whole / "run.json").read_text())["training"]["ended"]
+    assert ended.startswith("stopped: validation accuracy has not improved for 3 evaluations")

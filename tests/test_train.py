@@ -186,18 +186,20 @@ def test_pad_multiple_rounds_widths_but_not_past_max_length(tiny_bert, tmp_path)
     assert task.collate(task.encode(long))["input_ids"].shape[1] == 20
 
 
-def test_min_steps_raises_the_epochs_of_small_data(tiny_bert, tmp_path, capsys):
-    """60 train rows, batch 16: 4 steps per epoch; 1 epoch with train.min_steps=10 trains 10 steps (3 epochs,
-    the last one partial) with the schedule over 10 steps; min_steps below one epoch changes nothing."""
+def test_explicit_epochs_are_trained_exactly_whatever_min_steps_says(tiny_bert, tmp_path, capsys):
+    """60 train rows, batch 16: 4 steps per epoch. `epochs: 1` with train.min_steps=10 trains 4 steps, not 10 (a
+    number of epochs means exactly that many; min_steps only keeps epochs: auto from stopping early), evaluated
+    once; the run says it trained its epochs."""
     data = write_reviews(tmp_path / "r.csv", n=100)
-    raised = train(load(recipe_dict(tiny_bert, data, train={"epochs": 1, "min_steps": 10})), run_dir=tmp_path / "a")
-    steps = [r["step"] for r in raised.history if "loss" in r and "split" not in r]
-    validations = [r for r in raised.history if r.get("split") == "validation"]
-    assert steps[-1] == 10 and len(validations) == 3
+    run = train(load(recipe_dict(tiny_bert, data, train={"epochs": 1, "min_steps": 10})), run_dir=tmp_path / "a")
+    steps = [r["step"] for r in run.history if "loss" in r and "split" not in r]
+    validations = [r for r in run.history if r.get("split") == "validation"]
+    assert steps[-1] == 4 and len(validations) == 1
     assert all(r["examples_per_s"] > 0 for r in validations)           # evaluation speed beside training's
-    assert "fewer than train.min_steps: training 10 steps (2.5 epochs)" in capsys.readouterr().out
-    same = train(load(recipe_dict(tiny_bert, data, train={"epochs": 1, "min_steps": 2})), run_dir=tmp_path / "b")
-    assert [r["step"] for r in same.history if "loss" in r and "split" not in r][-1] == 4
+    out = capsys.readouterr().out
+    assert "stopped: trained train.epochs=1 (4 steps)" in out and "epochs: auto" not in out
+    assert run.training["ended"] == "stopped: trained train.epochs=1 (4 steps)" and run.training["steps"] == 4
+    assert load(run.path / "recipe.yaml").train.epochs == 1
 
 
 def test_fast_dropout_draws_the_training_masks_and_can_be_turned_off(tiny_bert, tmp_path, monkeypatch):

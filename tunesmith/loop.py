@@ -21,8 +21,10 @@ from tqdm.auto import tqdm
 
 from tunesmith import checkpoint, safety
 from tunesmith.adapt import trainable_state
+from tunesmith.curve import stop_line, verdict
 from tunesmith.device import autocast
 from tunesmith.metrics import better
+from tunesmith.selection.space import seconds as wall_seconds
 from tunesmith.steps import Meter, OptimizerStep, Schedule, State, accumulate, optimizer_for, skipped
 
 __all__ = ["fit", "State", "accumulate"]        # accumulate: its callers and tests import it from the loop
@@ -41,18 +43,21 @@ def fit(task, adapted, train, evalset, recipe, run, accelerator, mixed: str = "n
     lengths = [task.length(f) for f in train]
     schedule = Schedule.of(cfg, len(train))
     total = schedule.total
-    if total > schedule.asked and not cfg.max_steps and not resume:
-        say(f"train: {cfg.epochs:g} epoch(s) are {schedule.asked} optimizer steps, fewer than train.min_steps: "
-            f"training {total} steps ({total / schedule.per_epoch:.1f} epochs)")
+    if schedule.auto and not resume:
+        say(auto_plan(cfg, schedule, len(evalset or ())))
     optimizer, scheduler = optimizer_for(adapted, recipe, schedule, accelerator.device)
     model, optimizer = accelerator.prepare(model, optimizer)
     step = OptimizerStep(objective or task, model, optimizer, scheduler, train, cfg, accelerator, mixed)
     state = resumed(run, model, optimizer, scheduler, accelerator) if resume else State()
     meter = Meter(accelerator.num_processes)
-    validate = Validation(task, model, evalset, recipe, run, accelerator, mixed, adapted.trainable, state, meter)
+    validate = Validation(task, model, evalset, recipe, run, accelerator, mixed, adapted.trainable, state, meter,
+                          schedule)
+    clock = Clock(cfg.budget, state)
+    # an early stop: "plateau" (train.patience) or "budget" (train.budget); a resumed run may have reached one
+    why = "plateau" if evalset and validate.done() else "budget" if clock.spent() else None
 
     model.train()
-    stop = False
+    stop = why is not None
     with tqdm(total=total, initial=state.step, unit="step", dynamic_ncols=True, mininterval=1.0,
               disable=not accelerator.is_main_process, desc="train") as bar:
         while state.step < total and not stop:
@@ -78,11 +83,13 @@ def fit(task, adapted, train, evalset, recipe, run, accelerator, mixed: str = "n
                         bar.set_description(f"train loss={record['loss']:.4f} {record['samples_per_s']:.0f} "
                                             f"samples/s")
                 at_end = state.position == len(steps) or state.step == total
-                if evalset and (state.step % schedule.eval_every == 0 or at_end):
-                    stop = validate(bar)
+                if evalset and (state.step % schedule.eval_every == 0 or at_end) and validate(bar):
+                    why = why or "plateau"
                 if at_end and state.position == len(steps):
                     state.epoch, state.position = state.epoch + 1, 0
-                stop, signum = agreed_stop(stop or run.stop_reason is not None, stop_flag, accelerator)
+                if clock.spent():
+                    why = why or "budget"
+                stop, signum = agreed_stop(why is not None or run.stop_reason is not None, stop_flag, accelerator)
                 if state.step % schedule.save_every == 0 or state.step == total or stop or signum:
                     t0 = time.perf_counter()
                     save_step(run, model, adapted.trainable, optimizer, scheduler, state, cfg, accelerator)
@@ -91,15 +98,20 @@ def fit(task, adapted, train, evalset, recipe, run, accelerator, mixed: str = "n
                     raise safety.interrupted(signum, state.step, run.path)
                 if stop or state.step >= total:
                     break
+    ended = stop_line(why, cfg, state, schedule.per_epoch, schedule.auto, run.stop_reason)
+    seen = verdict([(r["step"], r.get(cfg.metric)) for r in run.history if r.get("split") == "validation"],
+                   cfg.metric, recipe.direction, cfg, schedule.auto, why) if evalset else None
     run.log({"step": state.step, "summary": True, **meter.summary(), "skipped_steps": state.skipped,
-             **({"stopped": run.stop_reason} if run.stop_reason else {})})
+             **({"stopped": run.stop_reason} if run.stop_reason else {}), "ended": ended,
+             **({"curve": seen} if seen else {})})
     if state.skipped:
         say(f"warning: {state.skipped} of {state.step} optimizer steps were skipped for a non-finite "
             f"loss or gradient")
-    if run.stop_reason:
-        say(f"stopped by a callback: {run.stop_reason}")
-    elif stop:
-        say(f"early stopping: no improvement in {cfg.metric} for {cfg.patience} evaluations")
+    say(ended)
+    if seen:
+        say(seen["line"])
+    run.note("training", {"ended": ended, "steps": state.step, "epochs": round(state.step / schedule.per_epoch, 2),
+                          "best_step": state.best_step, "curve": seen})
     restore_best(run, accelerator.unwrap_model(model), state, cfg.metric, say)
     adapted.model = accelerator.unwrap_model(model)
     return state
@@ -128,8 +140,10 @@ class Validation:
     """Evaluation on the validation features: logged, the best kept in checkpoints/best, early stopping counted.
     A call returns True when early stopping says stop."""
 
-    def __init__(self, task, model, evalset, recipe, run, accelerator, mixed, names, state: State, meter: Meter):
+    def __init__(self, task, model, evalset, recipe, run, accelerator, mixed, names, state: State, meter: Meter,
+                 schedule: Schedule | None = None):
         self.task, self.model, self.evalset, self.run, self.names = task, model, evalset, run, names
+        self.floor = schedule.floor if schedule else 0  # no early stop before this step (auto: train.min_steps)
         self.accelerator, self.mixed, self.state, self.meter = accelerator, mixed, state, meter
         self.cfg, self.direction = recipe.train, recipe.direction
         self.batch_size = recipe.eval.batch_size    # lowered for evaluation alone after an out-of-memory error
@@ -162,7 +176,36 @@ class Validation:
         best = "-" if state.best is None else f"{state.best:.4f}"
         bar.set_postfix_str(f"{metric}={value:.4f} best={best}", refresh=False)
         self.meter.add("eval_seconds", t0)          # with saving the best checkpoint
-        return self.cfg.patience is not None and state.bad_evals >= self.cfg.patience
+        return self.done()
+
+    def done(self) -> bool:
+        """Whether early stopping says stop: train.patience evaluations without improvement, past the floor."""
+        state, patience = self.state, self.cfg.patience
+        return patience is not None and state.bad_evals >= patience and state.step >= self.floor
+
+
+def auto_plan(cfg, schedule: Schedule, held_out: int) -> str:
+    """The line that says how epochs: auto will decide (tunesmith/defaults.py chose the numbers)."""
+    per = schedule.per_epoch / schedule.eval_every
+    return (f"epochs: auto: until validation {cfg.metric} stops improving on {held_out:,} held-out rows (checkpoint "
+            f"choice): an evaluation every {schedule.eval_every} steps ({per:.3g} per epoch of "
+            f"{schedule.per_epoch}), patience {cfg.patience} evaluations"
+            + (f" after step {schedule.floor} (train.min_steps)" if schedule.floor else "")
+            + f", at most train.max_epochs={cfg.max_epochs:g}" + (f" or train.budget={cfg.budget}" if cfg.budget
+                                                                  else ""))
+
+
+class Clock:
+    """train.budget: training's wall time over every session (State.seconds, kept in checkpoints)."""
+
+    def __init__(self, budget: str | None, state: State):
+        self.limit = wall_seconds(budget) if budget else None
+        self.state, self.start = state, time.monotonic() - state.seconds
+
+    def spent(self) -> bool:
+        """Update the state's seconds; True once the budget is used."""
+        self.state.seconds = round(time.monotonic() - self.start, 3)
+        return self.limit is not None and self.state.seconds >= self.limit
 
 
 def agreed_stop(stop: bool, stop_flag, accelerator) -> tuple[bool, int | None]:

@@ -4,9 +4,11 @@ what differs (a Trainer: the model, the objective, its own checks and files):
 
   prepare    the task (with its pad multiple), the data read and checked (trainer.check), the run folder chosen
              (a new one must be new or empty; a resumed one is locked)
-  load       the model (trainer.load_model); then a new run folder is created: run.json (with made_by: how the run
-             is made), recipe.yaml, data/ (the held-out splits), rejects.jsonl. A failed load leaves nothing behind.
-  features   encoded; the trainer's objective (it may add to the train features); eval.before; adapt; feature cache
+  load       the model (trainer.load_model); the features encoded; the training keys the recipe leaves unset
+             made concrete from them (tunesmith/defaults.py: rate, batch size, epochs: auto's cadence); then a new
+             run folder is created: run.json (with made_by: how the run is made), recipe.yaml (those numbers),
+             data/ (the held-out splits), rejects.jsonl. A failed load leaves nothing behind.
+  features   the trainer's objective (it may add to the train features); eval.before; adapt; feature cache
   fit        tunesmith/loop.py, under safety.StopFlag (SIGTERM / Ctrl-C: a checkpoint, then safety.Interrupted)
   save       model/, written whole or not at all
   evaluate   eval.json on the test split, the trainer's own files, callbacks' on_end
@@ -21,7 +23,7 @@ import time
 from pathlib import Path
 
 from tunesmith import data as datalib
-from tunesmith import io, safety
+from tunesmith import defaults, io, safety
 from tunesmith.errors import TunesmithError
 from tunesmith.recipe import Recipe
 from tunesmith.run import Run
@@ -181,6 +183,15 @@ def _train(trainer: Trainer, recipe: Recipe, task, loaded, run: Run, accelerator
     t0 = time.perf_counter()
     model = trainer.load_model(task)
     say(f"model: {trainer.describe(recipe)} loaded in {time.perf_counter() - t0:.1f}s")
+    features = {}
+    for split, table in tables.items():
+        features[split] = task.encode(table.rows)
+        if features[split].truncated:
+            say(f"{split}: {features[split].truncated:,} of {len(table):,} examples cut at data.max_length="
+                f"{task.max_length}")
+    recipe, chosen = defaults.resolve(recipe, len(features["train"]))   # unset training keys made concrete
+    for line in chosen:
+        say(line)
     if not resume:                              # the data and the model loaded: now the run folder exists
         _create(trainer, recipe, task, loaded, stamp, run, accelerator, named)
     if accelerator.is_main_process and recipe.train.report_to:   # TensorBoard / MLflow mirror the run folder
@@ -188,12 +199,6 @@ def _train(trainer: Trainer, recipe: Recipe, task, loaded, run: Run, accelerator
 
         run.callbacks += callbacks_for(recipe.train, run.path)
 
-    features = {}
-    for split, table in tables.items():
-        features[split] = task.encode(table.rows)
-        if features[split].truncated:
-            say(f"{split}: {features[split].truncated:,} of {len(table):,} examples cut at data.max_length="
-                f"{task.max_length}")
     objective = trainer.objective(task, features, recipe.eval.batch_size)
     model.to(accelerator.device)
     before = None

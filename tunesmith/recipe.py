@@ -19,7 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tunesmith.errors import TunesmithError
-from tunesmith.selection.space import SearchConfig
+from tunesmith.selection.space import SearchConfig, seconds
 
 SCHEMA = 2                      # run folder / recipe layout version; 1: one flat namespace for every task
 MAX_NAME = 100                  # characters of `name` (a run folder's prefix, copied into every run's recipe)
@@ -97,11 +97,16 @@ class AdaptConfig(Section):
 
 
 class TrainConfig(Section):
-    epochs: float = Field(3, gt=0)
-    max_steps: int | None = Field(None, gt=0)   # overrides epochs when set
-    min_steps: int = Field(0, ge=0)             # optimizer steps at least: small data gets more epochs; 0 = off
-    learning_rate: float = Field(5e-5, gt=0)
-    batch_size: int = Field(32, gt=0)
+    # "auto": until validation `metric` stops improving (patience), at most max_epochs / budget, then the best
+    # checkpoint; a number: exactly that many epochs (tunesmith/defaults.py, README "How long to train")
+    epochs: float | Literal["auto"] = "auto"
+    max_epochs: float = Field(20, gt=0)         # epochs: auto's cap; its learning-rate schedule runs over it
+    budget: str | None = None                   # wall time of training, e.g. "10m"; it stops there (any epochs)
+    max_steps: int | None = Field(None, gt=0)   # overrides epochs when set: exactly this many optimizer steps
+    min_steps: int = Field(0, ge=0)             # epochs: auto does not stop early before this many optimizer
+                                                # steps (small data); a number of epochs is never raised by it
+    learning_rate: float | None = Field(None, gt=0)  # None: the task's rate for adapt.method, set at training start
+    batch_size: int | None = Field(None, gt=0)  # None: from the training examples, set at training start
     grad_accum: int = Field(1, ge=1)
     weight_decay: float = Field(0.01, ge=0)
     warmup: float = Field(0.06, ge=0)           # fraction (<1) of steps, or steps (>=1)
@@ -111,7 +116,7 @@ class TrainConfig(Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     group_by_length: bool = True
     pad_multiple: int | None = Field(None, gt=0)  # pad batch widths to a multiple; None: 16 on GPU, 1 on CPU
-    eval_every: int | None = Field(None, gt=0)  # optimizer steps; None: once per epoch
+    eval_every: int | None = Field(None, gt=0)  # optimizer steps; None: once per epoch (epochs: auto: by data size)
     save_every: int | None = Field(None, gt=0)  # optimizer steps; None: at each evaluation
     keep_checkpoints: int = Field(2, ge=1)
     keep: Literal["best", "last"] = "best"      # the weights a run ends with: its best validation checkpoint, or
@@ -119,6 +124,7 @@ class TrainConfig(Section):
     log_every: int = Field(10, gt=0)
     metric: str | None = None                   # best checkpoint / early stopping: one of the task's metrics
     patience: int | None = Field(None, gt=0)    # evaluations without improvement; None: no early stop
+                                                # (epochs: auto: two epochs' evaluations, at least 3)
     compile: bool = False                       # torch.compile the model (in place: checkpoints keep their names)
     fast_dropout: bool = True                   # CPU: dropout masks from a cheaper generator (tunesmith/dropout.py)
     feature_cache: bool = True                  # frozen bottom blocks, no dropout there: compute their output once
@@ -127,6 +133,22 @@ class TrainConfig(Section):
                                                 # the recipe and eval.json (tunesmith/insight/tracking.py)
     mlflow_uri: str | None = None               # MLflow tracking URI; None: sqlite:///<run>/mlflow.db
     max_bad_steps: int = Field(10, ge=1)        # steps in a row with a non-finite loss/gradient before stopping
+
+    @field_validator("epochs", mode="before")
+    @classmethod
+    def _epochs(cls, v):
+        if v == "auto" or (isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0):
+            return v
+        raise ValueError("is 'auto' (until validation stops improving) or a number of epochs above 0")
+
+    @field_validator("budget")
+    @classmethod
+    def _budget(cls, v):
+        try:
+            v is None or seconds(v)
+        except ValueError:
+            raise ValueError("is a wall time such as 90s, 10m or 1.5h") from None
+        return v
 
 
 class EvalConfig(Section):
@@ -154,6 +176,10 @@ class Recipe(Section):
     default_method: ClassVar[str] = "full"      # adapt.method when unset
     # `tunesmith init`: (bundled alias, hub id written instead when the alias's package is not installed)
     starter_model: ClassVar[tuple[str, str] | None] = None
+    # train.learning_rate when unset, by what trains: the whole model ("full", also freeze with some blocks
+    # left to train), LoRA adapters ("lora"), a new head alone ("head": freeze_backbone); sources in
+    # tunesmith/defaults.py
+    learning_rates: ClassVar[dict[str, float]] = {"full": 5e-5, "lora": 2e-4, "head": 1e-3}
 
     task: str
     model: ModelConfig

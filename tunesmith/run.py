@@ -1,7 +1,8 @@
 """A run is a folder; everything after training (eval, predict, chat, export, serve) takes only that folder.
 
   run.json         {"schema": layout version, "tunesmith": version, "task": name, "made_by": {"command": "train"
-                   or "distill", with that command's settings}}; absent in schema-1 runs, made_by in runs before it
+                   or "distill", with that command's settings}, "training": what training saw (Run.training)};
+                   absent in schema-1 runs, made_by in runs before it
   recipe.yaml      the resolved recipe (overrides applied, the task's defaults filled in)
   metrics.jsonl    one JSON object per log or evaluation step
   eval.json        final metrics of the best checkpoint on the test split (+ `before`)
@@ -170,6 +171,18 @@ class Run:
                 c.on_log(record)
             except StopTraining as e:
                 self.stop_reason = str(e) or type(c).__name__
+
+    def note(self, key: str, value) -> None:
+        """Set run.json's `key` (what the run saw: `training`, its stop and validation curve)."""
+        stamp = io.read_json(self.path / "run.json")
+        if self.writer and stamp is not None:              # runs from before run.json stay as they are
+            self.write_json("run.json", {**stamp, key: value})
+
+    @property
+    def training(self) -> dict:
+        """How training went (run.json's `training`): ended (why it stopped), steps, epochs, best_step, curve
+        (None, or {"kind": "undertrained" | "overfitting", "line", "key", "step"}); {} for runs from before."""
+        return io.read_json(self.path / "run.json", {}).get("training") or {}
 
     def end(self) -> None:
         for c in self.callbacks:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from accelerate.utils import send_to_device
 
-from tunesmith import safety
+from tunesmith import defaults, safety
 from tunesmith.device import autocast
 from tunesmith.dropout import CheapDropout
 from tunesmith.errors import TunesmithError
@@ -31,6 +31,7 @@ class State:
     bad_evals: int = 0         # evaluations since the last improvement (early stopping)
     bad_steps: int = 0         # optimizer steps in a row skipped for a non-finite loss or gradient
     skipped: int = 0           # optimizer steps skipped in all
+    seconds: float = 0.0       # wall time of training so far, every session (train.budget)
 
 
 def plan(lengths: list[int], batch_size: int, seed: int, epoch: int, by_length: bool) -> list[list[int]]:
@@ -54,23 +55,25 @@ def plan(lengths: list[int], batch_size: int, seed: int, epoch: int, by_length: 
 @dataclass
 class Schedule:
     """Optimizer steps as the recipe's train section asks: per epoch, in all, of warmup; the evaluation and
-    checkpoint cadence."""
+    checkpoint cadence. Under epochs: auto (tunesmith/defaults.py) `total` is the train.max_epochs cap, which the
+    learning-rate schedule runs over, and the validation curve decides the stop; `floor`: steps before it may."""
     per_epoch: int
-    asked: int                 # optimizer steps of train.epochs
-    total: int                 # train.max_steps, else `asked` raised to train.min_steps
+    total: int                 # train.max_steps, else train.epochs (auto: train.max_epochs) of steps
     warmup: int
     eval_every: int
     save_every: int
+    auto: bool = False         # epochs: auto: the validation curve decides the stop
+    floor: int = 0             # auto: no early stop before this many steps (train.min_steps)
 
     @classmethod
     def of(cls, cfg, examples: int) -> Schedule:
-        micro = math.ceil(examples / cfg.batch_size)             # micro-batches per epoch
-        per_epoch = math.ceil(micro / cfg.grad_accum)
-        asked = math.ceil(cfg.epochs * per_epoch)
-        total = cfg.max_steps or max(asked, cfg.min_steps)
+        per_epoch = defaults.steps_per_epoch(examples, cfg.batch_size, cfg.grad_accum)
+        curve = defaults.auto(cfg)
+        total = cfg.max_steps or math.ceil((cfg.max_epochs if curve else cfg.epochs) * per_epoch)
         warmup = int(cfg.warmup) if cfg.warmup >= 1 else round(cfg.warmup * total)
         eval_every = cfg.eval_every or per_epoch
-        return cls(per_epoch, asked, total, warmup, eval_every, cfg.save_every or eval_every)
+        return cls(per_epoch, total, warmup, eval_every, cfg.save_every or eval_every, curve,
+                   cfg.min_steps if curve else 0)
 
     def epoch(self, cfg, lengths: list[int], epoch: int) -> list[list[list[int]]]:
         """The epoch's optimizer steps, each a list of micro-batches (lists of example indices)."""

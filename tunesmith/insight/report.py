@@ -99,6 +99,11 @@ def _overview(runs: list[dict]) -> str:
                      steps, summ.get("train_seconds"), e(r["metric"]), r["best_step"], best])
     out = table(["run", "task", "predicts", "model", "steps", "train seconds", "selection metric", "best step",
                  "best value"], rows, left=4)
+    for r in runs:                              # why training stopped, what the validation curve saw (loop.py)
+        summ = next((x for x in reversed(r["records"]) if x.get("summary")), {})
+        said = [x for x in (summ.get("ended"), (summ.get("curve") or {}).get("line")) if x]
+        if said:
+            out += note(f"{r['name']}: " + "; ".join(said))
     keys = []                                   # scalar test metrics, in first-seen order across the runs
     for r in runs:
         keys += [k for k, v in r["eval"].items() if scalar(v) and k not in keys]

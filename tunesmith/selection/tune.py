@@ -187,11 +187,11 @@ def tune(recipe, folder: str | Path | None = None, budget: str | None = None, sa
     race = Race(fixed, folder, deadline, [stop], timing, rows["train"], pooled, folds, lr, say)
     metric = race.metric
 
-    # tune's plain run trains the recipe's epochs (not a number, e.g. auto: AUTO_EPOCHS), at least
-    # train.min_steps; on small data the first rung is a third of that, so candidates are compared after enough
-    # steps to differ (one epoch of 15 steps ties them at the majority class)
+    # tune's plain run trains the recipe's epochs exactly; epochs: auto is raced as AUTO_EPOCHS, raised to
+    # train.min_steps as auto would train at least; on small data the first rung is a third of min_steps, so
+    # candidates are compared after enough steps to differ (one epoch of 15 steps ties them at the majority class)
     min_steps = fixed.dump()["train"].get("min_steps") or 0
-    plain_epochs = max(number(recipe.train.epochs) or AUTO_EPOCHS, min_steps / per_epoch)
+    plain_epochs = number(recipe.train.epochs) or max(AUTO_EPOCHS, min_steps / per_epoch)
     cands = candidates(fixed, prof, lr)
     rungs, r = [], max(1, math.ceil(min_steps / 3 / per_epoch))
     n = len(cands)

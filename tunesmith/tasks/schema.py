@@ -35,10 +35,10 @@ class ClassificationEval(EvalConfig):
 
 
 class ClassificationTrain(TrainConfig):
-    # small data gets more epochs: 3 epochs of a few hundred rows are ~40 optimizer steps; on three small data
-    # sets (text and images, 3-fold cv) 100 steps lifted mean test accuracy by 6-20 points, on every fold, and
-    # 300 added nothing beyond fold noise (docs/benchmarks.md, "the small-data default"); past ~1,100 rows
-    # (batch 32) 3 epochs already exceed it
+    # epochs: auto does not stop before 100 optimizer steps: 3 epochs of a few hundred rows are ~40 steps; on
+    # three small data sets (text and images, 3-fold cv) 100 steps lifted mean test accuracy by 6-20 points, on
+    # every fold, and 300 added nothing beyond fold noise (docs/benchmarks.md, "the small-data default"). A number
+    # of epochs is trained as given.
     min_steps: int = Field(100, ge=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     class_weights: Literal["balanced"] | list[float] | dict[str, float] | None = None
@@ -273,6 +273,8 @@ class CausalLMRecipe(GenerativeTuning, Recipe):
     default_metric: ClassVar[str] = "loss"
     default_method: ClassVar[str] = "lora"
     starter_model: ClassVar[tuple[str, str]] = ("smollm2", "HuggingFaceTB/SmolLM2-135M-Instruct")
+    # full: 2e-5, TRL's SFTConfig default and the Alpaca / Zephyr SFT recipes; LoRA: 2e-4 (QLoRA, TRL/PEFT examples)
+    learning_rates: ClassVar[dict[str, float]] = {"full": 2e-5, "lora": 2e-4, "head": 1e-4}
 
     task: Literal["causal-lm"]
     data: CausalLMData
