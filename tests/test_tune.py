@@ -62,7 +62,7 @@ def test_tune_races_candidates_and_writes_best_yaml(tiny_bert, tmp_path):
 def test_a_failing_candidate_is_reported_and_the_race_goes_on(tiny_bert, tmp_path, monkeypatch):
     """A candidate that cannot run (here LoRA on modules the model lacks) is a failed row with its reason, not
     the end of tune; the first rung is a third of train.min_steps (40 train rows, batch 16: 3 steps per epoch,
-    min_steps 30: plain 10 epochs, first rung ceil(10 / 3) = 4 epochs)."""
+    epochs auto with min_steps 30: plain 10 epochs, first rung ceil(10 / 3) = 4 epochs)."""
     import tunesmith.selection.tune as tune_mod
 
     def candidates(recipe, prof, lr):
@@ -74,7 +74,7 @@ def test_a_failing_candidate_is_reported_and_the_race_goes_on(tiny_bert, tmp_pat
     monkeypatch.setattr(tune_mod, "SMALL_ROWS", 0)                   # one validation split: one run a candidate
     monkeypatch.setattr(tune_mod.Race, "spend", lambda *a: 0)        # the plan alone
     data = write_reviews(tmp_path / "r.csv", n=66)
-    recipe = ts.load_recipe(recipe_dict(tiny_bert, data, train={"epochs": 1, "min_steps": 30}))
+    recipe = ts.load_recipe(recipe_dict(tiny_bert, data, train={"epochs": "auto", "min_steps": 30}))
     lines = []
     out = tune_mod.tune(recipe, tmp_path / "tune", "120s", say=lines.append)
     text = "\n".join(lines)
