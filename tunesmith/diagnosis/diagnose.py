@@ -1,8 +1,8 @@
 """`ts.doctor(recipe)` and `tunesmith doctor RECIPE`: what is wrong with the data, found before training.
 
 It reads the data exactly as `train` does (tunesmith.splits.load_data) and asks the task only through the
-Task protocol (check, key, stratify_key, encode, length_stats, embed), so it works for every task; a check
-whose hook a task lacks is reported as not available, with the reason. Exit status: 0 clean or warnings
+Task protocol (check, key, stratify_key, encode, length_stats, data_findings, embed), so it works for every task; a
+check whose hook a task lacks is reported as not available, with the reason. Exit status: 0 clean or warnings
 only, 1 blocking problems (rows `train` would stop on under data.bad_rows=error, examples that train as
 loss 0). `train` runs the row checks itself and, under bad_rows=error, stops with `rejects_report`.
 
@@ -29,6 +29,8 @@ doctor.json (version 1; these keys are stable, later versions only add keys):
                     tokens_cut?, tokens_cut_share?, trained_tokens?, trained_share?, all_masked?, missing_end?}}}
   label_noise      {available, note?, method, checked, skipped_rare, oof_accuracy,
                     candidates: [{origin, split, label, suggested, label_probability, text}]}  most suspicious first
+  task             the task's own checks (Task.data_findings), where it has any: text2text {sources, targets,
+                    identical, conflicting}
   seconds          {read, model, lengths, embed, leakage, label_noise, total}
 """
 from __future__ import annotations
@@ -106,6 +108,11 @@ def diagnose(recipe) -> dict:
     features = {s: task.encode(t.rows) if len(t) else [] for s, t in tables.items()}   # the processor alone
     one_to_one = all(len(features[s]) == len(t) for s, t in tables.items())
     report["lengths"] = _lengths(task, tables, features, task.max_length, blocking, warnings)
+    own, more_warnings, more_blocking = task.data_findings(tables)            # the task's own checks
+    if own:
+        report["task"] = own
+    warnings.extend(more_warnings)
+    blocking.extend(more_blocking)
     clock("lengths")
 
     method = cfg.near_method if cfg.near_method != "auto" else (task.near_method if keys is not None else "embedding")

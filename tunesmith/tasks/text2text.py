@@ -325,3 +325,19 @@ class Text2Text(Generative):
         """A string is a source; a row gives its source column. {prompt: the source, output: the generated text}."""
         done = self.completions(model, [self.prompt_ids(x) for x in inputs], self.recipe.eval.batch_size)
         return [{"prompt": self.source(x), "output": c.text} for x, c in zip(inputs, done)]
+
+    # --- data doctor -----------------------------------------------------------------------------------
+    def data_findings(self, tables: dict) -> tuple[dict, list[str], list[str]]:
+        """Source and target lengths and cut shares, pairs whose target is the source, sources with several
+        targets (text2text_schema.pair_findings); empty sources or targets are rejected rows (check)."""
+        cfg, splits = self.recipe.data, {}
+        count = lambda texts: [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False,
+                                                                  verbose=False)["input_ids"]] if texts else []
+        for split, table in tables.items():
+            sources = [r[cfg.source_column] for r in table.rows]
+            targets = [r[cfg.target_column] for r in table.rows]
+            splits[split] = {"sources": sources, "targets": targets, "origins": table.origins,
+                             "source_tokens": count(sources), "target_tokens": count(targets)}
+        section, warnings = schema.pair_findings(splits, {"source": self.budget(), "target": self.target_budget()},
+                                                 self.recipe.doctor.listed)
+        return section, warnings, []

@@ -117,3 +117,51 @@ def scores(references: list[str], outputs: list[str], stemmer: bool = True) -> d
     out["exact_match"] = sum(normalize_answer(r) == normalize_answer(o) for r, o in zip(references, outputs)) / n
     return out | {"n_examples": n, "bleu_signature": str(bleu.get_signature()),
                   "chrf_signature": str(chrf.get_signature()), "rouge_stemmer": stemmer}
+
+
+# --- the doctor's checks (Text2Text.data_findings) ------------------------------------------------------------
+
+def _lengths(tokens: list[int], limit: int) -> dict:
+    import numpy as np
+
+    out = {"examples": len(tokens), "limit": limit}
+    if tokens:
+        a = np.asarray(tokens)
+        out |= {f"p{q}": int(np.percentile(a, q)) for q in (50, 90, 99)} | {"max": int(a.max())}
+        out |= {"cut": int((a > limit).sum()), "cut_share": round(float((a > limit).mean()), 6)}
+    return out
+
+
+def pair_findings(splits: dict[str, dict], limits: dict[str, int], listed: int = 20) -> tuple[dict, list[str]]:
+    """(doctor.json's "task" section, warning lines) from, per split, the rows' "sources", "targets", "origins" and
+    their token counts "source_tokens", "target_tokens" (text only, no special tokens); limits: {"source", "target"}
+    tokens each may keep. Sections: sources/targets {split: {examples, limit, p50, p90, p99, max, cut, cut_share}},
+    identical {split: {count, origins}} (target equal to source after trimming), conflicting {count, examples:
+    [{source, targets, origins}]} (one normalised source, several normalised targets, over all splits)."""
+    section = {"sources": {}, "targets": {}, "identical": {}}
+    warnings = []
+    groups: dict[str, dict] = {}
+    norm = lambda text: " ".join(text.lower().split())
+    for split, s in splits.items():
+        for side in ("source", "target"):
+            d = section[side + "s"][split] = _lengths(s[side + "_tokens"], limits[side])
+            if d.get("cut_share", 0) >= 0.01:
+                key = "data.max_length" if side == "source" else "data.max_target_length"
+                warnings.append(f"{split}: {d['cut']:,} of {d['examples']:,} {side}s ({d['cut_share']:.1%}) are cut at "
+                                f"{key} ({limits[side]} tokens of text; p99 = {d['p99']})")
+        same = [o for a, b, o in zip(s["sources"], s["targets"], s["origins"]) if a.strip() == b.strip()]
+        section["identical"][split] = {"count": len(same), "origins": same[:listed]}
+        if same:
+            warnings.append(f"{split}: {len(same):,} pair(s) whose target equals the source, e.g. {same[0]}: the model "
+                            f"learns to copy; drop them unless copying is right")
+        for a, b, o in zip(s["sources"], s["targets"], s["origins"]):
+            g = groups.setdefault(norm(a), {"source": a, "targets": {}, "origins": []})
+            g["targets"].setdefault(norm(b), b)
+            g["origins"].append(o)
+    conflicting = [{"source": g["source"], "targets": list(g["targets"].values()), "origins": g["origins"]}
+                   for g in groups.values() if len(g["targets"]) > 1]
+    section["conflicting"] = {"count": len(conflicting), "examples": conflicting[:listed]}
+    if conflicting:
+        warnings.append(f"{len(conflicting):,} source(s) appear with different targets (normalised, over all splits), "
+                        f"e.g. {conflicting[0]['origins'][0]}: fine for several references, else fix them")
+    return section, warnings
