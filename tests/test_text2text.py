@@ -157,6 +157,16 @@ def test_moved_run_evaluates_predicts_and_serves(runs, family, tmp_path):
         hidden.rename(run.path)
 
 
+def test_a_generation_metric_as_train_metric_generates_at_validation(runs, models):
+    recipe = load(recipe_dict(models["t5"], models["pairs"], data={"prefix": "summarize: "}, train={"metric": "chrf"}))
+    task = get_task(recipe)
+    model = task.load_trained(runs["t5"].path / "model").eval()
+    rows = [json.loads(x) for x in models["pairs"].read_text().splitlines()[:8]]
+    with torch.no_grad():
+        result = task.evaluate(model, task.encode(rows), 4)
+    assert result["chrf"] > 80 and result["n_examples"] == 8 and recipe.direction == "max"
+
+
 def test_prompt_is_masked_and_lengths_cut_where_configured(models, tmp_path):
     """Decoder-only: labels are the target and its EOS only; without a chat template of its own the model is not a
     chat model and the plain template is used. Sources are cut to data.max_length (prefix counted), targets to
@@ -203,9 +213,9 @@ def test_doctor_reports_pairs_lengths_duplicates_and_leakage(models, tmp_path):
              {"source": "review 3 was good", "target": "another target"},           # conflicting, duplicate source
              {"source": "the " * 40, "target": "long " * 20},                       # both cut
              {"source": "empty target", "target": "  "}]                            # rejected
-    train, valid, test = tmp_path / "train.jsonl", tmp_path / "valid.jsonl", tmp_path / "test.jsonl"
+    train, valid, test = tmp_path / "train.jsonl", tmp_path / "valid.csv", tmp_path / "test.jsonl"
     train.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    valid.write_text(json.dumps({"source": "unrelated words", "target": "x y"}) + "\n")
+    valid.write_text("source,target\nunrelated words,x y\n")                         # CSV reads the same
     test.write_text(json.dumps({"source": "review 5 was good", "target": "x"}) + "\n")      # leaked
     recipe = recipe_dict(models["t5"], train, data={"test": str(test), "validation": str(valid), "bad_rows": "skip",
                                                     "max_length": 16, "max_target_length": 8},
@@ -219,7 +229,7 @@ def test_doctor_reports_pairs_lengths_duplicates_and_leakage(models, tmp_path):
     assert own["sources"]["train"]["max"] == 40 and own["sources"]["train"]["cut"] == 1
     assert any(p["text_b"] == "review 5 was good" for p in report["leakage"]["pairs"])
     assert any("target equals the source" in w for w in report["warnings"])
-    assert report["duplicates"]["available"]
+    assert report["duplicates"]["available"] and report["splits"]["validation"] == 1
 
 
 def test_export_copies_the_hf_folder(runs, tmp_path):
