@@ -1,8 +1,8 @@
 """`ts.doctor(recipe)` and `tunesmith doctor RECIPE`: what is wrong with the data, found before training.
 
 It reads the data exactly as `train` does (tunesmith.splits.load_data) and asks the task only through the
-Task protocol (check, key, stratify_key, encode, length_stats, data_findings, embed), so it works for every task; a
-check whose hook a task lacks is reported as not available, with the reason. Exit status: 0 clean or warnings
+Task protocol (check, key, stratify_key, encode, length_stats, embed), so it works for every task; a check
+whose hook a task lacks is reported as not available, with the reason. Exit status: 0 clean or warnings
 only, 1 blocking problems (rows `train` would stop on under data.bad_rows=error, examples that train as
 loss 0). `train` runs the row checks itself and, under bad_rows=error, stops with `rejects_report`.
 

@@ -11,8 +11,7 @@ Distil: teacher_outputs(model, features, batch_size);  distillation(temperature,
         `distills` (tunesmith distill)
 Use:    check_input(input) -> reason or None;  predict(model, inputs) -> one dict per input, in the task's
         output schema (shared by `predict`, the Python API and `serve`)
-Doctor: key(row); stratify_key(row); length_stats(rows, features); embed(model, features, batch_size);
-        data_findings(tables) (checks of the task's own)
+Doctor: key(row); stratify_key(row); length_stats(rows, features); embed(model, features, batch_size)
 
 Capabilities are declared here, on the class, and shared code reads the declarations; it never compares a task's
 name and never probes for a method (tests/test_layering.py checks the first):
