@@ -213,10 +213,13 @@ def test_doctor_reports_pairs_lengths_duplicates_and_leakage(models, tmp_path):
              {"source": "review 3 was good", "target": "another target"},           # conflicting, duplicate source
              {"source": "the " * 40, "target": "long " * 20},                       # both cut
              {"source": "empty target", "target": "  "}]                            # rejected
-    train, valid, test = tmp_path / "train.jsonl", tmp_path / "valid.csv", tmp_path / "test.jsonl"
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    train, valid, test = tmp_path / "train.jsonl", tmp_path / "valid.csv", tmp_path / "test.parquet"
     train.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    valid.write_text("source,target\nunrelated words,x y\n")                         # CSV reads the same
-    test.write_text(json.dumps({"source": "review 5 was good", "target": "x"}) + "\n")      # leaked
+    valid.write_text("source,target\nunrelated words,x y\n")                         # CSV and Parquet read the same
+    pq.write_table(pa.table({"source": ["review 5 was good"], "target": ["x"]}), test)      # leaked
     recipe = recipe_dict(models["t5"], train, data={"test": str(test), "validation": str(valid), "bad_rows": "skip",
                                                     "max_length": 16, "max_target_length": 8},
                          doctor={"label_noise": False})
@@ -229,7 +232,7 @@ def test_doctor_reports_pairs_lengths_duplicates_and_leakage(models, tmp_path):
     assert own["sources"]["train"]["max"] == 40 and own["sources"]["train"]["cut"] == 1
     assert any(p["text_b"] == "review 5 was good" for p in report["leakage"]["pairs"])
     assert any("target equals the source" in w for w in report["warnings"])
-    assert report["duplicates"]["available"] and report["splits"]["validation"] == 1
+    assert report["duplicates"]["available"] and report["splits"]["validation"] == 1 == report["splits"]["test"]
 
 
 def test_export_copies_the_hf_folder(runs, tmp_path):
