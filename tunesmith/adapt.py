@@ -2,12 +2,17 @@
 
 `adapt(model, cfg)` runs once before the loop. It finds the model's parts by structure, not by
 architecture name:
-  head    parameters outside `model.base_model_prefix` (the new task head)
-  blocks  the children of the largest nn.ModuleList in the backbone (transformer layers, CNN stages)
+  head    parameters outside `model.base_model_prefix` (the new task head); a model that is its own body (T5:
+          no parameter under its prefix): its output embedding (lm_head) unless tied to the input's
+  blocks  the children of the backbone's stacks of repeated blocks (transformer layers, CNN stages): the largest
+          nn.ModuleList, and every other one not inside it holding at least a quarter of its parameters (an
+          encoder-decoder's encoder and decoder blocks), numbered across stacks in registration order (encoder first)
   stem    backbone parameters registered before the first block (embeddings, conv stem)
-  neck    backbone parameters after the last block (pooler, final norm)
-Depth from the head (0 for head and neck, L - i for block i, L + 1 for the stem) drives layer-wise LR
-decay and gradual unfreezing.
+  neck    backbone parameters after the last block (pooler, final norm); parameters between two stacks go with
+          the next stack's first block when inside its module (a decoder's embeddings), else with the block before
+          them (an encoder's final norm)
+Depth from the head (0 for head and neck, L - i for block i of L, L + 1 for the stem) drives layer-wise LR
+decay, freeze_layers (the first N blocks: an encoder-decoder's encoder first) and gradual unfreezing.
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 from tunesmith.errors import TunesmithError
 
@@ -54,13 +60,26 @@ class Adapted:
 
 def find_blocks(model: nn.Module) -> str | None:
     """Dotted name of the nn.ModuleList holding the backbone's repeated blocks (most parameters)."""
-    best, size = None, 0
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 1:
-            n = sum(p.numel() for p in module.parameters())
-            if n > size:
-                best, size = name, n
-    return best
+    stacks = _lists(model)
+    return max(stacks, key=stacks.get) if stacks else None
+
+
+def find_stacks(model: nn.Module) -> list[str]:
+    """Dotted names of the backbone's stacks of blocks, in registration order: the largest nn.ModuleList and every
+    other one, not nested in another stack, with at least a quarter of its parameters (T5, BART: encoder and
+    decoder blocks; a decoder's blocks hold more, for cross-attention, so the largest alone misses the encoder)."""
+    stacks = _lists(model)
+    if not stacks:
+        return []
+    big = max(stacks.values())
+    kept = [n for n, size in stacks.items() if size >= big / 4]
+    return [n for n in kept if not any(n.startswith(o + ".") for o in kept if o != n)]
+
+
+def _lists(model: nn.Module) -> dict[str, int]:
+    """nn.ModuleLists of more than one module -> their parameter count, in registration order."""
+    return {name: sum(p.numel() for p in module.parameters()) for name, module in model.named_modules()
+            if isinstance(module, nn.ModuleList) and len(module) > 1}
 
 
 def _base_name(name: str) -> str:
@@ -75,19 +94,31 @@ def depths(model: nn.Module) -> tuple[dict[str, int], int, set[str]]:
     names = [n for n, _ in model.named_parameters()]
     prefix = getattr(model, "base_model_prefix", "") or ""
     head = {n for n in names if prefix and prefix not in n.split(".")}
-    blocks = find_blocks(model)
-    pattern = re.compile(rf"^{re.escape(blocks)}\.(\d+)\.") if blocks else None
-    index = {n: int(m.group(1)) for n in names if pattern and (m := pattern.match(n))}
-    count = max(index.values(), default=-1) + 1
+    if head and len(head) == len(names):          # the model is its own body (T5): the head is the output embedding
+        out = model.get_output_embeddings() if isinstance(model, PreTrainedModel) else None
+        ids = {id(p) for p in out.parameters()} if out is not None else set()
+        ids -= {id(p) for p in model.get_input_embeddings().parameters()} if ids else set()   # tied: the stem
+        head = {n for n, p in model.named_parameters() if id(p) in ids}
+    index, count, starts = {}, 0, {}              # name -> block number across stacks; stack parent -> first block
+    for stack in find_stacks(model):
+        pattern = re.compile(rf"^{re.escape(stack)}\.(\d+)\.")
+        found = {n: int(m.group(1)) for n in names if (m := pattern.match(n))}
+        index.update({n: count + i for n, i in found.items()})
+        starts[stack.rpartition(".")[0]] = count
+        count += max(found.values(), default=-1) + 1
     first = next((i for i, n in enumerate(names) if n in index), len(names))
-    out = {}
+    last = max((i for i, n in enumerate(names) if n in index), default=-1)
+    out, previous = {}, 0
     for i, n in enumerate(names):
         if n in index:
-            out[n] = count - index[n]
-        elif n not in head and i < first:
-            out[n] = count + 1                      # stem: embeddings, conv stem
-        else:
+            out[n] = previous = count - index[n]
+        elif n in head or i > last:
             out[n] = 0                              # head and neck
+        elif i < first:
+            out[n] = count + 1                      # stem: embeddings, conv stem
+        else:                                       # between stacks: with the next stack's first block if
+            upcoming = [b for parent, b in starts.items() if n.startswith(parent + ".") and count - b < previous]
+            out[n] = count - upcoming[0] if upcoming else previous     # inside its module, else the block before
     return out, count, head
 
 

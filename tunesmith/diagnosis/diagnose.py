@@ -33,6 +33,8 @@ doctor.json (version 1; these keys are stable, later versions only add keys):
                     windowed?}}}     windowed: origins of examples longer than the limit, kept whole as windows
   label_noise      {available, note?, method, checked, skipped_rare, oof_accuracy,
                     candidates: [{origin, split, label, suggested, label_probability, text}]}  most suspicious first
+  task             the task's own checks (Task.data_findings), where it has any: text2text {sources, targets,
+                    identical, conflicting}
   seconds          {read, model, lengths, embed, leakage, label_noise, total}
 """
 from __future__ import annotations
@@ -113,6 +115,11 @@ def diagnose(recipe) -> dict:
     features = {s: task.encode(t.rows) if len(t) else [] for s, t in tables.items()}   # the processor alone
     one_to_one = all(len(features[s]) == len(t) for s, t in tables.items())
     report["lengths"] = _lengths(task, tables, features, task.max_length, blocking, warnings)
+    own, more_warnings, more_blocking = task.data_findings(tables)            # the task's own checks
+    if own:
+        report["task"] = own
+    warnings.extend(more_warnings)
+    blocking.extend(more_blocking)
     clock("lengths")
 
     method = cfg.near_method if cfg.near_method != "auto" else (task.near_method if keys is not None else "embedding")

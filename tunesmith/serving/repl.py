@@ -40,11 +40,14 @@ def chat(run_dir: str, max_new_tokens: int | None = None, context: int | None = 
 
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     run = Run(run_dir)
-    if not task_class(run.recipe).chats:
+    if task_class(run.recipe).chats is False:           # known from the class: refused before weights load
         raise TunesmithError(f"{run.path}: task '{run.recipe.task}' does not chat; tunesmith chat needs a run of a "
                              "task that declares chats (Task.chats)")
     loaded = run.load()
     task, model = loaded.task, loaded.model
+    if not task.chats:                                  # declared by the loaded model (text2text: a chat model)
+        raise TunesmithError(f"{run.path}: this {run.recipe.task} model is not a chat model (no chat template of "
+                             "its own); use tunesmith predict")
     settings = task.generation_settings()
     if max_new_tokens:
         settings = settings.model_copy(update={"max_new_tokens": max_new_tokens})

@@ -16,6 +16,7 @@ BUILTIN: dict[str, str] = {
     "causal-lm": "tunesmith.tasks.schema:CausalLMRecipe",
     "image-classification": "tunesmith.tasks.schema:ImageClassificationRecipe",
     "token-classification": "tunesmith.tasks.tagging:TokenClassificationRecipe",
+    "text2text": "tunesmith.tasks.text2text_schema:Text2TextRecipe",
 }
 _registered: dict[str, object] = {}            # name -> recipe class (register_task)
 

@@ -20,8 +20,10 @@ name and never probes for a method (tests/test_layering.py checks the first):
                     output_schema() is its pydantic schema. /v1/predict documents it, the serve page and the report
                     draw predictions by it
   chats             True: prompt_ids(messages), generation_settings() and complete() work, so `tunesmith chat` and
-                    POST /v1/chat/completions are offered. Generation itself is one implementation for every
-                    caller (tunesmith/tasks/generation.py: decoder-only and encoder-decoder models)
+                    POST /v1/chat/completions are offered. A task whose answer depends on the model declares it as a
+                    property of the instance, read once the model is loaded (text2text: a decoder-only chat model).
+                    Generation itself is one implementation for every caller (tunesmith/tasks/generation.py:
+                    decoder-only and encoder-decoder models)
   explainable       True: explain() works (tunesmith explain, the report's explanations)
   export_outputs()  the ONNX graph's outputs {name: dynamic axes}, or None: the task is not exportable to ONNX
                     (tunesmith export then offers --format hf); export_inputs() gives the graph's inputs
@@ -203,6 +205,11 @@ class Task:
         if features and len(features) == len(rows) and "input_ids" in features[0]:
             return {"kept": [self.length(f) for f in features]}
         return {}
+
+    def data_findings(self, tables: dict) -> tuple[dict, list[str], list[str]]:
+        """The doctor's checks of this task's own, on the usable rows (tables: split -> data.Table, rows and origins):
+        (a JSON-ready section, doctor.json's "task" key; {}: none), warning lines, blocking lines. Default: none."""
+        return {}, [], []
 
     def embed(self, model, features: list[dict], batch_size: int):
         """[N, D] float32 numpy array, one vector per feature, for the label-noise model and near duplicates.
