@@ -111,6 +111,26 @@ def test_prompt_response_columns_give_a_causal_lm_recipe(tmp_path):
     assert out["recipe"]["data"] == {"train": str(data), "prompt_column": "instruction", "response_column": "output"}
 
 
+def test_source_target_columns_give_a_text2text_recipe(tmp_path):
+    """Summarisation-style columns (document -> summary) are text2text, not classification (no label column) nor
+    chat; an ambiguous pair of source-like columns is refused with both listed."""
+    data = tmp_path / "sum.csv"
+    data.write_text("document,summary,topic\n" + "".join(f"the film number {i} is long and slow,slow film {i},film\n"
+                                                         for i in range(30)))
+    out = ts.init(data, out=tmp_path / "t2t.yaml")
+    assert out["task"] == "text2text"
+    assert out["recipe"]["data"] == {"train": str(data.absolute()), "source_column": "document",
+                                     "target_column": "summary"}
+    assert "30 pairs; source column 'document': words p10 8" in out["text"]
+    assert "not used: topic" in out["text"]
+    ts.load_recipe(tmp_path / "t2t.yaml")
+    two = tmp_path / "two.csv"
+    two.write_text("source,article,target\n" + "".join(f"a {i},b {i},c {i}\n" for i in range(10)))
+    with pytest.raises(ts.TunesmithError, match="2 source-like columns") as e:
+        ts.init(two, out=tmp_path / "no.yaml")
+    assert "source:" in str(e.value) and "article:" in str(e.value) and not (tmp_path / "no.yaml").exists()
+
+
 CONLL = """-DOCSTART- -X- O O
 
 EU NNP B-NP B-ORG

@@ -359,7 +359,8 @@ def render(recipe: dict, profile: Profile, guess: Guess, model_note: str, name: 
         lines.append("# validation and test rows are split from train (data.validation_size, data.test_size: "
                      "0.1 each)")
     if "train" not in recipe:
-        lines += ["# training: the task's defaults for this data (epochs, learning rate, batch size); to set them:",
+        lines += ["# training: epochs auto (until validation stops improving, then the best checkpoint), the",
+                  "# learning rate of the method and a batch size for the data size; to set them (for example):",
                   "# train:", "#   epochs: 5", "#   learning_rate: 5.0e-5", "#   batch_size: 16"]
     lines += [f"# {_one_line(n)}" for n in guess.notes]
     return "\n".join(lines) + "\n"

@@ -11,13 +11,16 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from tunesmith.recipe import AdaptConfig, DataConfig, Recipe
-from tunesmith.tasks.schema import GenerateConfig, GenerativeEval
+from tunesmith.recipe import AdaptConfig, DataConfig, Guess, Recipe
+from tunesmith.tasks.schema import GenerateConfig, GenerativeEval, column
 
 # what adapt.freeze_encoder freezes: the encoder of T5 (encoder.*) and of BART/Marian/NLLB (model.encoder.*)
 ENCODER_PATTERNS = ["encoder.*", "*.encoder.*"]
 GENERATION_METRICS = ("bleu", "chrf", "rouge1", "rouge2", "rougeL", "rougeLsum", "exact_match")
 ROUGE_KEYS = ["rouge1", "rouge2", "rougeL", "rougeLsum"]
+# `tunesmith init`: column names of a source and of its target (summarisation and translation sets)
+SOURCES = ("source", "src", "document", "article", "source_text")
+TARGETS = ("target", "tgt", "summary", "highlights", "target_text")
 
 
 class Text2TextData(DataConfig):
@@ -70,10 +73,35 @@ class Text2TextRecipe(Recipe):
         "loss": "min", "perplexity": "min", **{k: "max" for k in GENERATION_METRICS}}
     default_metric: ClassVar[str] = "loss"
 
+    # no seq2seq weights ship offline: the bundled decoder-only SmolLM2 (prompt -> target), else a T5 by hub id
+    starter_model: ClassVar[tuple[str, str]] = ("smollm2", "google-t5/t5-small")
+
     task: Literal["text2text"]
     data: Text2TextData
     adapt: Text2TextAdapt = Text2TextAdapt()
     eval: Text2TextEval = Text2TextEval()
+
+    @classmethod
+    def sniff(cls, profile) -> Guess | None:
+        """A table with a source and a target column, named like SOURCES and TARGETS (or as
+        data.source_column/target_column say)."""
+        if profile.rows is None:
+            return None
+        shapes = ("text", "category", "other")                     # names decide; values must be strings
+        source, why = column(profile, "source_column", shapes, "source-like", "data.source_column=NAME", SOURCES)
+        target, why_t = column(profile, "target_column", shapes, "target-like", "data.target_column=NAME", TARGETS)
+        if why or why_t:
+            named = {"source_column", "target_column"} & set(profile.hints) or any(
+                c.lower() in SOURCES + TARGETS for c in profile.columns)
+            return Guess(0.6, ambiguous="\n".join(w for w in (why, why_t) if w)) if named else None
+        pairs = [r for r in profile.rows if isinstance(r.get(source), str) and isinstance(r.get(target), str)]
+        about = [f"{len(pairs):,} pairs; source column '{source}': {profile.words([r[source] for r in pairs])}",
+                 f"target column '{target}': {profile.words([r[target] for r in pairs])}"]
+        if len(pairs) < len(profile.rows):
+            about.append(f"rows without a text source and target: {len(profile.rows) - len(pairs):,}")
+        about += [f"not used: {profile.describe(c)}" for c in profile.columns if c not in (source, target)]
+        notes = ["generation metrics (BLEU, chrF, ROUGE) on validation: eval: {generate: {max_new_tokens: 64}}"]
+        return Guess(0.9, {"source_column": source, "target_column": target}, about, notes)
 
     @model_validator(mode="after")
     def _generating_metric(self):
