@@ -91,8 +91,9 @@ class Text2TextRecipe(Recipe):
         source, why = column(profile, "source_column", shapes, "source-like", "data.source_column=NAME", SOURCES)
         target, why_t = column(profile, "target_column", shapes, "target-like", "data.target_column=NAME", TARGETS)
         if why or why_t:
-            named = {"source_column", "target_column"} & set(profile.hints) or any(
-                c.lower() in SOURCES + TARGETS for c in profile.columns)
+            names = {c.lower() for c in profile.columns}    # both sides named: text2text data, else not ours
+            named = {"source_column", "target_column"} & set(profile.hints) or (names & set(SOURCES)
+                                                                                 and names & set(TARGETS))
             return Guess(0.6, ambiguous="\n".join(w for w in (why, why_t) if w)) if named else None
         pairs = [r for r in profile.rows if isinstance(r.get(source), str) and isinstance(r.get(target), str)]
         about = [f"{len(pairs):,} pairs; source column '{source}': {profile.words([r[source] for r in pairs])}",
