@@ -96,7 +96,7 @@ def run_tunesmith(recipe, out_dir: str) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", type=int, default=2000, help="training rows (default 2,000; 0: all ~10.3k)")
+    ap.add_argument("--rows", type=int, default=3000, help="training rows (default 3,000; 0: all ~10.3k)")
     ap.add_argument("--epochs", type=float, default=1)
     ap.add_argument("--repeats", type=int, default=2, help="HF/tunesmith pairs, alternating (default 2)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(),
