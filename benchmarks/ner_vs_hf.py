@@ -26,7 +26,8 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")          # no load-report tables between the runs
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")          # no load reports or weight-loading bars
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import torch  # noqa: E402
 from text_cls_vs_hf import PeakRSS  # noqa: E402

@@ -56,8 +56,9 @@ def test_demo_task_ner_trains_the_ner_recipe(monkeypatch, capsys):
 
     seen = []
     monkeypatch.setattr("tunesmith.pipeline.train", lambda recipe, run_dir=None, **kw: seen.append(recipe))
-    assert main(["demo", "--task", "ner", "train.epochs=2"]) == 0
-    assert main(["demo"]) == 0
+    # --verbose: without it main() quiets the libraries through os.environ, which later tests' subprocesses inherit
+    assert main(["demo", "--task", "ner", "train.epochs=2", "--verbose"]) == 0
+    assert main(["demo", "--verbose"]) == 0
     assert [(r.task, r.data.train, r.train.epochs) for r in seen] == [
         ("token-classification", "reviews_ner", 2), ("text-classification", "rotten_tomatoes", 1)]
     assert "Tom Hanks" in capsys.readouterr().out
