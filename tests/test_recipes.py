@@ -29,6 +29,11 @@ def stand_ins(task: str, tmp: Path, tiny_bert: Path) -> list[str]:
         (tmp / "idx").mkdir()
         return [f"model.name={model}", f"data.train={idx_files(tmp / 'idx', n=90)}", "data.test=null",
                 "data.validation_size=15", "data.test_size=15", "data.max_rows=null", "data.image_size=32"]
+    if task == "token-classification":
+        from test_token_classification import sentences, write_jsonl
+        rows = [{"tokens": tokens, "tags": tags} for tokens, tags in sentences(80)]
+        return [f"model.name={tiny_bert}", f"data.train={write_jsonl(tmp / 't.jsonl', rows)}",
+                "data.validation_size=15", "data.test_size=15", "data.max_rows=null"]
     raise AssertionError(f"no stand-ins for task {task}: add them here")
 
 

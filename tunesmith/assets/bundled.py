@@ -90,6 +90,20 @@ def reviews_chat() -> Path:
     return out
 
 
+def reviews_ner() -> Path:
+    """Rotten Tomatoes snippets as JSONL {tokens, tags}: BIO silver labels (PERSON, ORG, LOC, DATE, NORP) from the
+    packaged spaCy `en_core_web_sm` (tunesmith/assets/silver.py says which and why), built once (~1 min)."""
+    from tunesmith.assets import silver
+
+    out = cache_dir() / f"reviews_ner-v{silver.VERSION}.jsonl"
+    if not out.exists():
+        nlp = silver.load_spacy()
+        print(f"reviews_ner: tagging the Rotten Tomatoes snippets with spaCy for silver labels in {out} (once)")
+        with open(rotten_tomatoes(), newline="", encoding="utf-8") as src:
+            silver.build(out, (row["text"] for row in csv.DictReader(src)), nlp)
+    return out
+
+
 def mobilenet_v2() -> Path:
     """ImageNet MobileNetV2 (3.5M parameters, torchvision weights, MIT), converted once to a transformers
     MobileNetV2ForImageClassification folder in the cache (tunesmith/assets/mobilenet.py says how)."""
@@ -124,8 +138,8 @@ def fashion_mnist_test() -> Path:
 
 
 MODELS = {"minilm": minilm, "smollm2": smollm2, "mobilenet_v2": mobilenet_v2}
-DATASETS = {"rotten_tomatoes": rotten_tomatoes, "reviews_chat": reviews_chat, "fashion_mnist": fashion_mnist,
-            "fashion_mnist_test": fashion_mnist_test}
+DATASETS = {"rotten_tomatoes": rotten_tomatoes, "reviews_chat": reviews_chat, "reviews_ner": reviews_ner,
+            "fashion_mnist": fashion_mnist, "fashion_mnist_test": fashion_mnist_test}
 
 
 # alias -> (its package's module, what installs it, the module its first load needs besides)
