@@ -37,7 +37,7 @@ $(STAMP): pyproject.toml Makefile
 demo: setup
 	$(BIN)/tunesmith demo
 
-test: setup lint
+test: setup lint ner-assets        # ner-assets: the silver-label builder test runs too (spaCy, ~66 MB)
 	$(BIN)/python -m pytest -q -m "not slow" && $(BIN)/python -m pytest -q -m slow
 
 lint: setup
