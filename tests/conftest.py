@@ -38,6 +38,18 @@ def write_reviews(path: Path, n: int = 240, seed: int = 0, labels=("pos", "neg")
 
 
 @pytest.fixture(autouse=True)
+def task_table_kept():
+    """A task a test registers (ts.register_task inside the test) leaves the table after it, so that a later test
+    does not see it (`tunesmith init` would find two tasks fitting a CSV). Registrations at import stay."""
+    from tunesmith import tasks
+
+    saved = dict(tasks._registered)
+    yield
+    tasks._registered.clear()
+    tasks._registered.update(saved)
+
+
+@pytest.fixture(autouse=True)
 def environment_kept(monkeypatch):
     """cli.main() quiets the libraries through os.environ (cli.quiet); restore it after each test, so that a test
     calling main() in-process does not quiet a later test's subprocess (`tunesmith train --verbose`)."""
