@@ -108,7 +108,8 @@ def run_hf(cv: dict, cv_dir: Path, out: Path) -> dict:
         task.prepare(train_rows)                                  # the label set, as training reads it
         model = task.load_model()
         args = TrainingArguments(output_dir=str(out / name), save_strategy="no", report_to="none",
-                                 disable_tqdm=True, logging_steps=50)   # everything else: HF's defaults
+                                 disable_tqdm=True, logging_steps=50,   # everything else: HF's defaults, but
+                                 remove_unused_columns=False)           # keep `pixels`: task.collate reads it
         trainer = Trainer(model=model, args=args, train_dataset=list(task.encode(train_rows)),
                           data_collator=task.collate)
         trainer.train()
