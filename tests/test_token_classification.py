@@ -553,3 +553,30 @@ def test_it_exports_logits_with_batch_and_sequence_axes(trained):
     assert [[(s["text"], s["label"]) for s in p["spans"]] for p in exported] == \
         [[(s["text"], s["label"]) for s in p["spans"]] for p in expected]
     assert exported[1]["tags"] == expected[1]["tags"]
+
+
+def test_a_llama_style_backbone_tags_too(tmp_path):
+    """Item 1: a decoder (Llama) with transformers' token-classification head trains through the same task: a
+    word-level fast tokenizer without a pad token of its own; spans predicted after."""
+    import torch
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForTokenClassification, PreTrainedTokenizerFast
+
+    from tunesmith.pipeline import train
+
+    words = [w for w in VOCAB if not w.startswith(("[", "##"))] + ["lagos", "initech", "<unk>", "</s>"]
+    backend = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    folder = tmp_path / "tiny-llama-tagger"
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="</s>").save_pretrained(folder)
+    config = LlamaConfig(vocab_size=len(words), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         eos_token_id=len(words) - 1, pad_token_id=None)
+    torch.manual_seed(0)
+    LlamaForTokenClassification(config).save_pretrained(folder)
+    path = write_jsonl(tmp_path / "train.jsonl", [{"tokens": t, "tags": g} for t, g in sentences(200)])
+    run = train(recipe(folder, path), run_dir=tmp_path / "run")
+    assert run.metrics["f1"] > 0.5, run.metrics
+    spans = run.load(device="cpu").predict(["Mary Smith lives in Paris ."])[0]["spans"]
+    assert {(s["text"], s["label"]) for s in spans} >= {("Paris", "LOC")}, spans
