@@ -104,6 +104,26 @@ def test_auto_cadence_and_patience_adapt_to_the_data_size():
     assert mine.train.patience == 2
 
 
+def test_auto_evaluations_do_not_bunch_at_epoch_ends():
+    """27 steps an epoch, an evaluation every 7: without auto 7, 14, 21, 27, 28 (27 and 28 one step apart, both
+    counted toward patience); under auto the cadence restarts each epoch, 7, 14, 21, 27, 34, ..., and an
+    evaluation under half an eval_every before an epoch's end is dropped (per epoch 24: 7, 14, 24)."""
+    from tunesmith.steps import Schedule
+
+    def steps(schedule, per_epoch, epochs=2):
+        return [e * per_epoch + p for e in range(epochs) for p in range(1, per_epoch + 1)
+                if schedule.evaluates(e * per_epoch + p, p, per_epoch)]
+
+    fixed = Schedule(per_epoch=27, total=54, warmup=0, eval_every=7, save_every=7)
+    assert steps(fixed, 27) == [7, 14, 21, 27, 28, 35, 42, 49, 54]
+    auto = Schedule(per_epoch=27, total=540, warmup=0, eval_every=7, save_every=7, auto=True)
+    assert steps(auto, 27) == [7, 14, 21, 27, 34, 41, 48, 54]
+    auto24 = Schedule(per_epoch=24, total=480, warmup=0, eval_every=7, save_every=7, auto=True)
+    assert steps(auto24, 24) == [7, 14, 24, 31, 38, 48]             # 21 is 3 steps before 24: dropped
+    gaps = [b - a for a, b in zip(steps(auto24, 24, 5), steps(auto24, 24, 5)[1:])]
+    assert min(gaps) >= 7 / 2
+
+
 def test_resolved_defaults_are_printed_and_written_to_the_runs_recipe(tiny_bert, tmp_path, capsys):
     data = write_reviews(tmp_path / "r.csv", n=100)
     recipe = recipe_dict(tiny_bert, data, adapt={"method": "lora"}, train={"epochs": 1})

@@ -83,7 +83,7 @@ def fit(task, adapted, train, evalset, recipe, run, accelerator, mixed: str = "n
                         bar.set_description(f"train loss={record['loss']:.4f} {record['samples_per_s']:.0f} "
                                             f"samples/s")
                 at_end = state.position == len(steps) or state.step == total
-                if evalset and (state.step % schedule.eval_every == 0 or at_end) and validate(bar):
+                if evalset and schedule.evaluates(state.step, state.position, len(steps)) and validate(bar):
                     why = why or "plateau"
                 if at_end and state.position == len(steps):
                     state.epoch, state.position = state.epoch + 1, 0

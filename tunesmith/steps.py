@@ -75,6 +75,17 @@ class Schedule:
         return cls(per_epoch, total, warmup, eval_every, cfg.save_every or eval_every, curve,
                    cfg.min_steps if curve else 0)
 
+    def evaluates(self, step: int, position: int, epoch_steps: int) -> bool:
+        """Evaluate after optimizer step `step`, `position` steps into an epoch of `epoch_steps`? At the end of
+        training; else every eval_every steps and at each epoch's end. Under auto the cadence restarts each epoch
+        and an evaluation under half an eval_every before the epoch's end is dropped: two evaluations 1-3 steps
+        apart (an eval_every that does not divide the epoch) would count twice toward patience."""
+        if step == self.total or position == epoch_steps:
+            return True
+        if not self.auto:
+            return step % self.eval_every == 0
+        return position % self.eval_every == 0 and epoch_steps - position >= self.eval_every / 2
+
     def epoch(self, cfg, lengths: list[int], epoch: int) -> list[list[list[int]]]:
         """The epoch's optimizer steps, each a list of micro-batches (lists of example indices)."""
         batches = plan(lengths, cfg.batch_size, cfg.seed, epoch, cfg.group_by_length)
