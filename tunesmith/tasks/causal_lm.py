@@ -344,12 +344,7 @@ class CausalLM(Generative):
 
     def evaluate(self, model, features: list[dict], batch_size: int) -> dict:
         """Token-weighted loss over the assistant tokens, and its perplexity."""
-        total, count = 0.0, 0.0
-        for _, batch in batches(self, features, batch_size, model_device(model)):
-            total += float(self.loss(model, batch))
-            count += self.count(batch)
-        loss = total / count if count else float("nan")
-        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "label_tokens": int(count)}
+        return token_losses(self, model, features, batch_size)
 
     def evaluate_final(self, model, rows: list[dict], features: list[dict], batch_size: int, out_dir=None) -> dict:
         """Loss and perplexity; with eval.generate also exact match and ROUGE-L of generated answers against
@@ -369,3 +364,14 @@ class CausalLM(Generative):
             prompts.append(self.split_answer(msgs)[0])
         outputs = self.generate(model, prompts, self.recipe.eval.batch_size)
         return [{"prompt": p[-1]["content"] if p else "", "output": o} for p, o in zip(prompts, outputs)]
+
+
+def token_losses(task, model, features: list[dict], batch_size: int) -> dict:
+    """Loss weighted by label tokens (task.loss sums over a batch, task.count counts its label tokens) and its
+    perplexity: causal-lm's answers, text2text's targets."""
+    total, count = 0.0, 0.0
+    for _, batch in batches(task, features, batch_size, model_device(model)):
+        total += float(task.loss(model, batch))
+        count += task.count(batch)
+    loss = total / count if count else float("nan")
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "label_tokens": int(count)}

@@ -19,7 +19,6 @@ of its own (or data.chat_template); no ONNX outputs (export --format hf copies t
 """
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 
@@ -28,8 +27,8 @@ import torch
 from tunesmith import io
 from tunesmith.errors import TunesmithError
 from tunesmith.tasks import text2text_schema as schema
-from tunesmith.tasks.base import Features, batches, blank, model_device
-from tunesmith.tasks.causal_lm import CausalLM
+from tunesmith.tasks.base import Features, blank
+from tunesmith.tasks.causal_lm import CausalLM, token_losses
 from tunesmith.tasks.generation import SAMPLES, Generative
 from tunesmith.tasks.hf import load_error, load_hf
 
@@ -265,12 +264,7 @@ class Text2Text(Generative):
         return result
 
     def losses(self, model, features: list[dict], batch_size: int) -> dict:
-        total, count = 0.0, 0.0
-        for _, batch in batches(self, features, batch_size, model_device(model)):
-            total += float(self.loss(model, batch))
-            count += self.count(batch)
-        loss = total / count if count else float("nan")
-        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "label_tokens": int(count)}
+        return token_losses(self, model, features, batch_size)
 
     def evaluate_final(self, model, rows: list[dict], features: list[dict], batch_size: int, out_dir=None) -> dict:
         """Loss and perplexity; with eval.generate (the default) the generation scores, length statistics of the
