@@ -12,6 +12,7 @@
     ts.tune(recipe, budget="15m")                                           # plan and race in runs/tune-<name>
     ts.compare(["runs/a", "runs/b"])                                        # metrics side by side (cv: paired test)
     ts.init("reviews.csv", out="recipe.yaml")                               # a starter recipe from the data alone
+    ts.federate(recipe, clients=4, rounds=5, partition="dirichlet:0.3")     # federated on Flower: a run folder
 
 Where a function takes a recipe, it takes a Recipe or what load_recipe reads (a YAML path, a dict). Names are
 imported on first use, so `import tunesmith` stays light (no torch until something trains). An API name never
@@ -49,6 +50,7 @@ _API = {
     "tune": "tunesmith.selection.tune:tune",
     "compare": "tunesmith.selection.compare:compare",
     "init": "tunesmith.starter:init",
+    "federate": "tunesmith.federated:federate",
 }
 __all__ = [*_API, "__version__"]
 

@@ -177,6 +177,18 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_federate(args) -> int:
+    import tunesmith as ts
+
+    run = ts.federate(ts.load_recipe(args.recipe, args.overrides), clients=args.clients, rounds=args.rounds,
+                      partition=args.partition, fraction=args.fraction, strategy=args.strategy, mu=args.mu,
+                      min_clients=args.min_clients, run_dir=args.run_dir, server=args.server, client=args.client,
+                      shard=args.shard, wait_s=args.wait)
+    if run is not None:
+        print(f"next: tunesmith predict {run.path} ... · tunesmith report {run.path}")
+    return 0
+
+
 def cmd_init(args) -> int:
     import tunesmith as ts
 
@@ -193,7 +205,7 @@ def cmd_init(args) -> int:
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "demo": cmd_demo, "doctor": cmd_doctor,
             "compare": cmd_compare, "chat": cmd_chat, "report": cmd_report, "explain": cmd_explain,
             "export": cmd_export, "distill": cmd_distill, "serve": cmd_serve, "search": cmd_search, "cv": cmd_cv,
-            "tune": cmd_tune, "init": cmd_init}
+            "tune": cmd_tune, "init": cmd_init, "federate": cmd_federate}
 
 def quiet() -> None:
     """Hide transformers' load reports ("LOAD REPORT" tables) and its and huggingface_hub's progress bars

@@ -45,6 +45,11 @@ ABOUT = {
     "distill": ("train a smaller student on a classifier run's soft labels", "Prints size, speed and metric "
                 "against the teacher."),
     "serve": ("serve a run: REST API, OpenAI-compatible chat, web page", "Until Ctrl-C; requests are batched."),
+    "federate": ("federated fine-tuning on Flower: clients train on their own rows", "Simulation by default: the "
+                 "recipe's train rows cut into --clients shards (--partition), each round the sampled clients train "
+                 "the recipe's epochs on their shard and send only the trainable weights, the server averages them "
+                 "by rows and scores them on its validation rows; the final model is a run folder. --server and "
+                 "--client run a real Flower server and clients (see docs/federated.md)."),
     "init": ("write a starter recipe from a data file or folder", "Infers the task and columns, picks a bundled "
              "model, writes a commented recipe (default ./recipe.yaml) with the data's profile. Exit 2, nothing "
              "written, when a choice is not clear (it lists the candidates and the option that chooses) or the "
@@ -142,6 +147,7 @@ def parser() -> argparse.ArgumentParser:
     cv = _with_recipe(sub, "cv")
     cv.add_argument("--folds", type=int, default=5, help="K (default 5)")
     cv.add_argument("--repeats", type=int, default=1, help="repeat K-fold with other shuffles (default 1)")
+    _federate(sub)
     tu = _with_recipe(sub, "tune")
     tu.add_argument("--budget", help="wall time, e.g. 15m (default search.budget)")
     rp = _command(sub, "report")
@@ -190,6 +196,27 @@ def parser() -> argparse.ArgumentParser:
     _init(sub)
     p.commands = sub.choices                        # name -> its parser, for parse()
     return p
+
+
+def _federate(sub) -> None:
+    fe = _command(sub, "federate")
+    fe.add_argument("recipe", help="recipe YAML file")
+    fe.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. train.epochs=1")
+    fe.add_argument("--clients", type=int, default=2, help="clients (default 2)")
+    fe.add_argument("--rounds", type=int, default=3, help="rounds (default 3)")
+    fe.add_argument("--partition", default="iid", help="iid (default), dirichlet:ALPHA (non-IID by label) or "
+                                                       "by:COLUMN (one client per value); simulation only")
+    fe.add_argument("--fraction", type=float, default=1.0, help="clients sampled each round (default 1.0: all)")
+    fe.add_argument("--strategy", choices=["fedavg", "fedprox"], default="fedavg")
+    fe.add_argument("--mu", type=float, default=0.01, help="fedprox's proximal weight (default 0.01)")
+    fe.add_argument("--min-clients", type=int, help="answers a round needs to update the model (default: all "
+                                                    "sampled in simulation, 1 with --server)")
+    fe.add_argument("--run-dir", help="the run folder (default runs/<name>-<time>)")
+    fe.add_argument("--server", metavar="HOST:PORT", help="run a real Flower server there (waits for --clients)")
+    fe.add_argument("--client", metavar="HOST:PORT", help="run one real Flower client of that server")
+    fe.add_argument("--shard", help="the client's own training rows (with --client)")
+    fe.add_argument("--wait", type=float, default=600.0, help="seconds a server waits for its clients, a client "
+                                                              "for its server (default 600)")
 
 
 def _init(sub) -> None:
@@ -244,6 +271,12 @@ NUMBERS = {
     "timeout": ("a number of seconds above 0", lambda v: v > 0),
     "temperature": ("a number above 0", lambda v: v > 0),
     "alpha": ("a number from 0 to 1", lambda v: 0 <= v <= 1),
+    "clients": ("a whole number >= 1", lambda v: v >= 1),
+    "rounds": ("a whole number >= 1", lambda v: v >= 1),
+    "fraction": ("a fraction above 0, at most 1", lambda v: 0 < v <= 1),
+    "mu": ("a number >= 0", lambda v: v >= 0),
+    "min_clients": ("a whole number >= 1", lambda v: v >= 1),
+    "wait": ("a number of seconds above 0", lambda v: v > 0),
 }
 
 
