@@ -90,6 +90,23 @@ ROWS = [
     ("tune", ["{bad}", "--budget", "1m"]),
     ("tune", ["{nomodel}", "--budget", "1m"]),
     ("tune", ["{recipe}", "--budget", "1m", "--dir", "{file}"]),
+    # federate: every row must fail before a run folder exists
+    ("federate", ["{missing}.yaml"]),
+    ("federate", ["{bad}"]),
+    ("federate", ["{nomodel}"]),
+    ("federate", ["{recipe}", "--clients", "0"]),
+    ("federate", ["{recipe}", "--rounds", "0"]),
+    ("federate", ["{recipe}", "--fraction", "0"]),
+    ("federate", ["{recipe}", "--fraction", "1.5"]),
+    ("federate", ["{recipe}", "--mu", "-1"]),
+    ("federate", ["{recipe}", "--strategy", "fedsgd"]),
+    ("federate", ["{recipe}", "--partition", "dirichlet:0"]),
+    ("federate", ["{recipe}", "--partition", "shards"]),
+    ("federate", ["{recipe}", "--partition", "by:nosuch"]),
+    ("federate", ["{recipe}", "--min-clients", "3"]),
+    ("federate", ["{recipe}", "--client", "127.0.0.1:1"]),                 # no --shard
+    ("federate", ["{recipe}", "--server", "127.0.0.1:1", "--client", "127.0.0.1:1", "--shard", "reviews.csv"]),
+    ("federate", ["{recipe}", "--run-dir", "{file}"]),
     # report
     ("report", ["{notarun}"]),
     ("report", ["{missing}"]),
