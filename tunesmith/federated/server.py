@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from tunesmith import io
+from tunesmith.device import autocast
 from tunesmith.federated.site import Local
 from tunesmith.run import Run
 
@@ -22,10 +23,11 @@ class Board:
     run folder, created before round 1 (a failed load leaves nothing behind)."""
 
     def __init__(self, recipe, run_dir, made_by: dict, say=print):
-        from tunesmith.device import choose_device
+        from tunesmith.device import choose_device, choose_precision
         from tunesmith.pipeline import Trainer, pad_multiple, prepare
 
         self.device = choose_device("cpu")
+        self.mixed = choose_precision(recipe.train.precision, self.device)[0]
         self.recipe, self.say, self.made_by = recipe, say, made_by
         task, self.loaded = prepare(Trainer(), recipe, self.device)
         task.pad_multiple = pad_multiple(recipe.train, self.device)
@@ -80,7 +82,7 @@ class Board:
         self.local.set(arrays)
         self.latest = [a.copy() for a in arrays]           # the global weights after this round
         model.to(self.device).eval()
-        with torch.no_grad():
+        with torch.no_grad(), autocast(self.device, self.mixed):      # as the loop's validation scores it
             result = task.evaluate(model, self.features["validation"], self.recipe.eval.batch_size)
         model.train()
         shown = task.loggable(result)
