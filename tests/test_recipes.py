@@ -34,6 +34,14 @@ def stand_ins(task: str, tmp: Path, tiny_bert: Path) -> list[str]:
         rows = [{"tokens": tokens, "tags": tags} for tokens, tags in sentences(80)]
         return [f"model.name={tiny_bert}", f"data.train={write_jsonl(tmp / 't.jsonl', rows)}",
                 "data.validation_size=15", "data.test_size=15", "data.max_rows=null"]
+    if task in ("pretrain-causal", "pretrain-masked"):
+        from test_pretrain import write_text
+        model = tiny_bert
+        if task == "pretrain-causal":
+            from test_causal_lm import build_tiny_llama
+            model = build_tiny_llama(tmp / "llama")
+        return [f"model.name={model}", f"data.train={write_text(tmp / 't.txt', n=60)}", "data.validation_size=8",
+                "data.test_size=8", "data.max_rows=null", "data.max_length=32", "adapt.lora.target_modules=[q_proj]"]
     raise AssertionError(f"no stand-ins for task {task}: add them here")
 
 

@@ -17,6 +17,8 @@ BUILTIN: dict[str, str] = {
     "image-classification": "tunesmith.tasks.schema:ImageClassificationRecipe",
     "token-classification": "tunesmith.tasks.tagging:TokenClassificationRecipe",
     "text2text": "tunesmith.tasks.text2text_schema:Text2TextRecipe",
+    "pretrain-causal": "tunesmith.tasks.pretrain_schema:CausalPretrainRecipe",
+    "pretrain-masked": "tunesmith.tasks.pretrain_schema:MaskedPretrainRecipe",
 }
 _registered: dict[str, object] = {}            # name -> recipe class (register_task)
 
