@@ -43,7 +43,8 @@ def learning_rate(recipe) -> float:
     if recipe.train.learning_rate is not None:
         return recipe.train.learning_rate
     a = recipe.adapt
-    kind = "head" if a.method == "freeze" and a.freeze_backbone else "lora" if a.method == "lora" else "full"
+    kind = "head" if a.method == "freeze" and a.freeze_backbone else a.method if a.method in ("lora", "contrastive") \
+        else "full"
     return type(recipe).learning_rates[kind]
 
 

@@ -126,6 +126,8 @@ def plan(task, adapted, recipe) -> Cache:
         return Cache(reason=f"task '{task.name}' does not declare a feature cache")
     if cfg.method == "lora":
         return Cache(reason="adapt.method lora puts trainable adapters in every block")
+    if cfg.method == "contrastive":
+        return Cache(reason="adapt.method contrastive trains on pairs of rows, not the rows' cached states")
     if cfg.gradual_unfreeze or recipe.train.compile:
         return Cache(reason="gradual unfreezing / torch.compile change the frozen part")
     backbone = getattr(model, "base_model", None)

@@ -61,8 +61,9 @@ class Trainer:
         return task.load_model()
 
     def objective(self, task, features: dict, batch_size: int):
-        """What fit minimises (collate, loss, count: tunesmith/steps.py); it may add to features["train"]."""
-        return task
+        """What fit minimises (collate, loss, count, validates, finish: tunesmith/steps.py); it may add to or replace
+        features["train"]. Plain fine-tuning: the task's own, under the recipe's adapt.method."""
+        return task.objective(features)
 
     def finish(self, run: Run, task, model, features: dict, result: dict, say) -> None:
         """The trainer's own files, once eval.json is written (main process; `model`: the saved one, reloaded)."""
@@ -171,11 +172,14 @@ def _train(trainer: Trainer, recipe: Recipe, task, loaded, run: Run, accelerator
     say = accelerator.print                                       # main process only
     stamp = {"rows": {s: len(t) for s, t in tables.items()}, "rejected": len(rejects),
              "labels": task.labels, "fingerprint": fingerprint(tables),
-             "files": loaded.files, "unused_rows": loaded.unused}  # per file: read = usable + rejected
+             "files": loaded.files, "unused_rows": loaded.unused,  # per file: read = usable + rejected
+             **({"shots": loaded.sampled} if loaded.sampled else {})}
     if resume and io.read_json(run.path / "data" / "splits.json")["fingerprint"] != stamp["fingerprint"]:
         raise datalib.DataError(f"{run.path}: the data changed since this run started; cannot resume exactly")
     say(f"data: {', '.join(f'{s} {n:,}' for s, n in stamp['rows'].items())} rows"
         + (f"; {len(rejects)} rejected, listed in {run.path / 'rejects.jsonl'}" if rejects else ""))
+    for line in loaded.shot_lines():
+        say(line)
     say(f"precision: {why}; device: {accelerator.device}"
         + (f" x {accelerator.num_processes} processes" if accelerator.num_processes > 1 else ""))
 
@@ -221,14 +225,31 @@ def _train(trainer: Trainer, recipe: Recipe, task, loaded, run: Run, accelerator
     if cache.k or recipe.adapt.method == "freeze" or recipe.adapt.freeze_layers:
         say(f"feature cache: {'on' if cache.k else 'off'}: {cache.reason}")
     set_seed(recipe.train.seed)
+    evalset = features["validation"] if objective.validates else None
     with safety.StopFlag() as flag, cache.active(adapted.model):   # SIGTERM / Ctrl-C: a checkpoint, then
-        fit(task, adapted, features["train"], features["validation"], recipe, run, accelerator, mixed,  # Interrupted
-            bool(resume), stop_flag=flag, objective=objective)
+        state = fit(task, adapted, features["train"], evalset, recipe, run, accelerator, mixed,  # Interrupted
+                    bool(resume), stop_flag=flag, objective=objective)
+    objective.finish(adapted.model, recipe.eval.batch_size, say)
+    if evalset is None:                         # validated once, now that the model is whole (contrastive: the head)
+        _validate_once(task, adapted.model, features["validation"], recipe, run, state.step, say)
 
     if accelerator.is_main_process:
         _finish(trainer, recipe, task, adapted.model, run, tables, features, before, accelerator.device, say)
     accelerator.wait_for_everyone()
     return run
+
+
+def _validate_once(task, model, evalset, recipe, run: Run, step: int, say) -> None:
+    """The validation record of a run whose objective did not validate during fit."""
+    import torch
+
+    model.eval()
+    with torch.no_grad():
+        result = safety.with_backoff(lambda bs: task.evaluate(model, evalset, bs), recipe.eval.batch_size,
+                                     "evaluation", say)
+    model.train()
+    run.log({"step": step, "split": "validation", **task.loggable(result)})
+    say(f"validation after training: {task.summary(result)}")
 
 
 def _create(trainer: Trainer, recipe: Recipe, task, loaded, stamp: dict, run: Run, accelerator, named: bool) -> None:

@@ -13,7 +13,7 @@ import difflib
 import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -316,6 +316,20 @@ def _has_key(model: type[BaseModel], loc: tuple) -> bool:
     return bool(section and loc[-1] in section.model_fields)
 
 
+def _accepts(model: type[BaseModel], loc: tuple, value) -> bool:
+    """Whether `model`'s field at `loc` is a Literal that allows `value` (a value only another task takes)."""
+    section = _section(model, loc)
+    field = section.model_fields.get(loc[-1]) if section else None
+    stack, seen = [field.annotation] if field else [], set()
+    while stack:
+        ann = stack.pop()
+        if get_origin(ann) is Literal:
+            seen.update(get_args(ann))
+        else:
+            stack += list(get_args(ann))
+    return isinstance(value, (str, int)) and value in seen
+
+
 def _messages(err: ValidationError, cls: type[Recipe], others: dict[str, type[Recipe]]) -> list[str]:
     out = []
     for e in err.errors():
@@ -333,6 +347,10 @@ def _messages(err: ValidationError, cls: type[Recipe], others: dict[str, type[Re
                 out.append(f"{path}: unknown key;{hint} valid keys here: {', '.join(valid)}")
         elif e["type"] == "missing":
             out.append(f"{path}: required key is missing")
+        elif e["type"] == "literal_error" and (users := [name for name, other in others.items()
+                                                         if _accepts(other, loc, e.get("input"))]):
+            out.append(f"{path}: {_short(e.get('input'))} does not apply to task '{cls.task_name()}'; it is a value "
+                       f"for {', '.join(users)}")
         else:
             msg = e["msg"].removeprefix("Value error, ")
             got = _short(e.get("input"))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+import random
+from dataclasses import dataclass, field
 
 from tunesmith import data as datalib
 
@@ -18,6 +19,12 @@ class Loaded:
     rejects: list[datalib.Reject]
     files: list[dict]           # per split file: file, split, read, usable, rejected, columns; read = usable + rejected
     unused: int = 0             # usable train rows left out by data.max_rows
+    # data.shots: {"shots": K, "from": train rows before sampling, "kept": rows after, "short": {class: rows} for
+    # classes with fewer than K}; {} when not sampled
+    sampled: dict = field(default_factory=dict)
+
+    def shot_lines(self) -> list[str]:
+        return shot_lines(self.sampled, {k: len(t) for k, t in self.tables.items()})
 
 
 def load_splits(task, recipe) -> tuple[dict[str, datalib.Table], list[datalib.Reject]]:
@@ -62,6 +69,10 @@ def load_data(task, recipe) -> Loaded:
             size = size if size >= 1 else round(size * total)         # fractions of the whole file
             out["train"], out[split] = datalib.split_off(out["train"], size, keys if keys[0] is not None else None,
                                                          recipe.train.seed)
+    sampled = {}
+    if task.shots:
+        out["train"], sampled = shots(out["train"], [task.stratify_key(r) for r in out["train"].rows], task.shots,
+                                      recipe.train.seed)
     unused = 0
     if cfg.max_rows and len(out["train"]) > cfg.max_rows:
         keys = [task.stratify_key(r) for r in out["train"].rows]
@@ -73,7 +84,37 @@ def load_data(task, recipe) -> Loaded:
             keys = [task.stratify_key(r) for r in out[split].rows]
             out[split] = datalib.split_off(out[split], cfg.max_eval_rows, keys if keys[0] is not None else None,
                                            recipe.train.seed)[1]
-    return Loaded(out, rejects, files, unused)
+    return Loaded(out, rejects, files, unused, sampled)
+
+
+def shots(table: datalib.Table, labels: list, k: int, seed: int) -> tuple[datalib.Table, dict]:
+    """(K rows per label, in file order; what was done: Loaded.sampled). Each class's rows are shuffled by a
+    generator seeded with (seed, class), and the first K kept: the same K and seed give the same rows, a larger K
+    keeps a smaller K's rows and adds to them, and a class's sample does not depend on the other classes."""
+    by_class: dict = {}
+    for i, y in enumerate(labels):
+        by_class.setdefault(y, []).append(i)
+    keep, short = [], {}
+    for y in sorted(by_class, key=str):
+        rows = by_class[y]
+        random.Random(f"{seed}:{y}").shuffle(rows)
+        keep += rows[:k]
+        if len(rows) < k:
+            short[str(y)] = len(rows)
+    return table.subset(sorted(keep)), {"shots": k, "seed": seed, "from": len(table), "kept": len(keep),
+                                        "short": short}
+
+
+def shot_lines(sampled: dict, rows: dict[str, int]) -> list[str]:
+    """What data.shots did (Loaded.sampled), for the run's output and the doctor: the sample, each short class,
+    and that the held-out splits (rows: split -> row count) are untouched; [] when not sampled."""
+    if not sampled:
+        return []
+    s, held = sampled, ", ".join(f"{k} {rows[k]:,}" for k in ("validation", "test") if k in rows)
+    return ([f"data.shots: sampled {s['shots']} per class from {s['from']:,} train rows ({s['kept']:,} kept, seed "
+             f"{s['seed']}); validation and test rows are not sampled ({held})"]
+            + [f"warning: data.shots={s['shots']}: class '{c}' has only {n} train row(s); all of them are used"
+               for c, n in s["short"].items()])
 
 
 def report(rejects: list[datalib.Reject], limit: int = 20) -> str:

@@ -3,7 +3,9 @@ micro-batches, out-of-memory retry and non-finite skip), the training state a ch
 meter. Each is a pure function or a small class, so fit() reads as the order of events.
 
 An objective (what fit minimises) has collate(features) -> batch, loss(model, batch) -> the SUM over the batch's
-items, count(batch) -> its items: a Task is one (plain fine-tuning); Task.distillation returns another.
+items, count(batch) -> its items; `validates` (the pipeline gives fit the validation rows) and finish(model,
+batch_size, say) (run after fit, before saving): a Task is one (plain fine-tuning); Task.distillation and
+Task.objective (adapt.method contrastive: tunesmith/tasks/contrastive.py) return others.
 """
 from __future__ import annotations
 

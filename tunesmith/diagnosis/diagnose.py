@@ -15,6 +15,7 @@ doctor.json (version 1; these keys are stable, later versions only add keys):
   files            [{file, split, read, usable, rejected, columns}]   read = usable + rejected, per file
   splits           {split: rows used}     split_from_train: [split] cut from train, stratified by label
   unused_rows      usable train rows left out by data.max_rows
+  shots            data.shots's sample: {shots, seed, from, kept, short: {class: rows}}; {} when not sampled
   rejects          [{origin, split, reason}] every unusable row, file order; origin "file:line" or "file#row"
   reject_kinds     {kind: count}, the reasons without their details
   check_notes      [str] what the task's row checks changed in usable rows (Task.check_notes: repaired tags), also
@@ -87,8 +88,9 @@ def diagnose(recipe) -> dict:
     blocking, warnings = report["blocking"], report["warnings"]
     report |= {"files": loaded.files, "splits": {s: len(t) for s, t in tables.items()},
                "split_from_train": [s for s in ("validation", "test") if not getattr(recipe.data, s)],
-               "unused_rows": loaded.unused, "rejects": [r.as_dict() for r in loaded.rejects],
+               "unused_rows": loaded.unused, "shots": loaded.sampled, "rejects": [r.as_dict() for r in loaded.rejects],
                "reject_kinds": dict(Counter(reason_kind(r.reason) for r in loaded.rejects).most_common())}
+    warnings += [line.removeprefix("warning: ") for line in loaded.shot_lines()[1:]]   # data.shots: short classes
     if loaded.rejects:
         n = len(loaded.rejects)
         if recipe.data.bad_rows == "error":

@@ -6,6 +6,7 @@ from collections import Counter
 
 from tunesmith import io
 from tunesmith.diagnosis.checks import excerpt, reason_kind
+from tunesmith.splits import shot_lines
 
 
 def table(header: list[str], rows: list[list]) -> list[str]:
@@ -44,6 +45,7 @@ def render(report: dict, listed: int = 20) -> str:
                                          if report["split_from_train"] else ""))
     if report["unused_rows"]:
         out.append(f"  {report['unused_rows']:,} usable train rows left out by data.max_rows")
+    out += [f"  {line}" for line in shot_lines(report.get("shots", {}), report["splits"])]   # older reports: none
     out += ["", "Unusable rows"]
     if report["rejects"]:
         out += table(["reason", "rows"], list(report["reject_kinds"].items()))

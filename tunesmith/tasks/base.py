@@ -5,7 +5,8 @@ Data:   read(source, split) -> Table or None (a format of its own);
         check(row, split) -> reason or None; check_notes();  prepare(train_rows);  encode(rows) -> Features;
         length(feature);  collate(features) -> batch
 Model:  load_model() -> model for training;  load_trained(folder) -> model;  save(model, folder)
-Train:  loss(model, batch) -> sum over items;  count(batch) -> items;  evaluate(model, features, batch_size)
+Train:  loss(model, batch) -> sum over items;  count(batch) -> items;  evaluate(model, features, batch_size);
+        objective(features) -> what fit minimises under adapt.method (the task itself, or e.g. contrastive pairs)
         evaluate_final(...) for eval.json (adds slow metrics and per-example files)
 Distil: teacher_outputs(model, features, batch_size);  distillation(temperature, alpha) -> objective, where
         `distills` (tunesmith distill)
@@ -115,6 +116,12 @@ class Task:
     @property
     def class_weights(self):
         """train.class_weights as the recipe gives it, or None (also for tasks without classes)."""
+        return None
+
+    @property
+    def shots(self) -> int | None:
+        """data.shots: train rows kept per class (stratify_key) for few-shot training, or None (all rows; also for
+        tasks without classes)."""
         return None
 
     # --- processor ----------------------------------------------------------------------------------
@@ -259,6 +266,18 @@ class Task:
     def count(self, batch: dict) -> float:
         """How many items `loss` sums over (from the batch alone, before any forward pass)."""
         return float(len(batch["labels"]))
+
+    # the objective protocol beyond collate, loss, count (tunesmith/steps.py): fit validates with this task's
+    # metrics while training; finish() runs after fit, before the model is saved
+    validates = True
+
+    def finish(self, model, batch_size: int, say) -> None:
+        """What an objective does once fit ends, before the model is saved; nothing for the task's own loss."""
+
+    def objective(self, features: dict):
+        """What fit minimises under the recipe's adapt.method (collate, loss, count, validates, finish): the task
+        itself by default. It may replace features["train"] (adapt.method contrastive: pairs of rows)."""
+        return self
 
     def evaluate(self, model, features: list[dict], batch_size: int) -> dict:
         """Every metric in `self.metrics` (and any others) on encoded, labelled features."""

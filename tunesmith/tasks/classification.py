@@ -60,6 +60,10 @@ class Classification(Task):
     def class_weights(self):
         return self.recipe.train.class_weights
 
+    @property
+    def shots(self) -> int | None:
+        return self.recipe.data.shots
+
     # --- labels -------------------------------------------------------------------------------------
     def check_label(self, row: dict, split: str) -> str | None:
         col = self.recipe.data.label_column
@@ -217,8 +221,13 @@ class Distillation:
     Train features carry `teacher`: the teacher's logits ([C], Task.teacher_outputs). Every example weighs 1, in
     the sum and in `count` (train.class_weights shaped the teacher, not this loss)."""
 
+    validates = True
+
     def __init__(self, task: Classification, temperature: float, alpha: float):
         self.task, self.temperature, self.alpha = task, temperature, alpha
+
+    def finish(self, model, batch_size: int, say) -> None:
+        """Nothing after fit: the student's head trained with it."""
 
     def collate(self, features: list[dict]) -> dict:
         batch = self.task.collate(features)

@@ -11,9 +11,9 @@ import math
 from collections import Counter
 from typing import ClassVar, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
-from tunesmith.recipe import DataConfig, DoctorConfig, EvalConfig, Guess, Recipe, Section, TrainConfig
+from tunesmith.recipe import AdaptConfig, DataConfig, DoctorConfig, EvalConfig, Guess, Recipe, Section, TrainConfig
 
 CLASSIFICATION_METRICS: dict[str, Literal["max", "min"]] = {
     "accuracy": "max", "f1_macro": "max", "f1_weighted": "max", "precision_macro": "max", "recall_macro": "max",
@@ -25,6 +25,10 @@ CLASSIFICATION_METRICS: dict[str, Literal["max", "min"]] = {
 class ClassificationData(DataConfig):
     label_column: str = "label"
     labels: list[str | int] | None = None       # label order; None: sorted labels seen in train
+    # few-shot: K labelled train rows per class, drawn with train.seed after validation and test are split off (they
+    # stay as they are); a class with fewer keeps all its rows (a warning names it). Same K and seed: same rows,
+    # and a smaller K's rows are a subset of a larger K's (tunesmith/splits.py: shots)
+    shots: int | None = Field(None, gt=0)
 
 
 class ClassificationEval(EvalConfig):
@@ -90,12 +94,36 @@ class TextClassificationData(ClassificationData):
     max_length: int = Field(128, gt=0)          # tokens; longer inputs are truncated and counted
 
 
+class ContrastiveConfig(Section):
+    """adapt.method contrastive (SetFit, Tunstall et al. 2022; tunesmith/tasks/contrastive.py): the encoder learns
+    from pairs of train rows, then a logistic regression head is fitted on its embeddings."""
+    pairs: int = Field(20, gt=0)                # per train row: this many positive and as many negative pairs
+                                                # (SetFit's num_iterations, default 20)
+    head_c: float = Field(1.0, gt=0)            # the head's inverse L2 strength (scikit-learn's C; SetFit's default)
+
+
+class TextClassificationAdapt(AdaptConfig):
+    method: Literal["full", "freeze", "lora", "contrastive"] | None = None
+    contrastive: ContrastiveConfig = ContrastiveConfig()
+
+
 class TextClassificationRecipe(ClassificationRecipe):
     task_class: ClassVar[str] = "tunesmith.tasks.text_classification:TextClassification"
     starter_model: ClassVar[tuple[str, str]] = ("minilm", "sentence-transformers/all-MiniLM-L6-v2")
+    # contrastive: SetFit's body_learning_rate default (2e-5)
+    learning_rates: ClassVar[dict[str, float]] = {**Recipe.learning_rates, "contrastive": 2e-5}
 
     task: Literal["text-classification"]
     data: TextClassificationData
+    adapt: TextClassificationAdapt = TextClassificationAdapt()
+
+    @model_validator(mode="after")
+    def _contrastive_epochs(self):
+        """adapt.method contrastive has no validation curve to follow (the head is fitted after the encoder
+        trains): epochs: auto means one epoch over the pairs, SetFit's default."""
+        if self.adapt.method == "contrastive" and self.train.epochs == "auto":
+            self.train.epochs = 1
+        return self
 
     @classmethod
     def sniff(cls, profile) -> Guess | None:

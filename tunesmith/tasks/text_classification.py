@@ -116,6 +116,14 @@ class TextClassification(Classification):
             batch["labels"] = torch.tensor([f["labels"] for f in features])
         return batch
 
+    def objective(self, features: dict):
+        """adapt.method contrastive: pairs of rows, then a fitted head (tunesmith/tasks/contrastive.py)."""
+        if self.recipe.adapt.method == "contrastive":
+            from tunesmith.tasks.contrastive import Contrastive
+
+            return Contrastive(self, features, self.recipe.train.seed)
+        return self
+
     def export_outputs(self) -> dict[str, dict[int, str]]:
         return {"logits": {0: "batch"}}                                                # [B, C]
 
