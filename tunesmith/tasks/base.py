@@ -26,7 +26,8 @@ name and never probes for a method (tests/test_layering.py checks the first):
                     decoder-only and encoder-decoder models)
   explainable       True: explain() works (tunesmith explain, the report's explanations)
   export_outputs()  the ONNX graph's outputs {name: dynamic axes}, or None: the task is not exportable to ONNX
-                    (tunesmith export then offers --format hf); export_inputs() gives the graph's inputs
+                    (tunesmith export then offers --format hf); export_inputs() gives the graph's inputs;
+  export_generation()  optimum-onnx's export task for a generating model (encoder-decoder), or None
   distills          True: teacher_outputs() and distillation() work (tunesmith distill)
   feature_cache     True: collate takes cached hidden states (tunesmith/featcache.py)
   balance_unit      what the doctor's class balance counts, one per balance_labels() item: "rows" (a row's label,
@@ -322,6 +323,12 @@ class Task:
     def export_outputs(self) -> dict[str, dict[int, str]] | None:
         """The ONNX graph's outputs: each name (an attribute of what the model returns, `.logits`) and its dynamic
         axes ({0: "batch"}); None: this task is not exported to ONNX (the default)."""
+        return None
+
+    def export_generation(self) -> str | None:
+        """For a generating model exported through optimum-onnx (tunesmith/deploy/export_generate.py): optimum's
+        export task ("text2text-generation-with-past": encoder and decoder graphs, KV cache); None (the default):
+        not exported that way. Read where export_outputs() is None."""
         return None
 
     def export_inputs(self) -> dict[str, tuple[torch.Tensor, dict[int, str]]]:

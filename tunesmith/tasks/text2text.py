@@ -15,7 +15,8 @@ them); the final evaluation also generates (batched, eval.generate: greedy, beam
 sacrebleu and rouge-score (text2text_schema.scores), with length statistics and samples.jsonl.
 
 Declares: prediction "text" ({prompt: the source, output}); `chats` only for a decoder-only model with a chat template
-of its own (or data.chat_template); no ONNX outputs (export --format hf copies the model folder).
+of its own (or data.chat_template); export_generation(): encoder-decoder runs export to ONNX through optimum-onnx
+(tunesmith/deploy/export_generate.py), decoder-only ones only as the HF folder (export --format hf), as causal-lm.
 """
 from __future__ import annotations
 
@@ -103,6 +104,11 @@ class Text2Text(Generative):
             "data": {"train": r.data.train, "chat_template": template,
                      "max_length": r.data.max_length + r.data.max_target_length + 64},
             "train": {"precision": r.train.precision}, "eval": {"generate": r.eval.generate}})
+
+    def export_generation(self) -> str | None:
+        """Encoder-decoder: ONNX through optimum-onnx (encoder and decoder graphs, KV cache); decoder-only: none,
+        as causal-lm (export --format hf)."""
+        return "text2text-generation-with-past" if self.encoder_decoder else None
 
     # --- rows ------------------------------------------------------------------------------------------
     def check(self, row: dict, split: str) -> str | None:
