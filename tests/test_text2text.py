@@ -159,6 +159,40 @@ def test_moved_run_evaluates_predicts_and_serves(runs, family, tmp_path):
         hidden.rename(run.path)
 
 
+def sse(response) -> list:
+    """The data of each server-sent event, parsed ("[DONE]" kept as is)."""
+    data = [line[len("data: "):] for line in response.text.splitlines() if line.startswith("data: ")]
+    return [d if d == "[DONE]" else json.loads(d) for d in data]
+
+
+@pytest.mark.parametrize("family", ["t5", "llama"])
+def test_predict_streams_the_text_it_generates(runs, family, capsys):
+    """Predictor.stream, /v1/predict with stream (server-sent events) and predict --stream hand the text on as it is
+    written; the pieces make the prediction, which equals predict's; an unusable input fails alone."""
+    from fastapi.testclient import TestClient
+
+    from tunesmith.cli import main
+
+    predictor = runs[family].load("cpu")
+    expected = [predictor.predict([s])[0] for s in SOURCES]
+    pieces = []
+    assert predictor.stream(SOURCES[0], pieces.append) == expected[0] and len(pieces) >= 2
+    assert "".join(pieces).strip() == expected[0]["output"]
+    answer = TestClient(ts.create_app(predictor)).post("/v1/predict", json={"inputs": [*SOURCES, {"source": " "}],
+                                                                              "stream": True})
+    assert answer.status_code == 200 and answer.headers["content-type"].startswith("text/event-stream")
+    events = sse(answer)
+    assert events[-1] == "[DONE]" and [e["prediction"] for e in events if "prediction" in e] == expected
+    events = events[:-1]
+    for i, want in enumerate(expected):
+        assert "".join(e["text"] for e in events if e["index"] == i and "text" in e).strip() == want["output"]
+    assert [e for e in events if "error" in e] == [{"index": 3, "error": "empty input"}]
+    capsys.readouterr()
+    assert main(["predict", str(runs[family].path), SOURCES[1], "--stream"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out) == expected[1] and expected[1]["output"] in err
+
+
 def test_a_generation_metric_as_train_metric_generates_at_validation(runs, models):
     recipe = load(recipe_dict(models["t5"], models["pairs"], data={"prefix": "summarize: "}, train={"metric": "chrf"}))
     task = get_task(recipe)

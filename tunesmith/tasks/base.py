@@ -24,6 +24,8 @@ name and never probes for a method (tests/test_layering.py checks the first):
                     property of the instance, read once the model is loaded (text2text: a decoder-only chat model).
                     Generation itself is one implementation for every caller (tunesmith/tasks/generation.py:
                     decoder-only and encoder-decoder models)
+  generative        True: the model writes text (generate, complete; stream() hands one prediction's text on as it
+                    is written: /v1/predict with stream, tunesmith predict --stream)
   explainable       True: explain() works (tunesmith explain, the report's explanations)
   export_outputs()  the ONNX graph's outputs {name: dynamic axes}, or None: the task is not exportable to ONNX
                     (tunesmith export then offers --format hf); export_inputs() gives the graph's inputs;
@@ -339,6 +341,11 @@ class Task:
     # --- generation (see tunesmith/tasks/generation.py) -----------------------------------------------
     def generate(self, model, prompts: list, batch_size: int, settings=None) -> list[str]:
         """The generated text of each prompt (batched; evaluation and predict), where `generative`."""
+        raise NotImplementedError(f"task '{self.name}' does not generate text")
+
+    def stream(self, model, item, on_text, stop=None) -> dict:
+        """`predict` for one input, its generated text passed to on_text(piece) as it is written, where
+        `generative` (serve's /v1/predict with stream, tunesmith predict --stream)."""
         raise NotImplementedError(f"task '{self.name}' does not generate text")
 
     def generation_settings(self):

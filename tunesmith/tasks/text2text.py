@@ -299,16 +299,6 @@ class Text2Text(Generative):
                                "reference": schema.percentiles(ref_len)}}
         return result, outputs
 
-    def completions(self, model, prompts: list[list[int]], batch_size: int, settings=None) -> list:
-        """The Completion of each prompt (token ids), in batches of similar length, in order."""
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        out = [None] * len(prompts)
-        for s in range(0, len(order), batch_size):
-            idx = order[s:s + batch_size]
-            for i, c in zip(idx, self.complete(model, [prompts[i] for i in idx], settings)):
-                out[i] = c
-        return out
-
     def prompt_ids(self, messages) -> list[int]:
         """Token ids of a prompt: a conversation (chat; decoder-only) or a source string / row."""
         if isinstance(messages, list):
@@ -321,10 +311,9 @@ class Text2Text(Generative):
             return self.tokenizer(prompt, truncation=True, max_length=self.max_length)["input_ids"]
         return self.lm.prompt_ids([{"role": "user", "content": prompt}])
 
-    def predict(self, model, inputs: list) -> list[dict]:
-        """A string is a source; a row gives its source column. {prompt: the source, output: the generated text}."""
-        done = self.completions(model, [self.prompt_ids(x) for x in inputs], self.recipe.eval.batch_size)
-        return [{"prompt": self.source(x), "output": c.text} for x, c in zip(inputs, done)]
+    def prediction_prompt(self, item) -> tuple[list[int], str]:
+        """A string is a source; a row gives its source column. The prediction reports the source as its prompt."""
+        return self.prompt_ids(item), self.source(item)
 
     # --- data doctor -----------------------------------------------------------------------------------
     def data_findings(self, tables: dict) -> tuple[dict, list[str], list[str]]:
