@@ -224,6 +224,26 @@ def test_prompt_is_masked_and_lengths_cut_where_configured(models, tmp_path):
     assert f[0]["labels"][-1] == t5.tokenizer.eos_token_id and t5.peft_task_type == "SEQ_2_SEQ_LM"
 
 
+def test_encoder_decoder_loss_is_the_models_own_without_its_second_loss(models, monkeypatch):
+    """The task builds the decoder inputs from the labels (start token, shift, -100 as pad) as T5 does: its summed
+    loss equals the model's own mean loss times the target tokens, and the model is not given labels (it would
+    compute that mean loss too, a second log-softmax over [B, T, V] each step)."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    task = get_task(load(recipe_dict(models["t5"], models["pairs"])))
+    batch = task.collate(task.encode([{"source": s, "target": t} for s, t in
+                                      zip(SOURCES, ["good", "a bad and dull one", "boring"])]))
+    assert (batch["labels"] == -100).any()                             # padded targets
+    model = AutoModelForSeq2SeqLM.from_pretrained(models["t5"]).eval()
+    given = []
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda **kw: given.append(set(kw)) or forward(**kw))
+    with torch.no_grad():
+        mine = float(task.loss(model, batch))
+        reference = float(forward(**batch).loss) * task.count(batch)
+    assert mine == pytest.approx(reference, rel=1e-5) and "labels" not in given[0]
+
+
 def test_freeze_encoder_and_lora_on_encoder_decoder(models, tmp_path):
     """adapt.freeze_encoder freezes exactly T5's encoder (decoder-only: a one-line error); LoRA on T5 trains,
     merges into model/ and keeps the adapter."""

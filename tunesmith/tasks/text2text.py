@@ -252,9 +252,22 @@ class Text2Text(Generative):
         """Summed cross-entropy over the target tokens (labels != -100), in float32."""
         if not self.encoder_decoder:
             return self.lm.loss(model, batch)
-        logits = model(**batch).logits                                 # [B, T, V]; decoder inputs from labels
-        return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(),
+        labels = batch["labels"]                                       # [B, T]
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        inputs["decoder_input_ids"] = self.decoder_inputs(model, labels)
+        logits = model(**inputs).logits                                # [B, T, V]
+        return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
                                                  ignore_index=-100, reduction="sum")
+
+    @staticmethod
+    def decoder_inputs(model, labels: torch.Tensor) -> torch.Tensor:
+        """The decoder's inputs for teacher forcing, as T5, BART, Marian and M2M100 build them from labels: the
+        decoder start token, then labels[:, :-1], -100 read as padding. Passed instead of labels, so the model does not
+        compute a mean loss of its own beside this task's (a second log-softmax over [B, T, V] every step)."""
+        config = model.config
+        start = torch.full_like(labels[:, :1], config.decoder_start_token_id)
+        shifted = torch.cat([start, labels[:, :-1]], dim=1)
+        return shifted.masked_fill(shifted == -100, config.pad_token_id)
 
     def count(self, batch: dict) -> float:
         if not self.encoder_decoder:
