@@ -99,7 +99,8 @@ def test_body_limit_malformed_input_queue_full_and_timeout(predictor):
         streamed = httpx.post(f"{srv.url}/v1/predict", content=(c for g in chunks for c in g), timeout=10)
         assert streamed.status_code == 413                           # no Content-Length: counted as it arrives
         for body in [b"{not json", b'{"inputs": []}', b'{"inputs": "one"}', b'{"inputs": ["x"], "extra": 1}',
-                     b'{"inputs": [3]}', b'{"inputs": ["  "]}', json.dumps({"inputs": ["x"] * 9}).encode()]:
+                     b'{"inputs": [3]}', b'{"inputs": ["  "]}', json.dumps({"inputs": ["x"] * 9}).encode(),
+                     b'{"inputs": ["x"], "stream": true}']:                     # a classifier writes no text
             r = httpx.post(f"{srv.url}/v1/predict", content=body, headers={"Content-Type": "application/json"},
                            timeout=10)
             assert r.status_code == 422, body
@@ -149,6 +150,11 @@ def test_openai_client_chat_and_streaming(chat_run):
         chunks = list(stream)
         assert "".join(c.choices[0].delta.content or "" for c in chunks).strip() == expected
         assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+        streamed = httpx.post(f"{srv.url}/v1/predict", json={"inputs": [question[0]["content"]], "stream": True},
+                              headers={"Authorization": "Bearer k"}, timeout=30)
+        events = [json.loads(line[6:]) for line in streamed.text.splitlines() if line.startswith("data: {")]
+        assert events[-1] == {"index": 0, "prediction": predictor.predict([question[0]["content"]])[0]}
+        assert "".join(e.get("text", "") for e in events).strip() == events[-1]["prediction"]["output"]
         assert [m.id for m in client.models.list()] == [chat_run.resolve().name]
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"{srv.url}/v1", api_key="wrong", max_retries=0).models.list()

@@ -3,9 +3,11 @@ both train, evaluate (BLEU/chrF/ROUGE equal to sacrebleu and rouge-score called 
 predict, serve (/v1/predict) and reload from a moved run folder; predict equals plain transformers' greedy
 generate on the run's model folder (transformers 5 removed pipeline("text2text-generation"), so the plain model is
 the reference for encoder-decoder; decoder-only uses pipeline("text-generation")); the doctor's pair checks."""
+import importlib.util
 import io
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -157,6 +159,40 @@ def test_moved_run_evaluates_predicts_and_serves(runs, family, tmp_path):
         hidden.rename(run.path)
 
 
+def sse(response) -> list:
+    """The data of each server-sent event, parsed ("[DONE]" kept as is)."""
+    data = [line[len("data: "):] for line in response.text.splitlines() if line.startswith("data: ")]
+    return [d if d == "[DONE]" else json.loads(d) for d in data]
+
+
+@pytest.mark.parametrize("family", ["t5", "llama"])
+def test_predict_streams_the_text_it_generates(runs, family, capsys):
+    """Predictor.stream, /v1/predict with stream (server-sent events) and predict --stream hand the text on as it is
+    written; the pieces make the prediction, which equals predict's; an unusable input fails alone."""
+    from fastapi.testclient import TestClient
+
+    from tunesmith.cli import main
+
+    predictor = runs[family].load("cpu")
+    expected = [predictor.predict([s])[0] for s in SOURCES]
+    pieces = []
+    assert predictor.stream(SOURCES[0], pieces.append) == expected[0] and len(pieces) >= 2
+    assert "".join(pieces).strip() == expected[0]["output"]
+    answer = TestClient(ts.create_app(predictor)).post("/v1/predict", json={"inputs": [*SOURCES, {"source": " "}],
+                                                                              "stream": True})
+    assert answer.status_code == 200 and answer.headers["content-type"].startswith("text/event-stream")
+    events = sse(answer)
+    assert events[-1] == "[DONE]" and [e["prediction"] for e in events if "prediction" in e] == expected
+    events = events[:-1]
+    for i, want in enumerate(expected):
+        assert "".join(e["text"] for e in events if e["index"] == i and "text" in e).strip() == want["output"]
+    assert [e for e in events if "error" in e] == [{"index": 3, "error": "empty input"}]
+    capsys.readouterr()
+    assert main(["predict", str(runs[family].path), SOURCES[1], "--stream"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out) == expected[1] and expected[1]["output"] in err
+
+
 def test_a_generation_metric_as_train_metric_generates_at_validation(runs, models):
     recipe = load(recipe_dict(models["t5"], models["pairs"], data={"prefix": "summarize: "}, train={"metric": "chrf"}))
     task = get_task(recipe)
@@ -186,6 +222,26 @@ def test_prompt_is_masked_and_lengths_cut_where_configured(models, tmp_path):
     assert len(f[0]["input_ids"]) == 8 and len(f[0]["labels"]) == 4 and f.truncated == 1 == f.targets_cut
     assert t5.tokenizer.decode(f[0]["input_ids"]).startswith("summarize: the film")
     assert f[0]["labels"][-1] == t5.tokenizer.eos_token_id and t5.peft_task_type == "SEQ_2_SEQ_LM"
+
+
+def test_encoder_decoder_loss_is_the_models_own_without_its_second_loss(models, monkeypatch):
+    """The task builds the decoder inputs from the labels (start token, shift, -100 as pad) as T5 does: its summed
+    loss equals the model's own mean loss times the target tokens, and the model is not given labels (it would
+    compute that mean loss too, a second log-softmax over [B, T, V] each step)."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    task = get_task(load(recipe_dict(models["t5"], models["pairs"])))
+    batch = task.collate(task.encode([{"source": s, "target": t} for s, t in
+                                      zip(SOURCES, ["good", "a bad and dull one", "boring"])]))
+    assert (batch["labels"] == -100).any()                             # padded targets
+    model = AutoModelForSeq2SeqLM.from_pretrained(models["t5"]).eval()
+    given = []
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda **kw: given.append(set(kw)) or forward(**kw))
+    with torch.no_grad():
+        mine = float(task.loss(model, batch))
+        reference = float(forward(**batch).loss) * task.count(batch)
+    assert mine == pytest.approx(reference, rel=1e-5) and "labels" not in given[0]
 
 
 def test_freeze_encoder_and_lora_on_encoder_decoder(models, tmp_path):
@@ -235,10 +291,80 @@ def test_doctor_reports_pairs_lengths_duplicates_and_leakage(models, tmp_path):
     assert report["duplicates"]["available"] and report["splits"]["validation"] == 1 == report["splits"]["test"]
 
 
-def test_export_copies_the_hf_folder(runs, tmp_path):
-    """No ONNX outputs are declared (export --format onnx then says to use --format hf, tests/test_export.py)."""
+def test_export_copies_the_hf_folder_and_onnx_needs_optimum_onnx(runs, tmp_path, capsys):
+    """--format hf copies the folder; ONNX: encoder-decoder goes through optimum-onnx, which is not installable beside
+    transformers 5 (one line, exit 1, naming it and --format hf); decoder-only has no ONNX export, as causal-lm."""
+    from tunesmith.cli import main
     from tunesmith.deploy.export import export
 
     done = export(runs["t5"].path, "hf", out=tmp_path / "hf")
     assert (tmp_path / "hf" / "model.safetensors").exists() and done["format"] == "hf"
-    assert get_task(runs["t5"].recipe).export_outputs() is None
+    if importlib.util.find_spec("optimum.onnxruntime") is None:
+        capsys.readouterr()
+        assert main(["export", str(runs["t5"].path), "--out", str(tmp_path / "onnx")]) == 1
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "pip install optimum-onnx" in err and "transformers<5" in err
+        assert "--format hf" in err and not (tmp_path / "onnx").exists()
+    llama = runs["llama"].path
+    capsys.readouterr()
+    assert main(["export", str(llama), "--out", str(tmp_path / "onnx")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--format hf" in err and "no ONNX" in err
+
+
+@pytest.fixture
+def stand_in_optimum(monkeypatch):
+    """optimum-onnx's documented names, standing in where it cannot be installed: main_export writes the model folder
+    and two placeholder graphs; ORTModelForSeq2SeqLM.from_pretrained loads the PyTorch model (its weights scaled by
+    `scale`: 1 is exact, 0 a broken export)."""
+    import sys
+    import types
+
+    from transformers import AutoModelForSeq2SeqLM
+
+    state = {"scale": 1.0, "calls": []}
+
+    def main_export(model_name_or_path, output, task="auto", **kw):
+        state["calls"].append((task, kw))
+        shutil.copytree(model_name_or_path, output, dirs_exist_ok=True)
+        for name in ("encoder_model.onnx", "decoder_model_merged.onnx"):
+            (Path(output) / name).write_bytes(b"graph")
+
+    class ORTModelForSeq2SeqLM:
+        @staticmethod
+        def from_pretrained(folder):
+            model = AutoModelForSeq2SeqLM.from_pretrained(folder).eval()
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.mul_(state["scale"])
+            return model
+
+    monkeypatch.setitem(sys.modules, "optimum.exporters.onnx", types.SimpleNamespace(main_export=main_export))
+    monkeypatch.setitem(sys.modules, "optimum.onnxruntime",
+                        types.SimpleNamespace(ORTModelForSeq2SeqLM=ORTModelForSeq2SeqLM))
+    return state
+
+
+def test_encoder_decoder_onnx_export_is_gated_on_the_test_metric(runs, tmp_path, stand_in_optimum):
+    """The optimum path (with the stand-in): the exported model is scored by the task on the test rows; a faithful
+    export passes (export.json names the graphs), a broken one is rejected and leaves no file."""
+    from tunesmith.deploy.export import export, load_onnx, render
+
+    run = runs["t5"]
+    report = export(run.path, out=tmp_path / "ok", repeats=2)
+    assert stand_in_optimum["calls"][0][0] == "text2text-generation-with-past"
+    assert report["passed"] and report["results"]["fp32"]["max_abs_logit_diff"] < 1e-4
+    assert report["results"]["fp32"]["loss"] == pytest.approx(run.metrics["loss"], abs=1e-4)
+    record = json.loads((tmp_path / "ok" / "export.json").read_text())
+    assert record["files"]["fp32"] == ["decoder_model_merged.onnx", "encoder_model.onnx"]
+    assert (tmp_path / "ok" / "encoder_model.onnx").exists() and "encoder_model.onnx" in render(report)
+    shutil.copytree(tmp_path / "ok", run.path / "export", dirs_exist_ok=True)
+    try:
+        with pytest.raises(TunesmithError, match="ORTModelForSeq2SeqLM"):
+            load_onnx(run.path)
+    finally:
+        shutil.rmtree(run.path / "export")
+    stand_in_optimum["scale"] = 0.0
+    report = export(run.path, out=tmp_path / "bad", repeats=2)
+    assert not report["passed"] and "loss" in report["rejected"]["fp32"]
+    assert not (tmp_path / "bad").exists()

@@ -48,8 +48,14 @@ def cmd_predict(args) -> int:
     if not args.inputs and not args.input:
         raise RecipeError("command line", ["give inputs: tunesmith predict RUN_DIR \"text\" ... or --input FILE"])
     model = ts.Run(args.run_dir).load(args.device)
-    results = [{**out, "input": f"argument {i + 1}"} if "error" in out else out
-               for i, out in enumerate(model.predict(list(args.inputs)))]
+    if args.stream:                 # each argument's text to stderr as it is written; the JSON lines as before
+        outs = []
+        for x in args.inputs:
+            outs.append(model.stream(x, lambda piece: print(piece, end="", file=sys.stderr, flush=True)))
+            print(file=sys.stderr)
+    else:
+        outs = model.predict(list(args.inputs))
+    results = [{**out, "input": f"argument {i + 1}"} if "error" in out else out for i, out in enumerate(outs)]
     results += model.predict_file(args.input) if args.input else []
     if not results:
         raise RecipeError("command line", [f"{args.input} holds no inputs"])

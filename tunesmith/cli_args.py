@@ -120,6 +120,8 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("inputs", nargs="*")
     pr.add_argument("--input", metavar="FILE", help="rows to predict (.jsonl .csv .parquet, as data.train reads them; "
                                                     "or .txt with one input per line)")
+    pr.add_argument("--stream", action="store_true", help="generating tasks: write each argument's text to stderr as "
+                                                          "it is generated (stdout's JSON lines are unchanged)")
     _device(pr)
     d = _command(sub, "demo")
     d.add_argument("overrides", nargs="*")

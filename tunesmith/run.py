@@ -275,6 +275,20 @@ class Predictor:
         out = [{"error": p} if p else next(done) for p in problems]
         return out[0] if one else out
 
+    def stream(self, item, on_text, stop=None) -> dict:
+        """One input's prediction (as `predict` gives it), its generated text passed to on_text(piece) as it is
+        written; for a task that writes text (Task.generative). stop: a threading.Event that ends generation at the
+        next token. An input that cannot be used gets {"error": reason}."""
+        import torch
+
+        if not self.task.generative:
+            raise TunesmithError(f"task '{self.task.name}' does not generate text: there is nothing to stream")
+        problem = self.task.check_input(item)
+        if problem:
+            return {"error": problem}
+        with self._lock, torch.no_grad():
+            return self.task.stream(self.model, item, on_text, stop)
+
     def predict_file(self, path: str | Path) -> list[dict]:
         """One result per input of a file, in file order: .txt holds one input per line (blank lines skipped);
         .jsonl .csv .parquet hold rows, read as `data.train` reads them. A row that cannot be read or used keeps

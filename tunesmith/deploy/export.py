@@ -2,8 +2,10 @@
 channel), checked on the run's own held-out test rows (data/test.jsonl) before it is written as done.
 
 The graph's inputs and outputs are what the task declares: `Task.export_inputs()` (names, example tensors, dynamic
-axes) and `Task.export_outputs()` (output names and their dynamic axes; None: the task has no ONNX export, e.g. a
-generating task, whose graph would need a KV cache: `--format hf` copies its run's model/ folder, LoRA already merged).
+axes) and `Task.export_outputs()` (output names and their dynamic axes; None: the task has no ONNX export of this
+kind, e.g. a generating task, whose graph would need a KV cache: `--format hf` copies its run's model/ folder, LoRA
+already merged). A task whose `export_generation()` names an optimum export task (an encoder-decoder text2text run)
+is exported through optimum-onnx instead, with the same gate (tunesmith/deploy/export_generate.py).
 
 For each file: max |difference| of the declared outputs (logits, for classifiers) against the PyTorch model, the test
 metric (train.metric, scored as eval.json scores it) against eval.json, latency p50/p95 at batch 1 and 32, and file
@@ -75,6 +77,9 @@ def load_onnx(run_dir, kind: str = "fp32", device: str = "cpu"):
         raise TunesmithError(f"{run.path}: no checked export (export/export.json); run tunesmith export {run.path}"
                              f"{' --quantize int8' if kind == 'int8' else ''} first")
     files = io.read_json(record)["files"]
+    if "exporter" in io.read_json(record):
+        raise TunesmithError(f"{record.parent}: an optimum export (encoder and decoder graphs): load it with "
+                             "optimum.onnxruntime.ORTModelForSeq2SeqLM.from_pretrained; serve the run without --onnx")
     if kind not in files:
         raise TunesmithError(f"{record}: no {kind} model passed the export check (have: {', '.join(files)})")
     predictor = run.load(device)
@@ -255,7 +260,11 @@ def export(run_dir, format: str = "onnx", quantize: str | None = None, out=None,
     predictor = run.load("cpu")
     task, model = predictor.task, predictor.model
     outputs = task.export_outputs()
-    if outputs is None:
+    if outputs is None and task.export_generation() is not None:     # encoder-decoder: optimum-onnx's graphs
+        from tunesmith.deploy.export_generate import export_generating, optimum
+
+        optimum()                                   # before the test rows are read: one line if not installed
+    if outputs is None and task.export_generation() is None:
         raise TunesmithError(f"task '{task.name}' declares no ONNX outputs (Task.export_outputs), so it has no ONNX "
                              f"export; its merged HF folder is {run.model_dir}: use --format hf to copy it")
     metric = run.recipe.train.metric
@@ -263,6 +272,15 @@ def export(run_dir, format: str = "onnx", quantize: str | None = None, out=None,
         raise TunesmithError(f"{run.path}: eval.json has no {metric}; the run has not finished")
     rows = load_rows(task, str(run.path / "data" / "test.jsonl"))
     features = task.encode(rows)
+    if outputs is None:
+        with staging(out, 2 * int(_size_mb(run.model_dir) * 1e6) + 2**20) as work:
+            report = export_generating(task, model, run, rows, features, work, out, task.export_generation(),
+                                       quantize, max_drop, repeats, latency)
+            (out / "export.json").unlink(missing_ok=True)     # this export replaces the last one's record
+            if report["files"]:
+                publish(work, out, [p.name for p in work.iterdir() if p.name != "export.json"], work / "export.json")
+                report["files"]["fp32"] = ", ".join(report["files"]["fp32"])      # render names them
+        return report
 
     with staging(out, int(_size_mb(run.model_dir) * 1e6) + 2**20) as work:
         report = _export_checked(task, model, run, outputs, rows, features, work, out, quantize, max_drop, repeats)

@@ -1,7 +1,8 @@
 """`tunesmith serve RUN`: a run's model behind HTTP (FastAPI + uvicorn, the `serve` extra).
 
 Routes: POST /v1/predict (texts, images as data: URIs, or rows; batched; each prediction in the task's declared
-schema, Task.output_schema, which /openapi.json documents), GET /health (with the task's declarations: its input,
+schema, Task.output_schema, which /openapi.json documents; `stream: true` for a generating task: server-sent events,
+tunesmith/serving/stream.py), GET /health (with the task's declarations: its input,
 its prediction kind, whether it chats), GET /metrics (Prometheus text), /openapi.json and /docs, GET / (a small web
 page that draws predictions by their kind); runs whose task declares `chats` add POST /v1/chat/completions (the
 OpenAI API, SSE streaming included; tunesmith/serving/openai_chat.py) and GET /v1/models.
@@ -58,6 +59,8 @@ class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     inputs: list[str | dict[str, Any]] = Field(min_length=1, description="texts, images as data: URIs, prompts, or "
                                                "rows with the recipe's columns")
+    stream: bool = Field(False, description="generating tasks: server-sent events, each input's text as it is "
+                         "written (tunesmith/serving/stream.py)")
 
 
 def response_model(schema: type[BaseModel]) -> type[BaseModel]:
@@ -315,6 +318,7 @@ def create_app(run, api_key: str | None = None, onnx: str | None = None, device:
         raise TunesmithError("tunesmith serve needs FastAPI and uvicorn: pip install 'tunesmith[serve]'") from None
 
     from tunesmith.run import Predictor, Run
+    from tunesmith.serving.stream import predict_events
 
     if isinstance(run, Predictor):
         predictor = run
@@ -363,6 +367,12 @@ def create_app(run, api_key: str | None = None, onnx: str | None = None, device:
                 errors.append({"loc": ["body", "inputs", i], "msg": str(e), "type": "value_error"})
         if errors:
             raise HTTPException(422, errors)
+        if body.stream:
+            if not task.generative:
+                raise HTTPException(422, f"stream: task '{task.name}' does not generate text; leave stream out")
+            if batcher.waiting + 1 > limits.max_queue:
+                raise HTTPException(503, "queue full; retry shortly", headers={"Retry-After": "1"})
+            return predict_events(predictor, batcher, body.inputs, limits.timeout_s)
         try:
             futures = batcher.submit(body.inputs)
         except QueueFull:

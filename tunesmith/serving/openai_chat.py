@@ -1,9 +1,10 @@
 """POST /v1/chat/completions and GET /v1/models for runs whose task declares `chats`, as the OpenAI API defines them,
 so the official `openai` client works unchanged; `stream: true` answers with server-sent events (chat.completion.chunk
-objects, then `data: [DONE]`). The prompt is the run's own chat template (Task.prompt_ids); settings start from the
-recipe's eval.generate and take the request's max_tokens, temperature (under 0.01: greedy), top_p and seed. Generation
-is the task's own (Task.complete, tunesmith/tasks/generation.py), on the model thread (tunesmith/serving/app.py); a
-request past its timeout, or whose client went away, stops at the next token.
+objects, then `data: [DONE]`; the streaming itself is tunesmith/serving/stream.py's, shared with /v1/predict). The
+prompt is the run's own chat template (Task.prompt_ids); settings start from the recipe's eval.generate and take the
+request's max_tokens, temperature (under 0.01: greedy), top_p and seed. Generation is the task's own (Task.complete,
+tunesmith/tasks/generation.py), on the model thread (tunesmith/serving/app.py); a request past its timeout, or whose
+client went away, stops at the next token.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tunesmith import io
 from tunesmith.errors import TunesmithError
+from tunesmith.serving.stream import Finished, streamed
 
 MAX_TEXT = 100_000                  # characters per message
 MIN_TEMPERATURE = 0.01              # lower temperatures decode greedily
@@ -96,8 +98,8 @@ def add_chat_routes(app, predictor, batcher, limits, name: str, wait) -> None:
         except (ValueError, TunesmithError) as e:
             raise HTTPException(422, str(e)) from None
         ident, created, stop = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), threading.Event()
-        batcher.waiting += 1                    # a generation holds the model thread like a batch of inputs
         if not body.stream:
+            batcher.waiting += 1                # a generation holds the model thread like a batch of inputs
             job = asyncio.ensure_future(batcher.call(generate, ids, settings, stop))
             job.add_done_callback(lambda _: setattr(batcher, "waiting", batcher.waiting - 1))
             try:
@@ -110,14 +112,7 @@ def add_chat_routes(app, predictor, batcher, limits, name: str, wait) -> None:
                     "usage": {"prompt_tokens": len(ids), "completion_tokens": done.tokens,
                               "total_tokens": len(ids) + done.tokens}}
 
-        loop, pieces = asyncio.get_running_loop(), asyncio.Queue()
-        job = asyncio.ensure_future(batcher.call(generate, ids, settings, stop,
-                                                 lambda t: loop.call_soon_threadsafe(pieces.put_nowait, t)))
-
-        def finished(_):
-            batcher.waiting -= 1
-            pieces.put_nowait(None)
-        job.add_done_callback(finished)
+        pieces = streamed(batcher, lambda on_text: generate(ids, settings, stop, on_text), limits.timeout_s)
 
         def event(delta: dict, finish: str | None) -> str:
             chunk = envelope(ident, created, "chat.completion.chunk",
@@ -125,19 +120,15 @@ def add_chat_routes(app, predictor, batcher, limits, name: str, wait) -> None:
             return f"data: {io.dumps(chunk)}\n\n"
 
         async def events():
-            deadline = loop.time() + limits.timeout_s
+            finish = "length"                   # past the timeout, or failed
             try:
                 yield event({"role": "assistant", "content": ""}, None)
-                while (left := deadline - loop.time()) > 0:
-                    try:
-                        piece = await asyncio.wait_for(pieces.get(), left)
-                    except asyncio.TimeoutError:
-                        break
-                    if piece is None:
-                        break
-                    yield event({"content": piece}, None)
-                done = job.done() and not job.cancelled() and job.exception() is None
-                yield event({}, job.result().finish if done else "length")
+                async for piece in pieces:
+                    if isinstance(piece, Finished):
+                        finish = piece.result.finish if piece.result is not None else finish
+                    else:
+                        yield event({"content": piece}, None)
+                yield event({}, finish)
                 yield "data: [DONE]\n\n"
             finally:
                 stop.set()                      # timeout or a client that went away: generation stops

@@ -25,9 +25,12 @@ name and never probes for a method (tests/test_layering.py checks the first):
                     property of the instance, read once the model is loaded (text2text: a decoder-only chat model).
                     Generation itself is one implementation for every caller (tunesmith/tasks/generation.py:
                     decoder-only and encoder-decoder models)
+  generative        True: the model writes text (generate, complete; stream() hands one prediction's text on as it
+                    is written: /v1/predict with stream, tunesmith predict --stream)
   explainable       True: explain() works (tunesmith explain, the report's explanations)
   export_outputs()  the ONNX graph's outputs {name: dynamic axes}, or None: the task is not exportable to ONNX
-                    (tunesmith export then offers --format hf); export_inputs() gives the graph's inputs
+                    (tunesmith export then offers --format hf); export_inputs() gives the graph's inputs;
+  export_generation()  optimum-onnx's export task for a generating model (encoder-decoder), or None
   distills          True: teacher_outputs() and distillation() work (tunesmith distill)
   feature_cache     True: collate takes cached hidden states (tunesmith/featcache.py)
   balance_unit      what the doctor's class balance counts, one per balance_labels() item: "rows" (a row's label,
@@ -343,6 +346,12 @@ class Task:
         axes ({0: "batch"}); None: this task is not exported to ONNX (the default)."""
         return None
 
+    def export_generation(self) -> str | None:
+        """For a generating model exported through optimum-onnx (tunesmith/deploy/export_generate.py): optimum's
+        export task ("text2text-generation-with-past": encoder and decoder graphs, KV cache); None (the default):
+        not exported that way. Read where export_outputs() is None."""
+        return None
+
     def export_inputs(self) -> dict[str, tuple[torch.Tensor, dict[int, str]]]:
         """ONNX export: the model's inputs by name (what `collate` gives, without labels), each as a small example
         tensor and its dynamic axes ({0: "batch", 1: "sequence"}); needed where export_outputs() is not None."""
@@ -351,6 +360,11 @@ class Task:
     # --- generation (see tunesmith/tasks/generation.py) -----------------------------------------------
     def generate(self, model, prompts: list, batch_size: int, settings=None) -> list[str]:
         """The generated text of each prompt (batched; evaluation and predict), where `generative`."""
+        raise NotImplementedError(f"task '{self.name}' does not generate text")
+
+    def stream(self, model, item, on_text, stop=None) -> dict:
+        """`predict` for one input, its generated text passed to on_text(piece) as it is written, where
+        `generative` (serve's /v1/predict with stream, tunesmith predict --stream)."""
         raise NotImplementedError(f"task '{self.name}' does not generate text")
 
     def generation_settings(self):

@@ -356,14 +356,12 @@ class CausalLM(Generative):
         prompts, refs = zip(*(self.split_answer(self.messages(r)) for r in rows)) if rows else ((), ())
         return result | self.generation_metrics(model, list(prompts), list(refs), batch_size, out_dir)
 
-    def predict(self, model, inputs: list) -> list[dict]:
-        """A bare string is one user message; a row gives its conversation up to its last assistant turn."""
-        prompts = []
-        for x in inputs:
-            msgs = [{"role": "user", "content": x}] if isinstance(x, str) else self.messages(x)
-            prompts.append(self.split_answer(msgs)[0])
-        outputs = self.generate(model, prompts, self.recipe.eval.batch_size)
-        return [{"prompt": p[-1]["content"] if p else "", "output": o} for p, o in zip(prompts, outputs)]
+    def prediction_prompt(self, item) -> tuple[list[int], str]:
+        """A bare string is one user message; a row gives its conversation up to its last assistant turn. The
+        prediction reports the last message before the answer as its prompt."""
+        msgs = self.split_answer([{"role": "user", "content": item}] if isinstance(item, str) else
+                                 self.messages(item))[0]
+        return self.prompt_ids(msgs), msgs[-1]["content"] if msgs else ""
 
 
 def token_losses(task, model, features: list[dict], batch_size: int) -> dict:

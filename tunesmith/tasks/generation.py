@@ -3,6 +3,9 @@
 or a client that went away). Also what every generative task shares: settings from `eval.generate`, exact match
 and ROUGE-L against references, and samples.jsonl in the run folder.
 
+`predict` (batched) and `stream` (one input, its text handed on as it is written: serve's /v1/predict with stream,
+`tunesmith predict --stream`) take the task's `prediction_prompt` of each input.
+
 `complete` takes prompts as token ids (a subclass supplies `prompt_ids`) and is correct for both model families
 (model.config.is_encoder_decoder):
   decoder-only     the prompt is left-padded and continued; the output repeats it: those tokens are dropped
@@ -97,6 +100,32 @@ class Generative(Task):
         """`complete` (above) in the recipe's precision, with the recipe's settings unless given."""
         with self.autocast(model):
             return complete(model, self.processor, prompts, settings or self.generation_settings(), stop, on_text)
+
+    def prediction_prompt(self, item) -> tuple[list[int], str]:
+        """(the prompt's token ids, the prompt text a prediction reports) for one input of `predict`."""
+        raise NotImplementedError
+
+    def completions(self, model, prompts: list[list[int]], batch_size: int, settings=None) -> list[Completion]:
+        """The Completion of each prompt (token ids), in batches of similar length, in order."""
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        out = [None] * len(prompts)
+        for s in range(0, len(order), batch_size):
+            idx = order[s:s + batch_size]
+            for i, c in zip(idx, self.complete(model, [prompts[i] for i in idx], settings)):
+                out[i] = c
+        return out
+
+    def predict(self, model, inputs: list) -> list[dict]:
+        """{prompt, output: the generated text} per input, in batches of eval.batch_size."""
+        pairs = [self.prediction_prompt(x) for x in inputs]
+        done = self.completions(model, [ids for ids, _ in pairs], self.recipe.eval.batch_size)
+        return [{"prompt": prompt, "output": c.text} for (_, prompt), c in zip(pairs, done)]
+
+    def stream(self, model, item, on_text, stop=None) -> dict:
+        """`predict` for one input, its text passed to on_text(piece) as it is finalised (serve's /v1/predict with
+        stream, `tunesmith predict --stream`); stop: a threading.Event ending generation at the next token."""
+        ids, prompt = self.prediction_prompt(item)
+        return {"prompt": prompt, "output": self.complete(model, [ids], stop=stop, on_text=on_text)[0].text}
 
     def generate(self, model, prompts: list, batch_size: int, settings: GenerateConfig | None = None) -> list[str]:
         """The completion text of each prompt (as `prompt_ids` encodes it), in batches, shortest first."""

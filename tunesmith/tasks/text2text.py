@@ -15,7 +15,8 @@ them); the final evaluation also generates (batched, eval.generate: greedy, beam
 sacrebleu and rouge-score (text2text_schema.scores), with length statistics and samples.jsonl.
 
 Declares: prediction "text" ({prompt: the source, output}); `chats` only for a decoder-only model with a chat template
-of its own (or data.chat_template); no ONNX outputs (export --format hf copies the model folder).
+of its own (or data.chat_template); export_generation(): encoder-decoder runs export to ONNX through optimum-onnx
+(tunesmith/deploy/export_generate.py), decoder-only ones only as the HF folder (export --format hf), as causal-lm.
 """
 from __future__ import annotations
 
@@ -103,6 +104,11 @@ class Text2Text(Generative):
             "data": {"train": r.data.train, "chat_template": template,
                      "max_length": r.data.max_length + r.data.max_target_length + 64},
             "train": {"precision": r.train.precision}, "eval": {"generate": r.eval.generate}})
+
+    def export_generation(self) -> str | None:
+        """Encoder-decoder: ONNX through optimum-onnx (encoder and decoder graphs, KV cache); decoder-only: none,
+        as causal-lm (export --format hf)."""
+        return "text2text-generation-with-past" if self.encoder_decoder else None
 
     # --- rows ------------------------------------------------------------------------------------------
     def check(self, row: dict, split: str) -> str | None:
@@ -246,9 +252,22 @@ class Text2Text(Generative):
         """Summed cross-entropy over the target tokens (labels != -100), in float32."""
         if not self.encoder_decoder:
             return self.lm.loss(model, batch)
-        logits = model(**batch).logits                                 # [B, T, V]; decoder inputs from labels
-        return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(),
+        labels = batch["labels"]                                       # [B, T]
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        inputs["decoder_input_ids"] = self.decoder_inputs(model, labels)
+        logits = model(**inputs).logits                                # [B, T, V]
+        return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
                                                  ignore_index=-100, reduction="sum")
+
+    @staticmethod
+    def decoder_inputs(model, labels: torch.Tensor) -> torch.Tensor:
+        """The decoder's inputs for teacher forcing, as T5, BART, Marian and M2M100 build them from labels: the
+        decoder start token, then labels[:, :-1], -100 read as padding. Passed instead of labels, so the model does not
+        compute a mean loss of its own beside this task's (a second log-softmax over [B, T, V] every step)."""
+        config = model.config
+        start = torch.full_like(labels[:, :1], config.decoder_start_token_id)
+        shifted = torch.cat([start, labels[:, :-1]], dim=1)
+        return shifted.masked_fill(shifted == -100, config.pad_token_id)
 
     def count(self, batch: dict) -> float:
         if not self.encoder_decoder:
@@ -293,16 +312,6 @@ class Text2Text(Generative):
                                "reference": schema.percentiles(ref_len)}}
         return result, outputs
 
-    def completions(self, model, prompts: list[list[int]], batch_size: int, settings=None) -> list:
-        """The Completion of each prompt (token ids), in batches of similar length, in order."""
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        out = [None] * len(prompts)
-        for s in range(0, len(order), batch_size):
-            idx = order[s:s + batch_size]
-            for i, c in zip(idx, self.complete(model, [prompts[i] for i in idx], settings)):
-                out[i] = c
-        return out
-
     def prompt_ids(self, messages) -> list[int]:
         """Token ids of a prompt: a conversation (chat; decoder-only) or a source string / row."""
         if isinstance(messages, list):
@@ -315,10 +324,9 @@ class Text2Text(Generative):
             return self.tokenizer(prompt, truncation=True, max_length=self.max_length)["input_ids"]
         return self.lm.prompt_ids([{"role": "user", "content": prompt}])
 
-    def predict(self, model, inputs: list) -> list[dict]:
-        """A string is a source; a row gives its source column. {prompt: the source, output: the generated text}."""
-        done = self.completions(model, [self.prompt_ids(x) for x in inputs], self.recipe.eval.batch_size)
-        return [{"prompt": self.source(x), "output": c.text} for x, c in zip(inputs, done)]
+    def prediction_prompt(self, item) -> tuple[list[int], str]:
+        """A string is a source; a row gives its source column. The prediction reports the source as its prompt."""
+        return self.prompt_ids(item), self.source(item)
 
     # --- data doctor -----------------------------------------------------------------------------------
     def data_findings(self, tables: dict) -> tuple[dict, list[str], list[str]]:
