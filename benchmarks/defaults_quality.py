@@ -148,6 +148,7 @@ def main():
     p.add_argument("--only", choices=list(DATA), action="append")
     p.add_argument("--arms", default="readme,defaults,hf", help=f"comma-separated, of {', '.join(ARMS)}")
     p.add_argument("--budget", default=None, help="tune's budget per fold (adds the tune arm), e.g. 10m")
+    p.add_argument("--tune-folds", type=int, default=None, help="tune on the first N folds only (a check)")
     p.add_argument("--keep", default=None, help="keep run folders here (default: a temporary folder, deleted)")
     args = p.parse_args()
     arms = [a for a in args.arms.split(",") if a] + (["tune"] if args.budget and "tune" not in args.arms else [])
@@ -188,7 +189,8 @@ def main():
                 res = run_hf(results[n]["readme"], out / f"{n}-readme", out / f"{n}-hf")
             else:
                 r = ts.load_recipe(defaults_recipe(recipe))
-                res = nested_tune(r, results[n]["readme"], out / f"{n}-readme", out / f"{n}-tune", args.budget)
+                res = nested_tune(r, results[n]["readme"], out / f"{n}-readme", out / f"{n}-tune", args.budget,
+                                  metrics_of(n), args.tune_folds)
             res["seconds"] = time.monotonic() - t0
             results[n][arm] = res
             io.write_json(out / "results.json", {"results": results, "ran": ran, "loads": loads})
@@ -205,7 +207,7 @@ def main():
                 res = results[n][arm]
                 s = res["metrics"][m]
                 cell = f"{s['mean']:.3f} [{s['low']:.3f}, {s['high']:.3f}]"
-                if arm != "readme":
+                if arm != "readme" and not res.get("missing") and len(res["runs"]) == len(base["runs"]):
                     t = paired(res, base)[m]
                     cell += f" {t['difference']:+.3f} p={t['p']:.2f}"
                 cells.append(f" | {cell:<36}")
@@ -217,7 +219,11 @@ def main():
             for line in lines:
                 print(f"{'':<15}{arm}: {line}")
         if "tune" in results[n]:
-            print(f"{'':<15}tune's picks: {', '.join(results[n]['tune']['picks'])}")
+            for f in results[n]["tune"]["folds"]:
+                print(f"{'':<15}tune {f['fold']}: {f['seconds']:.0f}s wall, {f['used']:.0%} of "
+                      f"{f['budget_seconds']:.0f}s budget used; load average (1/5/15 min) "
+                      f"{' '.join(f'{x:.2f}' for x in f['load_start'])} -> "
+                      f"{' '.join(f'{x:.2f}' for x in f['load_end'])}; picked {f['pick']}")
     print(f"run folders: {out}" + ("" if args.keep else " (deleted on exit: GBs per run)"))
 
 

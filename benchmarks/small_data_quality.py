@@ -22,6 +22,7 @@ import bz2
 import csv
 import glob
 import json
+import math
 import os
 import random
 import shutil
@@ -79,24 +80,67 @@ DATA = {"rotten-600": rotten_600, "political-189": political_189, "fashion-700":
 METRICS = ("accuracy", "f1_macro")
 
 
-def nested_tune(recipe, plain_cv: dict, cv_dir: Path, out: Path, budget: str) -> dict:
-    """tune on each fold's train rows (the files cross_validate wrote), its best run scored on the held-out fold."""
+def nested_tune(recipe, plain_cv: dict, cv_dir: Path, out: Path, budget: str, metrics: tuple = METRICS,
+                first: int | None = None) -> dict:
+    """tune on each fold's train rows (the files cross_validate wrote), the model it ends with scored on the held-out
+    fold: the refit of its choice on the fold's train rows (tune's train + validation), else, when tune had no time
+    to refit (K-fold scoring leaves no single run to fall back on), its plain recipe's run (`plain-run`), said so.
+    first: tune on the first N folds only (a check of the arm). Per fold: test metrics, wall seconds, the share of
+    the budget used, load average (1, 5, 15 min) at its start and end, and what tune picked."""
     import tunesmith as ts
+    from tunesmith.errors import TunesmithError
     from tunesmith.selection.cv import fold_recipe, interval
     from tunesmith.selection.tune import tune
 
     base = {**recipe.dump(), "search": None}
-    values = {m: [] for m in METRICS}
-    picks = []
-    for name in plain_cv["runs"]:
+    values = {m: [] for m in metrics}
+    picks, folds = [], []
+    for name in plain_cv["runs"][:first]:
         r = fold_recipe(base, cv_dir / "folds" / name)          # the fold's files, as cross_validate wrote them
-        result = tune(r, out / name, budget, say=lambda s, name=name: print(f"  [{name}] {s}", flush=True))
-        metrics = ts.Run(result["model"]).metrics                # the refit on the fold's train rows
-        picks.append(f"{result['best']['name']} {result['final']['epochs'] if result['final'] else '-'}ep")
-        for m in METRICS:
-            values[m].append(float(metrics[m]))
+        shutil.rmtree(out / name, ignore_errors=True)             # a kept folder's earlier tune: start afresh
+        load0 = os.getloadavg()
+        t0 = time.monotonic()
+        try:
+            result = tune(r, out / name, budget, say=lambda s, name=name: print(f"  [{name}] {s}", flush=True))
+        except TunesmithError as e:                               # e.g. the probe left no time: no model
+            print(f"  [{name}] tune arm: no model: {e}", flush=True)
+            folds.append({"fold": name, "seconds": time.monotonic() - t0, "used": math.nan, "budget_seconds": math.nan,
+                          "load_start": load0, "load_end": os.getloadavg(), "model": "none", "pick": f"failed: {e}"})
+            picks.append(folds[-1]["pick"])
+            for m in metrics:
+                values[m].append(math.nan)
+            continue
+        wall = time.monotonic() - t0
+        model = result["model"]
+        if not model and (out / name / "plain-run" / "eval.json").exists():
+            model = str(out / name / "plain-run")
+            source = "plain-run (tune left no model)"
+        else:
+            source = "refit" if result["final"] else "best run" if model else "none: tune left no model"
+        found = ts.Run(model).metrics if model else {}
+        for m in metrics:
+            values[m].append(float(found[m]) if m in found else math.nan)
+        best, final = result["best"] or {}, result["final"] or {}
+        keys = ", ".join(f"{k.split('.')[-1]} {v:g}" if isinstance(v, float) else f"{k.split('.')[-1]} {v}"
+                         for k, v in (best.get("values") or {}).items())
+        pick = (f"{best.get('name', '-')}" + (f" ({keys})" if keys else "")
+                + f", {final.get('epochs', best.get('epochs'))} epochs, {result['metric']} "
+                + (f"{best['score']:.3f}" if best.get("score") is not None else "-")
+                + f" over {best.get('seeds', '-')} seed(s); {len(result['runs'])} runs ({result['planned_runs']} "
+                f"planned); model: {source}")
+        picks.append(pick)
+        folds.append({"fold": name, "seconds": wall, "tune_seconds": result["seconds"],
+                      "budget_seconds": result["budget_seconds"], "used": result["seconds"] / result["budget_seconds"],
+                      "load_start": load0, "load_end": os.getloadavg(), "model": source, "pick": pick,
+                      "test": {m: values[m][-1] for m in metrics}, "plain_test": result["plain_test"]})
+        print(f"  [{name}] tune arm: {', '.join(f'{m} {values[m][-1]:.3f}' for m in metrics)} ({source}); "
+              f"{wall:.0f}s wall, {folds[-1]['used']:.0%} of the budget; load average "
+              f"{' '.join(f'{x:.2f}' for x in load0)} -> {' '.join(f'{x:.2f}' for x in folds[-1]['load_end'])}; "
+              f"picked {pick}", flush=True)
     return {"assignment": plain_cv["assignment"], "test_fraction": plain_cv["test_fraction"], "picks": picks,
-            "runs": plain_cv["runs"], "metrics": {m: interval(v) for m, v in values.items()}}
+            "runs": plain_cv["runs"][:first], "folds": folds,
+            "metrics": {m: interval([x for x in v if not math.isnan(x)] or [math.nan]) for m, v in values.items()},
+            "missing": sum(math.isnan(x) for x in values[metrics[0]])}
 
 
 def main():

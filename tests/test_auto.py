@@ -33,10 +33,14 @@ def test_auto_is_the_default_and_stops_on_a_plateau_restoring_the_best(tiny_bert
     best = max(e["accuracy"] for e in evals)
     first_best = next(e["step"] for e in evals if e["accuracy"] == best)
     assert best > 0.9 and first_best > 36 - 3 * 6       # learnt; the chance-level start (< min_steps) did not stop it
-    assert evals[-1]["step"] == first_best + 3 * 6 < 40 * 12          # exactly `patience` evaluations after the best
+    kept = run.training["best_step"]                    # a later tie at the best accuracy is kept when its loss fell
+    at = {e["step"]: e for e in evals}                  # by defaults.LOSS_DELTA from the kept checkpoint's
+    assert kept >= first_best and at[kept]["accuracy"] == best
+    assert kept == first_best or at[kept]["loss"] <= at[first_best]["loss"] - defaults.LOSS_DELTA
+    assert evals[-1]["step"] == kept + 3 * 6 < 40 * 12                # exactly `patience` evaluations after the best
     ended = run.training["ended"]
     assert ended.startswith(f"stopped: validation accuracy has not improved for 3 evaluations since epoch "
-                            f"{first_best / 12:.1f} (step {first_best})")
+                            f"{kept / 12:.1f} (step {kept})")
     out = capsys.readouterr().out
     assert ended in out and "on 60 held-out rows (checkpoint choice)" in out
     assert run.history[-1]["summary"] and run.history[-1]["ended"] == ended
@@ -188,3 +192,59 @@ def test_causal_lm_with_no_training_keys_gets_the_lora_rate_and_auto(tmp_path):
     per_epoch = run.training["steps"] / run.training["epochs"]
     assert len(steps) >= 4 and steps[0] == saved.eval_every and saved.eval_every < per_epoch   # several per epoch
     assert run.training["ended"].startswith("stopped: ") and saved.patience >= 3
+
+
+def test_an_improvement_under_auto_needs_a_margin_and_ties_are_broken_by_the_loss():
+    """defaults.min_delta: half a validation row for a rate metric, LOSS_DELTA for a loss, train.min_delta over
+    both; metrics.improves: a tie of the metric counts only when the loss fell by LOSS_DELTA, a drop never."""
+    from tunesmith.metrics import improves
+
+    cfg = load({**BASE, "task": "text-classification"}).train
+    assert defaults.min_delta(cfg, "max", 40) == 0.5 / 40 and defaults.min_delta(cfg, "min", 40) == defaults.LOSS_DELTA
+    assert defaults.min_delta(load({**BASE, "task": "text-classification", "train": {"min_delta": 0.2}}).train,
+                              "max", 40) == 0.2
+    row = 0.5 / 40
+    assert improves("max", 0.600, 0.575, row)                           # one row more right
+    assert not improves("max", 0.580, 0.575, row)                       # F1 jitter under half a row
+    assert improves("max", 0.575, 0.575, row, loss=0.40, best_loss=0.45, loss_delta=0.01)   # a tie, loss down 0.05
+    assert not improves("max", 0.575, 0.575, row, loss=0.445, best_loss=0.45, loss_delta=0.01)  # loss down 0.005
+    assert not improves("max", 0.550, 0.575, row, loss=0.10, best_loss=0.45, loss_delta=0.01)   # worse: never
+    assert not improves("min", 0.495, 0.5, 0.01) and improves("min", 0.489, 0.5, 0.01)
+    assert improves("max", 0.1, None, row) and not improves("max", float("nan"), None, row)
+
+
+def scripted(monkeypatch, values: list[dict]):
+    """The tiny model's validation evaluations report `values` in turn (the last repeated), over its own."""
+    from tunesmith.tasks.text_classification import TextClassification
+
+    real, calls = TextClassification.evaluate, []
+
+    def evaluate(self, model, features, batch_size):
+        calls.append(1)
+        return {**real(self, model, features, batch_size), **values[min(len(calls), len(values)) - 1]}
+
+    monkeypatch.setattr(TextClassification, "evaluate", evaluate)
+
+
+def test_auto_stops_on_a_plateau_of_tiny_loss_improvements_and_epochs_n_is_unaffected(tiny_bert, tmp_path,
+                                                                                        monkeypatch):
+    """Validation loss falling 0.001 an evaluation (saturated data: under LOSS_DELTA) is a plateau under auto:
+    `patience` evaluations after the first, not the train.max_epochs cap; a tied accuracy whose loss falls by 0.05
+    is an improvement (the later checkpoint kept), by 0.001 not. `epochs: 2` trains its 8 steps and keeps the
+    strictly best evaluation, as before."""
+    data = write_reviews(tmp_path / "r.csv", n=100)      # 60 train rows, batch 16: 4 steps per epoch
+    scripted(monkeypatch, [{"loss": 1.0 - 0.001 * k, "accuracy": 0.5} for k in range(40)])
+    auto = {"epochs": "auto", "max_epochs": 5, "eval_every": 1, "patience": 3}
+    run = train(load(recipe_dict(tiny_bert, data, train={**auto, "metric": "loss"})), run_dir=tmp_path / "loss")
+    assert [e["step"] for e in validations(run)] == [1, 2, 3, 4] and run.training["best_step"] == 1
+    assert run.training["ended"].startswith("stopped: validation loss has not improved for 3 evaluations")
+
+    scripted(monkeypatch, [{"loss": 1.0 - 0.05 * k, "accuracy": 0.5} for k in range(4)]
+             + [{"loss": 0.85 - 0.001 * k, "accuracy": 0.5} for k in range(1, 40)])
+    tie = train(load(recipe_dict(tiny_bert, data, train=auto)), run_dir=tmp_path / "tie")
+    assert tie.training["best_step"] == 4 and [e["step"] for e in validations(tie)][-1] == 7
+
+    scripted(monkeypatch, [{"loss": 1.0 - 0.001 * k, "accuracy": 0.5} for k in range(40)])
+    fixed = train(load(recipe_dict(tiny_bert, data, train={"epochs": 2, "eval_every": 1, "metric": "loss"})),
+                  run_dir=tmp_path / "fixed")
+    assert fixed.training["steps"] == 8 and fixed.training["best_step"] == 8

@@ -18,6 +18,14 @@ Where the numbers come from (common practice, not one data set):
                  to MEDIUM_EPOCH, else one, so a small run's curve has points; patience: the evaluations of
                  PATIENCE_EPOCHS epochs and at least MIN_PATIENCE (HF's EarlyStoppingCallback examples use 3
                  evaluations), so the noise of a small validation split does not end a rising curve.
+                 An improvement (min_delta): a rate metric (accuracy, exact match, F1, ROUGE; better when higher)
+                 must rise by half a validation row's worth, ROW_SHARE / rows (accuracy moves in steps of 1/rows,
+                 F1 by about that when one row changes: less is noise, not a row more right); a loss (better when
+                 lower) must fall by LOSS_DELTA nats. A tie of the metric counts when the validation loss falls by
+                 LOSS_DELTA from the best checkpoint's: 13 rows tie at 10/13 while the loss still falls. Absolute
+                 margins bound the improvements a saturated curve can make (a loss of 0.05 at most 5 more), so
+                 accuracy 1.0 with a creeping loss stops instead of running to train.max_epochs. Keras' and
+                 Lightning's EarlyStopping default min_delta to 0; their users set 0.001-0.01, as here for a loss.
                  The learning-rate schedule runs over train.max_epochs (as HF Trainer with EarlyStoppingCallback
                  does over num_train_epochs): the rate at a step never depends on when training will stop, so a
                  stop decided later changes nothing before it and resume stays exact.
@@ -31,11 +39,21 @@ BATCH_STEPS = 30                # optimizer steps per epoch the default batch si
 SMALL_EPOCH, EVALS_SMALL = 50, 4        # optimizer steps per epoch; evaluations per epoch
 MEDIUM_EPOCH, EVALS_MEDIUM = 200, 2
 PATIENCE_EPOCHS, MIN_PATIENCE = 2, 3
+ROW_SHARE = 0.5                 # a rate metric's improvement under auto: half a validation row's worth
+LOSS_DELTA = 0.01               # nats: a loss's improvement under auto (the metric, or a tie's tie-break)
 
 
 def auto(cfg) -> bool:
     """Whether training length is decided by the validation curve: epochs: auto, and no train.max_steps."""
     return cfg.epochs == "auto" and not cfg.max_steps
+
+
+def min_delta(cfg, direction: str, rows: int) -> float:
+    """The least change of train.metric that counts as an improvement under epochs: auto: train.min_delta, else
+    ROW_SHARE / rows for a metric better when higher, LOSS_DELTA for one better when lower (a loss)."""
+    if cfg.min_delta is not None:
+        return cfg.min_delta
+    return ROW_SHARE / max(rows, 1) if direction == "max" else LOSS_DELTA
 
 
 def learning_rate(recipe) -> float:

@@ -19,11 +19,11 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from tunesmith import checkpoint, safety
+from tunesmith import checkpoint, defaults, safety
 from tunesmith.adapt import trainable_state
 from tunesmith.curve import stop_line, verdict
 from tunesmith.device import autocast
-from tunesmith.metrics import better
+from tunesmith.metrics import better, improves
 from tunesmith.selection.space import seconds as wall_seconds
 from tunesmith.steps import Meter, OptimizerStep, Schedule, State, accumulate, optimizer_for, skipped
 
@@ -44,7 +44,7 @@ def fit(task, adapted, train, evalset, recipe, run, accelerator, mixed: str = "n
     schedule = Schedule.of(cfg, len(train))
     total = schedule.total
     if schedule.auto and not resume:
-        say(auto_plan(cfg, schedule, len(evalset or ())))
+        say(auto_plan(cfg, schedule, len(evalset or ()), recipe.direction))
     optimizer, scheduler = optimizer_for(adapted, recipe, schedule, accelerator.device)
     model, optimizer = accelerator.prepare(model, optimizer)
     step = OptimizerStep(objective or task, model, optimizer, scheduler, train, cfg, accelerator, mixed)
@@ -144,6 +144,7 @@ class Validation:
                  schedule: Schedule | None = None):
         self.task, self.model, self.evalset, self.run, self.names = task, model, evalset, run, names
         self.floor = schedule.floor if schedule else 0  # no early stop before this step (auto: train.min_steps)
+        self.auto = bool(schedule and schedule.auto)    # improvements by a margin, ties broken by the loss
         self.accelerator, self.mixed, self.state, self.meter = accelerator, mixed, state, meter
         self.cfg, self.direction = recipe.train, recipe.direction
         self.batch_size = recipe.eval.batch_size    # lowered for evaluation alone after an out-of-memory error
@@ -166,8 +167,9 @@ class Validation:
         broken = [k for k in self.task.metrics if isinstance(result.get(k), float) and not math.isfinite(result[k])]
         if broken:
             acc.print(f"step {state.step}: validation {', '.join(broken)} not finite; not a best checkpoint")
-        if not broken and better(self.direction, value, state.best):
+        if not broken and self.improves(value, result):
             state.best, state.best_step, state.bad_evals = value, state.step, 0
+            state.best_loss = result.get("loss") if self.auto else None
             if acc.is_main_process and self.cfg.keep == "best":      # keep: last saves no best checkpoint
                 weights = trainable_state(acc.unwrap_model(self.model), self.names)
                 checkpoint.save(self.run.checkpoints / "best", weights, None, None, {"step": state.step, metric: value})
@@ -178,18 +180,37 @@ class Validation:
         self.meter.add("eval_seconds", t0)          # with saving the best checkpoint
         return self.done()
 
+    def improves(self, value: float, result: dict) -> bool:
+        """A new best: under epochs: auto by defaults.min_delta, or a tie with the loss lower by LOSS_DELTA
+        (metrics.improves); a number of epochs: any better value, as always."""
+        state = self.state
+        if not self.auto:
+            return better(self.direction, value, state.best)
+        delta = defaults.min_delta(self.cfg, self.direction, len(self.evalset))
+        loss = result.get("loss") if self.cfg.metric != "loss" else None
+        return improves(self.direction, value, state.best, delta, loss, state.best_loss, defaults.LOSS_DELTA)
+
     def done(self) -> bool:
         """Whether early stopping says stop: train.patience evaluations without improvement, past the floor."""
         state, patience = self.state, self.cfg.patience
         return patience is not None and state.bad_evals >= patience and state.step >= self.floor
 
 
-def auto_plan(cfg, schedule: Schedule, held_out: int) -> str:
+def improvement(cfg, direction: str, held_out: int) -> str:
+    """What counts as an improvement under auto, in words (defaults.min_delta)."""
+    delta = defaults.min_delta(cfg, direction, held_out)
+    way = "up" if direction == "max" else "down"
+    tie = f", or equal and loss down by {defaults.LOSS_DELTA:g}" if cfg.metric != "loss" else ""
+    return f"{way} by {delta:.3g} or more{tie}"
+
+
+def auto_plan(cfg, schedule: Schedule, held_out: int, direction: str = "max") -> str:
     """The line that says how epochs: auto will decide (tunesmith/defaults.py chose the numbers)."""
     per = schedule.per_epoch / schedule.eval_every
     return (f"epochs: auto: until validation {cfg.metric} stops improving on {held_out:,} held-out rows (checkpoint "
             f"choice): an evaluation every {schedule.eval_every} steps ({per:.3g} per epoch of "
             f"{schedule.per_epoch}), patience {cfg.patience} evaluations"
+            + f" (an improvement: {cfg.metric} {improvement(cfg, direction, held_out)})"
             + (f" after step {schedule.floor} (train.min_steps)" if schedule.floor else "")
             + f", at most train.max_epochs={cfg.max_epochs:g}" + (f" or train.budget={cfg.budget}" if cfg.budget
                                                                   else ""))

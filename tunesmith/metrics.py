@@ -16,6 +16,24 @@ def better(direction: str, new: float, old: float | None) -> bool:
     return new > old if direction == "max" else new < old
 
 
+def improves(direction: str, new: float, best: float | None, delta: float, loss: float | None = None,
+             best_loss: float | None = None, loss_delta: float = 0.0) -> bool:
+    """Whether an evaluation is an improvement for epochs: auto (tunesmith/defaults.py min_delta): `new` beats
+    `best` by at least `delta`; or it is not worse than `best` (a tie on a small validation split: accuracy moves
+    in steps of 1/rows) and its validation `loss` is below `best_loss`, the loss at the best checkpoint, by at
+    least `loss_delta`. Either margin keeps saturated data (accuracy 1.0, a loss creeping down) from counting
+    every evaluation as an improvement and running to the cap."""
+    if not math.isfinite(new):
+        return False
+    if best is None or not math.isfinite(best):
+        return True
+    gain = new - best if direction == "max" else best - new
+    if gain >= delta:
+        return True
+    tied_loss = loss is not None and math.isfinite(loss) and best_loss is not None and math.isfinite(best_loss)
+    return gain >= 0 and tied_loss and best_loss - loss >= loss_delta
+
+
 def classification(y_true, y_pred, probs, names: list[str]) -> dict:
     """accuracy, macro/weighted P/R/F1, per-class table, confusion matrix, calibration error.
 

@@ -125,6 +125,8 @@ class TrainConfig(Section):
     metric: str | None = None                   # best checkpoint / early stopping: one of the task's metrics
     patience: int | None = Field(None, gt=0)    # evaluations without improvement; None: no early stop
                                                 # (epochs: auto: two epochs' evaluations, at least 3)
+    min_delta: float | None = Field(None, ge=0)  # epochs: auto: the least gain of `metric` that is an improvement;
+                                                # None: half a validation row (accuracy...), 0.01 for a loss
     compile: bool = False                       # torch.compile the model (in place: checkpoints keep their names)
     fast_dropout: bool = True                   # CPU: dropout masks from a cheaper generator (tunesmith/dropout.py)
     feature_cache: bool = True                  # frozen bottom blocks, no dropout there: compute their output once

@@ -30,6 +30,7 @@ class State:
     position: int = 0          # optimizer steps done within the epoch
     best: float | None = None  # best value of the selection metric
     best_step: int = 0
+    best_loss: float | None = None  # validation loss at the best step (epochs: auto breaks the metric's ties by it)
     bad_evals: int = 0         # evaluations since the last improvement (early stopping)
     bad_steps: int = 0         # optimizer steps in a row skipped for a non-finite loss or gradient
     skipped: int = 0           # optimizer steps skipped in all
