@@ -17,6 +17,7 @@ BUILTIN: dict[str, str] = {
     "image-classification": "tunesmith.tasks.schema:ImageClassificationRecipe",
     "token-classification": "tunesmith.tasks.tagging:TokenClassificationRecipe",
     "text2text": "tunesmith.tasks.text2text_schema:Text2TextRecipe",
+    "object-detection": "tunesmith.tasks.detection_schema:DetectionRecipe",
 }
 _registered: dict[str, object] = {}            # name -> recipe class (register_task)
 
