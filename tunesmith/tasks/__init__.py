@@ -19,6 +19,7 @@ BUILTIN: dict[str, str] = {
     "text2text": "tunesmith.tasks.text2text_schema:Text2TextRecipe",
     "pretrain-causal": "tunesmith.tasks.pretrain_schema:CausalPretrainRecipe",
     "pretrain-masked": "tunesmith.tasks.pretrain_schema:MaskedPretrainRecipe",
+    "object-detection": "tunesmith.tasks.detection_schema:DetectionRecipe",
 }
 _registered: dict[str, object] = {}            # name -> recipe class (register_task)
 

@@ -1,0 +1,138 @@
+"""Object detection without torch: the recipe (label format, image size, score threshold, box augmentation settings)
+and the COCO scores of detections (faster-coco-eval, the `detection` extra; pycocotools computes the same numbers).
+
+Boxes are [x0, y0, x1, y1] in pixels of the original image everywhere outside the model (rows, predictions,
+eval.json's files); COCO's own files use [x, y, width, height] and are converted at their edge.
+"""
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field, field_validator
+
+from tunesmith.recipe import DataConfig, EvalConfig, Recipe, Section
+
+# eval.json's COCO numbers, in the order of COCOeval.stats (AP: IoU .50:.95 unless named; AR: recall at most
+# N detections an image); small/medium/large: objects under 32x32, 32x32-96x96, over 96x96 pixels (by area)
+STATS = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large",
+         "mar_1", "mar_10", "mar_100", "mar_small", "mar_medium", "mar_large")
+FORMATS = ("coco", "yolo", "voc")
+
+
+class DetectionData(DataConfig):
+    format: Literal["auto", "coco", "yolo", "voc"] = "auto"  # auto: a COCO .json, a YOLO data.yaml or folder of
+                                                # .txt labels, a folder of VOC .xml files (tasks/box_readers.py)
+    images: str | None = None                   # folder of the images when the labels name them relative to it
+                                                # (COCO file_name, VOC filename); None: beside the label files
+    names: list[str] | None = None              # class names in id order: YOLO without a data.yaml, or to fix the
+                                                # order (COCO: the categories, VOC: sorted names in train)
+    image_size: int | None = Field(None, ge=32)  # longest side the model sees (DETR-family: shortest_edge =
+                                                # longest_edge = N; a fixed-size processor, RT-DETR: N x N); None:
+                                                # the processor's own
+    negatives: bool = True                      # images without boxes train as negatives; false: left out (counted)
+
+    @field_validator("names")
+    @classmethod
+    def _names(cls, v):
+        if v is not None and (not v or len(set(v)) != len(v) or not all(isinstance(n, str) and n for n in v)):
+            raise ValueError("a list of distinct, non-empty class names")
+        return v
+
+
+class DetectionEval(EvalConfig):
+    score_threshold: float = Field(0.5, ge=0, le=1)  # predict/serve keep boxes scoring above it (the pipeline's 0.5)
+    max_detections: int = Field(100, gt=0)      # boxes per image scored by COCO mAP (its maxDets 100)
+
+
+class BoxAugmentConfig(Section):
+    """Training-time augmentation whose geometry moves the boxes with the pixels (tasks/box_augment.py, kornia);
+    boxes that leave the image are clipped, or dropped and counted when too little of them is left."""
+    hflip: float = Field(0.0, ge=0, le=1)       # probability of a horizontal flip
+    vflip: float = Field(0.0, ge=0, le=1)       # probability of a vertical flip
+    crop_scale: tuple[float, float] | None = None  # random resized crop: area fraction range, e.g. [0.5, 1]; None: off
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # random resized crop: aspect ratio (width / height) range
+    scale: tuple[float, float] | None = None    # random zoom factor range, e.g. [0.8, 1.2]; None: off
+    brightness: float = Field(0.0, ge=0, lt=1)  # factor uniform in [1 - x, 1 + x]
+    contrast: float = Field(0.0, ge=0, lt=1)
+    saturation: float = Field(0.0, ge=0, lt=1)
+    hue: float = Field(0.0, ge=0, le=0.5)       # shift in turns, uniform in [-x, x]
+    mosaic: float = Field(0.0, ge=0, le=1)      # probability that a batch image becomes a 2x2 mosaic of four
+    min_visible: float = Field(0.3, gt=0, le=1)  # a box keeping less than this share of its area is dropped
+
+    @field_validator("crop_scale", "crop_ratio", "scale")
+    @classmethod
+    def _range(cls, v):
+        if v is not None and not 0 < v[0] <= v[1]:
+            raise ValueError("a range [low, high] with 0 < low <= high")
+        return v
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.hflip or self.vflip or self.crop_scale or self.scale or self.brightness or self.contrast
+                    or self.saturation or self.hue or self.mosaic)
+
+
+class DetectionRecipe(Recipe):
+    task_class: ClassVar[str] = "tunesmith.tasks.detection:Detection"
+    metrics: ClassVar[dict[str, Literal["max", "min"]]] = {**{k: "max" for k in STATS}, "loss": "min"}
+    default_metric: ClassVar[str] = "map"
+    # DETR's own fine-tuning rate (1e-4); the new class head alone learns faster
+    learning_rates: ClassVar[dict[str, float]] = {"full": 1e-4, "lora": 2e-4, "head": 1e-3}
+    # no detector weights ship offline (shared/ASSETS.md): init writes the hub id
+    starter_model: ClassVar[tuple[str, str]] = ("", "PekingU/rtdetr_r18vd")
+
+    task: Literal["object-detection"]
+    data: DetectionData
+    eval: DetectionEval = DetectionEval()
+    augment: BoxAugmentConfig = BoxAugmentConfig()
+
+
+# --- COCO scores ---------------------------------------------------------------------------------------------
+
+def coco_files(images: list[dict], truth: list[list[tuple]], found: list[list[tuple]], names: list[str]):
+    """(ground truth, detections) as COCO dicts: images [{width, height}] in order (ids from 1), per image its true
+    (box, class id) and detected (box, class id, score) pairs, boxes xyxy pixels; category ids are class id + 1."""
+    gt = {"images": [{"id": i + 1, "width": im["width"], "height": im["height"]} for i, im in enumerate(images)],
+          "categories": [{"id": c + 1, "name": n} for c, n in enumerate(names)], "annotations": []}
+    dets = []
+    for i, (boxes, hits) in enumerate(zip(truth, found)):
+        for box, c in boxes:
+            w, h = box[2] - box[0], box[3] - box[1]
+            gt["annotations"].append({"id": len(gt["annotations"]) + 1, "image_id": i + 1, "category_id": c + 1,
+                                      "bbox": [box[0], box[1], w, h], "area": w * h, "iscrowd": 0})
+        dets += [{"image_id": i + 1, "category_id": c + 1, "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]],
+                  "score": s} for b, c, s in hits]
+    return gt, dets
+
+
+def coco_scores(gt: dict, dets: list[dict], names: list[str], max_detections: int = 100) -> dict:
+    """COCO box scores (STATS, -1 where undefined: no true boxes of that size) and per-class AP@[.5:.95] and AP@.5,
+    by faster-coco-eval's COCOeval (the `detection` extra), with COCO's own settings."""
+    try:
+        from faster_coco_eval import COCO, COCOeval_faster
+    except ImportError:
+        from tunesmith.errors import TunesmithError
+        raise TunesmithError("object detection's COCO mAP needs faster-coco-eval: pip install "
+                             "'tunesmith[detection]'") from None
+    import numpy as np
+
+    if not gt["annotations"]:
+        return {k: -1.0 for k in STATS} | {"per_class": {}, "n_images": len(gt["images"]), "n_boxes": 0}
+    truth = COCO(gt)
+    found = truth.loadRes(dets) if dets else COCO()
+    if not dets:
+        return {k: 0.0 for k in STATS} | {"per_class": {n: {"ap": 0.0, "ap_50": 0.0} for n in names},
+                                          "n_images": len(gt["images"]), "n_boxes": len(gt["annotations"])}
+    ev = COCOeval_faster(truth, found, "bbox", print_function=lambda *a, **k: None)
+    ev.params.maxDets = [1, 10, max_detections]
+    ev.evaluate()
+    ev.accumulate()
+    ev.summarize()
+    out = {k: float(v) for k, v in zip(STATS, ev.stats)}
+    precision = np.asarray(ev.eval["precision"])              # [IoU thresholds, recall points, classes, areas, maxDets]
+    per_class = {}
+    for k, cat in enumerate(ev.params.catIds):
+        p, p50 = precision[:, :, k, 0, -1], precision[0, :, k, 0, -1]
+        per_class[names[cat - 1]] = {"ap": float(p[p > -1].mean()) if (p > -1).any() else -1.0,
+                                     "ap_50": float(p50[p50 > -1].mean()) if (p50 > -1).any() else -1.0}
+    return out | {"per_class": per_class, "n_images": len(gt["images"]), "n_boxes": len(gt["annotations"])}
