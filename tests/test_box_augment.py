@@ -47,7 +47,7 @@ def test_boxes_stay_on_their_pixels(settings):
     assert checked >= 10
 
 
-def test_flip_maps_x_exactly():
+def test_flips_map_coordinates_exactly():
     images, boxes, labels = scene()
     boxes[0] = torch.tensor([[12.25, 10.0, 40.5, 30.0], [0.0, 0.0, 3.0, 2.0]])
     out, moved, kept, dropped = augment_boxes(images, boxes, labels, BoxAugment(hflip=1.0), torch.Generator())
@@ -56,6 +56,35 @@ def test_flip_maps_x_exactly():
         expected = torch.stack([W - before[:, 2], before[:, 1], W - before[:, 0], before[:, 3]], 1)
         assert torch.equal(after, expected)
     assert all(torch.equal(a, b) for a, b in zip(kept, labels))
+    out, moved, _, _ = augment_boxes(images, boxes, labels, BoxAugment(vflip=1.0), torch.Generator())
+    assert torch.equal(out, images.flip(-2))
+    for before, after in zip(boxes, moved):
+        assert torch.equal(after, torch.stack([before[:, 0], H - before[:, 3], before[:, 2], H - before[:, 1]], 1))
+
+
+def test_mosaic_puts_four_images_in_quarters_with_their_boxes():
+    images, boxes, labels = scene(4)
+    for i in range(4):                                  # image i: its first rectangle moved i * 4 px right
+        images[i, 0] = 0
+        images[i, 0, 10:30, 12 + 4 * i:40 + 4 * i] = 1
+        boxes[i][0] = torch.tensor([12.0 + 4 * i, 10, 40 + 4 * i, 30])
+    g = torch.Generator().manual_seed(0)
+    out, moved, kept, dropped = augment_boxes(images, boxes, labels, BoxAugment(mosaic=1.0, min_visible=0.0), g)
+    assert dropped == 0 and out.shape == images.shape
+    for i in range(4):
+        assert len(moved[i]) == 8 and sorted(kept[i].tolist()) == [0] * 4 + [1] * 4
+        for c in (0, 1):                               # every box of class c lies on its rectangle's pixels ...
+            mask, mine = out[i, c] > 0.5, moved[i][kept[i] == c]
+            for x0, y0, x1, y1 in mine.round().long().tolist():
+                assert mask[y0:y1, x0:x1].float().mean() > 0.95
+            area = ((mine[:, 2] - mine[:, 0]) * (mine[:, 3] - mine[:, 1])).sum()
+            assert abs(mask.sum() - area) < 0.1 * area  # ... and no pixels of the class lie outside them
+        top_left = moved[i][0]                         # the image itself, at half size in the top left quarter
+        assert torch.allclose(top_left, boxes[i][0] / 2)
+    again = augment_boxes(images, boxes, labels, BoxAugment(mosaic=1.0), torch.Generator().manual_seed(0))
+    assert torch.equal(again[0], out)
+    none = augment_boxes(images, boxes, labels, BoxAugment(mosaic=1e-9), torch.Generator().manual_seed(0))
+    assert none[0] is images
 
 
 def test_clip_and_drop_counts():
@@ -113,7 +142,7 @@ def test_nothing_enabled_returns_the_inputs_and_still_draws_once():
 
 def test_settings_are_checked():
     for bad in ({"crop_scale": [0.9, 0.5]}, {"crop_scale": [0.5, 1.5]}, {"scale": [0, 1]}, {"hflip": 2},
-                {"vflip": 0.5}):
+                {"rotation": 5}, {"mosaic": 1.5}):
         with pytest.raises(ValidationError):
             BoxAugment(**bad)
     assert not BoxAugment().enabled and BoxAugment(hue=0.1).enabled and not BoxAugment(hue=0.1).geometric

@@ -6,9 +6,10 @@ augment_boxes(images, boxes, labels, settings, generator) -> (images, boxes, lab
             2..7 is x0 = 2, x1 = 8 (COCO's x, x + w)
   labels    one [n] long tensor per image, kept in step with its boxes
   settings  a BoxAugment (tunesmith/tasks/box_augment_schema.py)
-  generator a torch.Generator: the only source of randomness. One int64 is drawn from it per call and seeds
-            kornia inside torch.random.fork_rng, so the global RNG is left as it was, and the same generator
-            state gives the same output (exact resume restores the generator, nothing else)
+  generator a torch.Generator: the only source of randomness. One int64 is drawn from it per call (whatever the
+            settings); it seeds the mosaic's draws and kornia inside torch.random.fork_rng, so the global RNG is
+            left as it was, and the same generator state gives the same output (exact resume restores the
+            generator, nothing else)
   dropped   boxes removed because the augmentation left too little of them inside the image
 
 Coordinates: kornia treats a box corner as a pixel centre (its "xyxy_plus" form; a flip maps x to W - 1 - x);
@@ -16,9 +17,10 @@ ours are pixel edges. The boxes go in shifted by -0.5 and come back shifted by +
 step exact for edges (a flip maps x0, x1 to W - x1, W - x0). Moved boxes are clipped to the image; one keeping
 less than `min_visible` of its moved area, or nothing, is dropped.
 
-Mosaic is not offered: kornia's RandomMosaic refuses a label key, and four images per sample would change the
-batch's composition under the loop's sampler (exact resume). Vertical flips and rotations are left out too: the
-first changes what "up" means for most scenes, the second turns boxes into larger axis-aligned hulls.
+Order: mosaic, zoom, resized crop, flips, colour. The mosaic is done here, not by kornia (its RandomMosaic refuses a
+label key): an image picked with probability `mosaic` becomes a 2 x 2 grid of itself and three other images of the
+batch, each resized to its quarter (boxes scaled and offset: exact for edges), so the batch keeps its size and the
+loop's sampler is untouched. Rotations are not offered: they turn boxes into larger axis-aligned hulls.
 """
 from __future__ import annotations
 
@@ -48,6 +50,8 @@ def _pipeline(settings: BoxAugment, height: int, width: int):
                                              p=1.0))
         if settings.hflip:
             steps.append(K.RandomHorizontalFlip(p=settings.hflip))
+        if settings.vflip:
+            steps.append(K.RandomVerticalFlip(p=settings.vflip))
         if settings.brightness or settings.contrast or settings.saturation or settings.hue:
             steps.append(K.ColorJitter(settings.brightness, settings.contrast, settings.saturation, settings.hue,
                                        p=1.0))
@@ -64,6 +68,8 @@ def augment_boxes(images: torch.Tensor, boxes: list[torch.Tensor], labels: list[
                          f"(got {tuple(images.shape)}, {len(boxes)} boxes, {len(labels)} labels)")
     seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator))     # drawn even when nothing is on: one
     height, width = images.shape[-2:]                                    # draw per call keeps the stream aligned
+    if settings.mosaic:
+        images, boxes, labels = mosaic(images, boxes, labels, settings.mosaic, torch.Generator().manual_seed(seed))
     aug = _pipeline(settings, height, width)
     if aug is None:
         return images, boxes, labels, 0
@@ -79,6 +85,33 @@ def augment_boxes(images: torch.Tensor, boxes: list[torch.Tensor], labels: list[
         kept_boxes.append(b[keep])
         kept_labels.append(y[keep.to(y.device)])
     return out_images.clamp(0, 1), kept_boxes, kept_labels, dropped
+
+
+def mosaic(images: torch.Tensor, boxes: list[torch.Tensor], labels: list[torch.Tensor], p: float,
+           generator: torch.Generator) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """Each image, with probability p, replaced by a 2 x 2 grid: itself top left, three other images of the batch
+    (drawn with repetition) in the other quarters, each resized to its quarter; boxes scaled and moved with them."""
+    import torch.nn.functional as F
+
+    n, _, height, width = images.shape
+    picked = (torch.rand(n, generator=generator) < p).tolist()
+    others = torch.randint(0, n, (n, 3), generator=generator).tolist()
+    if not any(picked):
+        return images, boxes, labels
+    h0, w0 = height // 2, width // 2
+    quarters = [(0, 0, h0, w0), (0, w0, h0, width - w0), (h0, 0, height - h0, w0), (h0, w0, height - h0, width - w0)]
+    out, out_boxes, out_labels = images.clone(), list(boxes), list(labels)
+    for i in (i for i in range(n) if picked[i]):
+        parts_b, parts_y = [], []
+        for j, (y, x, h, w) in zip([i, *others[i]], quarters):
+            out[i, :, y:y + h, x:x + w] = F.interpolate(images[j:j + 1], size=(h, w), mode="bilinear",
+                                                        align_corners=False, antialias=True)[0]
+            scale = torch.tensor([w / width, h / height, w / width, h / height], dtype=images.dtype)
+            parts_b.append(boxes[j].to(images.dtype).reshape(-1, 4) * scale.to(boxes[j].device)
+                           + torch.tensor([x, y, x, y], dtype=images.dtype, device=boxes[j].device))
+            parts_y.append(labels[j])
+        out_boxes[i], out_labels[i] = torch.cat(parts_b), torch.cat(parts_y)
+    return out, out_boxes, out_labels
 
 
 def clip_boxes(boxes: torch.Tensor, width: int, height: int, min_visible: float
