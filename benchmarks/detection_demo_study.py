@@ -192,6 +192,7 @@ def main() -> None:
     ap.add_argument("--backbone-lr", type=float, default=5e-5, help="the pretrained backbone's (rtdetr-mnv2)")
     ap.add_argument("--freeze-backbone", action="store_true", help="rtdetr-mnv2: train the detector on frozen "
                     "ImageNet features (cheaper steps)")
+    ap.add_argument("--baseline", action="store_true", help="score the untrained model on the test tiles first")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
@@ -220,7 +221,7 @@ def main() -> None:
           f"({sum(p.numel() for p in pretrained) / 1e6:.2f}M pretrained); tiles {args.tile}px: {len(train)} train "
           f"({sum(len(t['boxes']) for t in train)} boxes), {len(test)} test ({sum(len(t['boxes']) for t in test)} "
           f"boxes)")
-    before = coco_map(model, test, args.tile, sigmoid)
+    before = coco_map(model, test, args.tile, sigmoid) if args.baseline else None
     model.train()
     steps, seen, losses, t0 = 0, 0, [], time.perf_counter()
     def spent() -> bool:
