@@ -205,6 +205,7 @@ def _train(trainer: Trainer, recipe: Recipe, task, loaded, run: Run, accelerator
 
     objective = trainer.objective(task, features, recipe.eval.batch_size)
     model.to(accelerator.device)
+    task.precompute(model, features, recipe.eval.batch_size)       # from the model as loaded (DPO's reference)
     before = None
     if recipe.eval.before and not resume:
         model.eval()

@@ -242,6 +242,11 @@ class Recipe(Section):
         task recognises its own formats here, so init's shared code never names a task."""
         return None
 
+    def task_for(self):
+        """The Task class ("module:Class", or the class) for this recipe: `task_class`, unless a task's keys choose
+        another (causal-lm's train.objective dpo / orpo)."""
+        return type(self).task_class
+
     @classmethod
     def task_name(cls) -> str:
         """The task name this recipe class is for (its `task: Literal[...]`)."""

@@ -51,9 +51,8 @@ def recipe_classes() -> dict[str, type]:
 
 
 def task_class(recipe) -> type:
-    """The Task class of a validated recipe."""
-    ref = type(recipe).task_class
-    return _load(ref)
+    """The Task class of a validated recipe (Recipe.task_for: its task_class, or one its keys choose)."""
+    return _load(recipe.task_for())
 
 
 def get_task(recipe, pad_multiple: int = 1):

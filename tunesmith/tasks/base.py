@@ -5,7 +5,8 @@ Data:   read(source, split) -> Table or None (a format of its own);
         check(row, split) -> reason or None; check_notes();  prepare(train_rows);  encode(rows) -> Features;
         length(feature);  collate(features) -> batch
 Model:  load_model() -> model for training;  load_trained(folder) -> model;  save(model, folder)
-Train:  loss(model, batch) -> sum over items;  count(batch) -> items;  evaluate(model, features, batch_size);
+Train:  precompute(model, features, batch_size) once before training;  loss(model, batch) -> sum over items;
+        count(batch) -> items;  evaluate(model, features, batch_size);
         objective(features) -> what fit minimises under adapt.method (the task itself, or e.g. contrastive pairs)
         evaluate_final(...) for eval.json (adds slow metrics and per-example files)
 Distil: teacher_outputs(model, features, batch_size);  distillation(temperature, alpha) -> objective, where
@@ -260,6 +261,11 @@ class Task:
         self.processor.save_pretrained(folder)
 
     # --- training and evaluation --------------------------------------------------------------------
+    def precompute(self, model, features: dict[str, list[dict]], batch_size: int) -> None:
+        """Per-feature values computed once from the model as loaded (before eval.before, adaptation and the
+        first step) and stored in the features of every split (split -> features): causal-lm's DPO reference
+        log-probs. Default: nothing."""
+
     def loss(self, model, batch: dict) -> torch.Tensor:
         """The SUM of the batch's per-item losses (items: examples, or label tokens); the loop divides by the
         items of the whole optimizer step (all micro-batches, all processes), so gradient accumulation and DDP

@@ -325,18 +325,8 @@ class CausalLM(Generative):
         """Summed cross-entropy over the batch's label tokens, with the LM head applied only where a label
         follows: the head over the vocabulary is a large share of a small model's compute, and most positions
         are prompt. No KV cache while training."""
-        target = batch["labels"][:, 1:]                          # [B, T-1]: position t predicts token t+1
-        keep = torch.nn.functional.pad(target != -100, (0, 1))   # [B, T] bool: positions followed by a label
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        token = SEGMENTS.set(segments(batch["position_ids"])) if "position_ids" in batch else None
-        try:
-            logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits   # [N, V], N label tokens
-        except TypeError:                    # a model without logits_to_keep: fails before computing anything
-            logits = model(**inputs, use_cache=False).logits[:, :-1][keep[:, :-1]]
-        finally:
-            if token is not None:
-                SEGMENTS.reset(token)
-        return torch.nn.functional.cross_entropy(logits.float(), target[keep[:, :-1]], reduction="sum")
+        logits, target, _ = label_logits(model, batch)
+        return torch.nn.functional.cross_entropy(logits.float(), target, reduction="sum")
 
     def count(self, batch: dict) -> float:
         """Label tokens (what HF's shifted causal-LM loss averages over)."""
@@ -362,6 +352,24 @@ class CausalLM(Generative):
         msgs = self.split_answer([{"role": "user", "content": item}] if isinstance(item, str) else
                                  self.messages(item))[0]
         return self.prompt_ids(msgs), msgs[-1]["content"] if msgs else ""
+
+
+def label_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits [N, V], targets [N], where [B, T-1] bool) at the N positions followed by a label, in row-major
+    order; batch: input_ids and labels [B, T], attention_mask or position_ids. No KV cache."""
+    target = batch["labels"][:, 1:]                          # [B, T-1]: position t predicts token t+1
+    keep = torch.nn.functional.pad(target != -100, (0, 1))   # [B, T] bool: positions followed by a label
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "reference")}
+    token = SEGMENTS.set(segments(batch["position_ids"])) if "position_ids" in batch else None
+    try:
+        logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits   # [N, V], N label tokens
+    except TypeError:                    # a model without logits_to_keep: fails before computing anything
+        logits = model(**inputs, use_cache=False).logits[:, :-1][keep[:, :-1]]
+    finally:
+        if token is not None:
+            SEGMENTS.reset(token)
+    where = keep[:, :-1]
+    return logits, target[where], where
 
 
 def token_losses(task, model, features: list[dict], batch_size: int) -> dict:

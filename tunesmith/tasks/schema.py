@@ -11,7 +11,7 @@ import math
 from collections import Counter
 from typing import ClassVar, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from tunesmith.recipe import AdaptConfig, DataConfig, DoctorConfig, EvalConfig, Guess, Recipe, Section, TrainConfig
 
@@ -276,11 +276,43 @@ class CausalLMData(DataConfig):
     response_column: str = "response"
     chat_template: str | None = None            # Jinja chat template; None: the tokenizer's own
     max_length: int = Field(128, gt=0)          # tokens per conversation; longer ones are cut and counted
+    chosen_column: str = "chosen"               # train.objective dpo/orpo: the preferred answer (text or messages)
+    rejected_column: str = "rejected"           # ... and the dispreferred one
+
+
+class DPOConfig(Section):
+    """train.objective: dpo (Rafailov et al. 2023), the reference being the model before training."""
+    beta: float = Field(0.1, gt=0)              # strength of the pull from the reference (TRL's default 0.1)
+    loss: Literal["sigmoid", "ipo"] = "sigmoid"  # sigmoid: DPO's; ipo: squared, on per-token mean log-probs
+
+
+class ORPOConfig(Section):
+    """train.objective: orpo (Hong et al. 2024): SFT loss on the chosen answer + lambda x odds-ratio loss."""
+    model_config = ConfigDict(populate_by_name=True)
+    lambda_: float = Field(0.1, gt=0, alias="lambda")   # weight of the odds-ratio term (the paper's and TRL's 0.1)
 
 
 class CausalLMTrain(TrainConfig):
     packing: bool = False                       # several examples per row, none attends across
     pack_length: int | None = Field(None, gt=0)  # tokens per packed row; None: data.max_length
+    # sft: the assistant turns' cross-entropy; dpo / orpo: preference pairs (prompt + chosen + rejected rows,
+    # tunesmith/tasks/preference.py)
+    objective: Literal["sft", "dpo", "orpo"] = "sft"
+    dpo: DPOConfig = DPOConfig()
+    orpo: ORPOConfig = ORPOConfig()
+
+    @model_validator(mode="after")
+    def _no_packing_pairs(self):
+        if self.packing and self.objective != "sft":
+            raise ValueError(f"train.packing works with train.objective sft only, not {self.objective}: "
+                             "preference pairs are batched chosen + rejected")
+        return self
+
+
+PREFERENCE_METRICS: dict[str, Literal["max", "min"]] = {
+    "loss": "min", "reward_accuracy": "max", "reward_margin": "max", "logp_accuracy": "max",
+    "chosen_logp": "max", "rejected_logp": "min"}
+GENERATION_METRICS: dict[str, Literal["max", "min"]] = {"exact_match": "max", "rouge_l": "max"}
 
 
 def conversation(value) -> list[dict] | None:
@@ -297,7 +329,9 @@ def conversation(value) -> list[dict] | None:
 
 class CausalLMRecipe(GenerativeTuning, Recipe):
     task_class: ClassVar[str] = "tunesmith.tasks.causal_lm:CausalLM"
-    metrics: ClassVar[dict[str, Literal["max", "min"]]] = {"loss": "min", "perplexity": "min"}
+    # every objective's metrics (train.metric is checked against its objective's: objective_metrics)
+    metrics: ClassVar[dict[str, Literal["max", "min"]]] = {"loss": "min", "perplexity": "min",
+                                                           **PREFERENCE_METRICS, **GENERATION_METRICS}
     default_metric: ClassVar[str] = "loss"
     default_method: ClassVar[str] = "lora"
     starter_model: ClassVar[tuple[str, str]] = ("smollm2", "HuggingFaceTB/SmolLM2-135M-Instruct")
@@ -308,6 +342,35 @@ class CausalLMRecipe(GenerativeTuning, Recipe):
     data: CausalLMData
     train: CausalLMTrain = CausalLMTrain()
     eval: GenerativeEval = GenerativeEval()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preference_metric(cls, data):
+        """dpo / orpo without train.metric: the best checkpoint by held-out reward accuracy, or by exact match of
+        the generated answers when eval.generate is set."""
+        train = data.get("train") if isinstance(data, dict) else None
+        if isinstance(train, dict) and train.get("objective", "sft") != "sft" and train.get("metric") is None:
+            generate = (data.get("eval") or {}).get("generate") if isinstance(data.get("eval"), dict) else None
+            data = {**data, "train": {**train, "metric": "exact_match" if generate else "reward_accuracy"}}
+        return data
+
+    @model_validator(mode="after")
+    def _objective_metric(self):
+        known = self.objective_metrics()
+        if self.train.metric not in known:
+            raise ValueError(f"train.metric '{self.train.metric}' is not reported under train.objective="
+                             f"{self.train.objective}: choose one of {', '.join(known)}")
+        return self
+
+    def objective_metrics(self) -> dict[str, Literal["max", "min"]]:
+        """What validation reports under train.objective: sft loss and perplexity; dpo / orpo the pair metrics,
+        with exact match and ROUGE-L of generated chosen answers when eval.generate is set."""
+        if self.train.objective == "sft":
+            return {"loss": "min", "perplexity": "min"}
+        return {**PREFERENCE_METRICS, **(GENERATION_METRICS if self.eval.generate is not None else {})}
+
+    def task_for(self):
+        return "tunesmith.tasks.preference:Preference" if self.train.objective != "sft" else self.task_class
 
     @classmethod
     def sniff(cls, profile) -> Guess | None:
