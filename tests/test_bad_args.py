@@ -47,6 +47,7 @@ ROWS = [
     ("predict", ["{run}"]),
     ("predict", ["{run}", "--input", "{missing}.txt"]),
     ("predict", ["{file}", "a text"]),
+    ("predict", ["{run}", "a text", "--out", "drawn.png"]),
     # demo: every row must fail before MiniLM loads
     ("demo", ["train.epochs=-1"]),
     ("demo", ["no_such_key=1"]),

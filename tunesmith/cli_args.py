@@ -115,6 +115,8 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("inputs", nargs="*")
     pr.add_argument("--input", metavar="FILE", help="rows to predict (.jsonl .csv .parquet, as data.train reads them; "
                                                     "or .txt with one input per line)")
+    pr.add_argument("--out", metavar="PNG", help="tasks that predict boxes: draw them on the image argument, saved "
+                                                 "as this PNG (several images: PNG-1.png, PNG-2.png, ...)")
     _device(pr)
     d = _command(sub, "demo")
     d.add_argument("overrides", nargs="*")

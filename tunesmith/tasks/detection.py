@@ -76,7 +76,7 @@ class Detection(Task):
         None: another format (JSONL rows of the row format, as a run's data/test.jsonl), the shared readers'."""
         cfg = self.recipe.data
         form = cfg.format if cfg.format != "auto" else box_readers.detect(source)
-        if form is None:
+        if form is None or Path(source).suffix.lower() == ".jsonl":
             return None
         got = box_readers.read(source, split, form, cfg.images, cfg.names)
         if split == "train":
