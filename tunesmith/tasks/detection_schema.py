@@ -78,8 +78,8 @@ class DetectionRecipe(Recipe):
     default_metric: ClassVar[str] = "map"
     # DETR's own fine-tuning rate (1e-4); the new class head alone learns faster
     learning_rates: ClassVar[dict[str, float]] = {"full": 1e-4, "lora": 2e-4, "head": 1e-3}
-    # no detector weights ship offline (shared/ASSETS.md): init writes the hub id
-    starter_model: ClassVar[tuple[str, str]] = ("", "PekingU/rtdetr_r18vd")
+    # starter_model None: no detector weights ship offline (shared/ASSETS.md); users give a hub id
+    # (PekingU/rtdetr_r18vd, facebook/detr-resnet-50, hustvl/yolos-tiny) or a folder
 
     task: Literal["object-detection"]
     data: DetectionData
