@@ -260,3 +260,39 @@ def test_other_detr_family_models_learn_through_the_task(scenes, kind, tmp_path)
     assert 0 <= scores["map_50"] <= 1 and scores["loss"] > 0
     (got,) = task.predict(model, [table.rows[0]["image"]])
     assert all(len(b["box"]) == 4 and b["label"] in NAMES for b in got["boxes"])
+
+
+def test_the_augmentation_call_point_hands_pixels_and_boxes_and_takes_them_back(scenes, monkeypatch):
+    """box_augment.augment_boxes (kornia) gets images [B, 3, H, W] in [0, 1] and xyxy pixel boxes; an identity
+    augmentation leaves the loss as it was, a horizontal flip moves the boxes with the pixels."""
+    calls = []
+
+    def augment_boxes(images, boxes, labels, settings, generator, flip=False):
+        calls.append((images.clone(), [b.clone() for b in boxes], settings))
+        if flip:
+            w = images.shape[-1]
+            return images.flip(-1), [torch.stack([w - b[:, 2], b[:, 1], w - b[:, 0], b[:, 3]], -1) for b in boxes], \
+                labels, 0
+        return images, boxes, labels, 0
+
+    fake = types.ModuleType("tunesmith.tasks.box_augment")
+    fake.augment_boxes = augment_boxes
+    monkeypatch.setitem(sys.modules, "tunesmith.tasks.box_augment", fake)
+    task = get_task(load(recipe(scenes["yolos"], scenes["coco"], augment={"hflip": 0.5})))
+    table = task.read(str(scenes["coco"]), "train")
+    task.prepare(table.rows)
+    features = task.encode(table.rows[:2])
+    batch = task.collate(features)
+    model = task.load_model().eval()
+    with torch.no_grad():
+        plain = model(**batch).loss * 2
+        assert task.loss(model, batch) == pytest.approx(float(plain), rel=1e-4)
+        images, boxes, settings = calls[0]
+        assert 0 <= images.min() and images.max() <= 1 and settings.hflip == 0.5
+        assert boxes[0][0].tolist() == pytest.approx(features[0]["boxes"][0].tolist(), abs=1e-3)   # xyxy pixels
+        fake.augment_boxes = lambda *a: augment_boxes(*a, flip=True)
+        flipped = task.augmented(batch, task.recipe.augment)
+        w = batch["pixel_values"].shape[-1]
+        assert torch.allclose(flipped["pixel_values"], batch["pixel_values"].flip(-1), atol=1e-5)
+        cx = batch["labels"][0]["boxes"][:, 0]
+        assert torch.allclose(flipped["labels"][0]["boxes"][:, 0], 1 - cx, atol=1e-5) and w > 0

@@ -244,9 +244,13 @@ class Detection(Task):
         boxes = [corners(t["boxes"].cpu()) * size for t in batch["labels"]]
         classes = [t["class_labels"].cpu() for t in batch["labels"]]
         x, boxes, classes, _ = augment(x, boxes, classes, aug, g)
-        labels = [target(b, c, W, H) for b, c in zip(boxes, classes)]
-        return {**batch, "pixel_values": x * 255 * scale + shift,
-                "labels": [{k: v.to(pv.device) for k, v in t.items()} for t in labels]}
+        _, _, h, w = x.shape                        # a resizing augmentation may change the batch's size
+        labels = [target(b, c, w, h) for b, c in zip(boxes, classes)]
+        out = {**batch, "pixel_values": x * 255 * scale + shift,
+               "labels": [{k: v.to(pv.device) for k, v in t.items()} for t in labels]}
+        if "pixel_mask" in batch and (h, w) != (H, W):
+            out["pixel_mask"] = torch.ones((len(x), h, w), dtype=batch["pixel_mask"].dtype, device=pv.device)
+        return out
 
     def detect(self, model, features: list[dict], batch_size: int, threshold: float, top: int):
         """(mean loss or None, per feature its detections [(xyxy original pixels, class id, score)], most
