@@ -296,3 +296,15 @@ def test_the_augmentation_call_point_hands_pixels_and_boxes_and_takes_them_back(
         assert torch.allclose(flipped["pixel_values"], batch["pixel_values"].flip(-1), atol=1e-5)
         cx = batch["labels"][0]["boxes"][:, 0]
         assert torch.allclose(flipped["labels"][0]["boxes"][:, 0], 1 - cx, atol=1e-5) and w > 0
+
+
+def test_coco_scores_of_no_and_of_perfect_detections():
+    from tunesmith.tasks.detection_schema import coco_files, coco_scores
+
+    images, truth = [{"width": 64, "height": 48}], [[([1, 1, 20, 20], 0)]]
+    none = coco_scores(*coco_files(images, truth, [[]], NAMES), NAMES)
+    assert none["map"] == 0 and none["map_large"] == -1 and none["per_class"] == {
+        "red": {"ap": 0.0, "ap_50": 0.0}, "blue": {"ap": -1.0, "ap_50": -1.0}}     # no true blue box: undefined
+    perfect = coco_scores(*coco_files(images, truth, [[([1, 1, 20, 20], 0, 0.9), ([30, 30, 40, 40], 1, 0.5)]],
+                                      NAMES), NAMES)
+    assert perfect["map"] == perfect["mar_100"] == 1.0 and perfect["n_boxes"] == 1

@@ -119,11 +119,7 @@ def coco_scores(gt: dict, dets: list[dict], names: list[str], max_detections: in
     if not gt["annotations"]:
         return {k: -1.0 for k in STATS} | {"per_class": {}, "n_images": len(gt["images"]), "n_boxes": 0}
     truth = COCO(gt)
-    found = truth.loadRes(dets) if dets else COCO()
-    if not dets:
-        return {k: 0.0 for k in STATS} | {"per_class": {n: {"ap": 0.0, "ap_50": 0.0} for n in names},
-                                          "n_images": len(gt["images"]), "n_boxes": len(gt["annotations"])}
-    ev = COCOeval_faster(truth, found, "bbox", print_function=lambda *a, **k: None)
+    ev = COCOeval_faster(truth, truth.loadRes(dets), "bbox", print_function=lambda *a, **k: None)
     ev.params.maxDets = [1, 10, max_detections]
     ev.evaluate()
     ev.accumulate()
