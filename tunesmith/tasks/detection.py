@@ -269,10 +269,10 @@ class Detection(Task):
             for i, (f, d) in enumerate(zip(chunk, found)):
                 _, h, w = f["pixels"].shape
                 back = torch.tensor([f["size"][1] / w, f["size"][0] / h] * 2)
-                order = d["scores"].float().argsort(descending=True)[:top].cpu()
+                scores, classes, boxes = d["scores"].float().cpu(), d["labels"].cpu(), d["boxes"].float().cpu()
+                order = scores.argsort(descending=True, stable=True)[:top]
                 out[s + i] = [(b, int(c), min(max(float(p), 0.0), 1.0)) for b, c, p in
-                              zip((d["boxes"].float().cpu()[order] * back).tolist(), d["labels"][order].tolist(),
-                                  d["scores"][order].tolist())]
+                              zip((boxes[order] * back).tolist(), classes[order].tolist(), scores[order].tolist())]
         loss = sum(a * n for a, n in losses) / sum(n for _, n in losses) if losses else None
         return loss, out
 
