@@ -308,3 +308,13 @@ def test_coco_scores_of_no_and_of_perfect_detections():
     perfect = coco_scores(*coco_files(images, truth, [[([1, 1, 20, 20], 0, 0.9), ([30, 30, 40, 40], 1, 0.5)]],
                                       NAMES), NAMES)
     assert perfect["map"] == perfect["mar_100"] == 1.0 and perfect["n_boxes"] == 1
+
+
+def test_yolo_splits_from_the_data_yaml_and_negatives_left_out_when_asked(scenes):
+    assert len(box_readers.read(str(scenes["yolo"]), "validation", "yolo").rows) == 8      # data.yaml's val: images
+    with pytest.raises(DataError, match="no 'test' folder"):
+        box_readers.read(str(scenes["yolo"]), "test", "yolo")
+    task = get_task(load(recipe(scenes["yolos"], scenes["yolo"], data={"negatives": False})))
+    table = task.read(str(scenes["yolo"]), "train")
+    assert len(table.rows) == 7 and all(r["boxes"] for r in table.rows)
+    assert task.check_notes() == ["train: 1 image(s) without boxes left out (data.negatives: false)"]
