@@ -318,3 +318,15 @@ def test_yolo_splits_from_the_data_yaml_and_negatives_left_out_when_asked(scenes
     table = task.read(str(scenes["yolo"]), "train")
     assert len(table.rows) == 7 and all(r["boxes"] for r in table.rows)
     assert task.check_notes() == ["train: 1 image(s) without boxes left out (data.negatives: false)"]
+
+
+def test_init_recognises_coco_and_yolo_labels_without_torch(scenes):
+    from tunesmith import starter
+
+    for form in ("coco", "yolo"):
+        made = starter.init(scenes[form], model=str(scenes["yolos"]), out=None)
+        assert made["task"] == "object-detection" and made["recipe"]["data"]["format"] == form
+        assert ("7 boxes" if form == "coco" else "2 classes (red, blue)") in made["text"]
+    code = "import sys, tunesmith.tasks.box_readers, tunesmith.tasks.detection_schema; print('torch' in sys.modules)"
+    import subprocess
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"

@@ -19,7 +19,6 @@ from pathlib import Path
 import yaml
 
 from tunesmith.data import DataError
-from tunesmith.vision import IMAGE_SUFFIXES
 
 EDGE = 0.5                  # pixels a box may stick out of the image (rounding in the labeller): clipped, not rejected
 YAML_NAMES = ("data.yaml", "dataset.yaml")
@@ -212,6 +211,8 @@ def label_file(image: Path) -> Path:
 def read_yolo(path: Path, split: str, names: list[str] | None = None) -> BoxData:
     """Images under a folder (or the split's folder of a data.yaml: train, val, test), each with a label file
     (`label_file`) of lines `class cx cy w h`, normalised to the image; no label file: a negative."""
+    from tunesmith.vision import IMAGE_SUFFIXES  # here: tunesmith.vision imports torch
+
     if path.is_file():
         doc = load_yaml(path)
         root = Path(doc.get("path") or ".")
