@@ -330,3 +330,13 @@ def test_init_recognises_coco_and_yolo_labels_without_torch(scenes):
     code = "import sys, tunesmith.tasks.box_readers, tunesmith.tasks.detection_schema; print('torch' in sys.modules)"
     import subprocess
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
+def test_a_class_outside_data_names_is_a_rejected_box(scenes):
+    task = get_task(load(recipe(scenes["yolos"], scenes["coco"], data={"names": ["red"]})))
+    table = task.read(str(scenes["coco"]), "train")
+    blue = sum(t["labels"].count("blue") for t in scenes["truth"])
+    assert [r.reason for r in table.rejects] == ["class 'blue' is not in data.names"] * blue
+    assert all(task.check(r, "train") is None and set(r["labels"]) <= {"red"} for r in table.rows)
+    blue_row = {"image": table.rows[0]["image"], "width": 64, "height": 48, "boxes": [[1, 1, 9, 9]], "labels": ["blue"]}
+    assert task.check(blue_row, "train") == "class 'blue' is not among the classes (red; data.names or train's)"

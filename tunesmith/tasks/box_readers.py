@@ -101,7 +101,7 @@ def read(source: str, split: str, form: str, images: str | None = None, names: l
     if not path.exists():
         raise DataError(f"{source}: not found")
     if form == "coco":
-        return read_coco(path, images)
+        return read_coco(path, images, names)
     if form == "yolo":
         return read_yolo(path, split, names)
     return read_voc(path, images, names)
@@ -109,9 +109,10 @@ def read(source: str, split: str, form: str, images: str | None = None, names: l
 
 # --- COCO ------------------------------------------------------------------------------------------------------
 
-def read_coco(path: Path, images: str | None = None) -> BoxData:
+def read_coco(path: Path, images: str | None = None, names: list[str] | None = None) -> BoxData:
     """A COCO instances file: images [{id, file_name, width, height}], annotations [{id, image_id, category_id,
-    bbox [x, y, w, h]}], categories [{id, name}]; file names relative to `images` (else the JSON's folder)."""
+    bbox [x, y, w, h]}], categories [{id, name}]; file names relative to `images` (else the JSON's folder).
+    names: the classes to train (data.names); boxes of other categories are rejected."""
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
@@ -152,6 +153,8 @@ def read_coco(path: Path, images: str | None = None) -> BoxData:
         elif a.get("category_id") not in cats:
             data.rejected.append((where, f"unknown category_id {a.get('category_id')!r} (categories: "
                                          f"{', '.join(map(str, sorted(cats, key=str)))})"))
+        elif names and cats[a["category_id"]] not in names:
+            data.rejected.append((where, f"class {cats[a['category_id']]!r} is not in data.names"))
         elif a.get("iscrowd"):
             data.rejected.append((where, "crowd region (iscrowd: 1): COCO scoring ignores it; not trained"))
         elif not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):

@@ -98,14 +98,15 @@ class Detection(Task):
             return "width and height must be positive integers (pixels)"
         if not (isinstance(boxes, list) and isinstance(labels, list) and len(boxes) == len(labels)):
             return "boxes and labels must be lists of the same length"
+        known = self.names or self.recipe.data.names        # train's classes once learned, else data.names
         for box, label in zip(boxes, labels):
             if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)):
                 return f"box {box!r} is not [x0, y0, x1, y1] numbers"
             problem = box_readers.box_problem(box, w, h)
             if problem:
                 return problem
-            if split != "train" and self.names and label not in self.label2id:
-                return f"class {label!r} is not among train's classes ({', '.join(self.names)})"
+            if known and label not in known:
+                return f"class {label!r} is not among the classes ({', '.join(known)}; data.names or train's)"
         return None
 
     def check_input(self, item) -> str | None:
