@@ -117,7 +117,7 @@ def test_doctor_and_training_reject_the_same_boxes(tmp_path, scenes, monkeypatch
     trained = [(r["origin"], r["reason"]) for r in io.read_jsonl(run.path / "rejects.jsonl")]
     assert len(trained) == 2
     assert [(r["origin"], r["reason"]) for r in report["rejects"]] == trained
-    assert [(w, why) for _, w, why in seen["rejected"]] == trained and report["task"] == {"boxes": True}
+    assert [tuple(x) for x in seen["rejected"]] == trained and report["task"] == {"boxes": True}
     assert seen["names"] == NAMES and sum(len(rows) for rows in seen["rows"].values()) == 8
 
 

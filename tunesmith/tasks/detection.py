@@ -134,11 +134,11 @@ class Detection(Task):
     def data_findings(self, tables: dict) -> tuple[dict, list[str], list[str]]:
         """The doctor's box checks (tunesmith/diagnosis/boxes.py) on the usable rows and the rejected boxes: the
         same (where, reason) list training stops on or skips."""
-        rejected = [(s, w, why) for s, items in self.rejected.items() for w, why in items]
+        rejected = [pair for items in self.rejected.values() for pair in items]        # (where, reason)
         try:
             from tunesmith.diagnosis.boxes import box_findings
         except ImportError:
-            return {"rejected_boxes": [{"split": s, "where": w, "reason": why} for s, w, why in rejected]}, [], []
+            return {"rejected_boxes": [{"where": w, "reason": why} for w, why in rejected]}, [], []
         return box_findings({s: t.rows for s, t in tables.items()}, self.names, rejected)
 
     def encode(self, rows: list[dict]) -> Features:
