@@ -109,8 +109,8 @@ def test_doctor_and_training_reject_the_same_boxes(tmp_path, scenes, monkeypatch
     assert "ann.json#annotation-91: unknown category_id 9" in str(e.value)
     seen = {}
     fake = types.ModuleType("tunesmith.diagnosis.boxes")
-    fake.box_findings = lambda rows, names, rejected: (seen.update(rows=rows, names=names, rejected=rejected)
-                                                       or ({"boxes": True}, [], []))
+    fake.box_findings = lambda rows, names, rejected, **kw: (seen.update(rows=rows, names=names, rejected=rejected,
+                                                                         **kw) or ({"boxes": True}, [], []))
     monkeypatch.setitem(sys.modules, "tunesmith.diagnosis.boxes", fake)
     report = ts.doctor(load(base), out=None)
     run = ts.train(load({**base, "data": {**base["data"], "bad_rows": "skip"}}), run_dir=tmp_path / "run")
@@ -119,6 +119,7 @@ def test_doctor_and_training_reject_the_same_boxes(tmp_path, scenes, monkeypatch
     assert [(r["origin"], r["reason"]) for r in report["rejects"]] == trained
     assert [tuple(x) for x in seen["rejected"]] == trained and report["task"] == {"boxes": True}
     assert seen["names"] == NAMES and sum(len(rows) for rows in seen["rows"].values()) == 8
+    assert seen["bad_rows"] == "error" and seen["listed"] == 20
 
 
 def test_bad_label_files_are_one_line_naming_the_place(tmp_path):

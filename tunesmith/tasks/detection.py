@@ -139,7 +139,8 @@ class Detection(Task):
             from tunesmith.diagnosis.boxes import box_findings
         except ImportError:
             return {"rejected_boxes": [{"where": w, "reason": why} for w, why in rejected]}, [], []
-        return box_findings({s: t.rows for s, t in tables.items()}, self.names, rejected)
+        return box_findings({s: t.rows for s, t in tables.items()}, self.names, rejected,
+                            listed=self.recipe.doctor.listed, bad_rows=self.recipe.data.bad_rows)
 
     def encode(self, rows: list[dict]) -> Features:
         """Per row: uint8 pixels [3, h, w] as the processor resizes them, size (height, width) of the original;
