@@ -48,6 +48,7 @@ ROWS = [
     ("predict", ["{run}", "--input", "{missing}.txt"]),
     ("predict", ["{file}", "a text"]),
     ("predict", ["{run}", "a text", "--stream"]),     # a classifier writes no text
+    ("predict", ["{run}", "a text", "--out", "drawn.png"]),
     # demo: every row must fail before MiniLM loads
     ("demo", ["train.epochs=-1"]),
     ("demo", ["no_such_key=1"]),

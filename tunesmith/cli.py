@@ -48,6 +48,8 @@ def cmd_predict(args) -> int:
     if not args.inputs and not args.input:
         raise RecipeError("command line", ["give inputs: tunesmith predict RUN_DIR \"text\" ... or --input FILE"])
     model = ts.Run(args.run_dir).load(args.device)
+    if args.out and model.task.prediction != "boxes":
+        raise RecipeError("command line", [f"--out draws boxes; this run's task predicts {model.task.prediction}"])
     if args.stream:                 # each argument's text to stderr as it is written; the JSON lines as before
         outs = []
         for x in args.inputs:
@@ -61,11 +63,24 @@ def cmd_predict(args) -> int:
         raise RecipeError("command line", [f"{args.input} holds no inputs"])
     for out in results:
         print(io.dumps(out))
+    if args.out:
+        draw_predictions([*args.inputs], results, args.out)
     bad = sum("error" in out for out in results)
     if bad:
         print(f"error: {bad} of {len(results)} input(s) could not be predicted (their lines hold \"error\")",
               file=sys.stderr)
     return 1 if bad else 0
+
+
+def draw_predictions(inputs: list[str], results: list[dict], out: str) -> None:
+    """predict --out: each image argument with its predicted boxes, as a PNG (several inputs: OUT-1.png, ...)."""
+    from tunesmith.vision import draw_boxes
+
+    drawn = [(x, r) for x, r in zip(inputs, results) if "error" not in r]
+    for i, (image, result) in enumerate(drawn, 1):
+        path = Path(out) if len(drawn) == 1 else Path(out).with_name(f"{Path(out).stem}-{i}{Path(out).suffix}")
+        draw_boxes(image, result["boxes"]).save(path, format="PNG")
+        print(f"boxes drawn on {image}: {path}", file=sys.stderr)
 
 
 # demo -> (its recipe, the line printed after it)

@@ -122,6 +122,8 @@ def parser() -> argparse.ArgumentParser:
                                                     "or .txt with one input per line)")
     pr.add_argument("--stream", action="store_true", help="generating tasks: write each argument's text to stderr as "
                                                           "it is generated (stdout's JSON lines are unchanged)")
+    pr.add_argument("--out", metavar="PNG", help="tasks that predict boxes: draw them on the image argument, saved "
+                                                 "as this PNG (several images: PNG-1.png, PNG-2.png, ...)")
     _device(pr)
     d = _command(sub, "demo")
     d.add_argument("overrides", nargs="*")

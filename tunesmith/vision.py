@@ -386,3 +386,20 @@ def mix(x: torch.Tensor, targets: torch.Tensor, cfg, g: torch.Generator) -> tupl
         x[:, :, y0:y1, x0:x1] = x[perm][:, :, y0:y1, x0:x1]
         lam = 1 - (y1 - y0) * (x1 - x0) / (h * w)
     return x, lam * targets + (1 - lam) * targets[perm.to(targets.device)]
+
+
+# --- drawing predictions -----------------------------------------------------------------------------------------
+
+def draw_boxes(value, boxes: list[dict]):
+    """The image `value` as an RGB PIL image with each predicted box ({box: xyxy pixels, label, score}) drawn on it:
+    a red outline and "label score" above it (`tunesmith predict --out`, as the serve page draws them)."""
+    from PIL import ImageDraw
+
+    image = load_image(value)
+    draw = ImageDraw.Draw(image)
+    width = max(2, image.width // 200)
+    for b in boxes:
+        x0, y0, x1, y1 = b["box"]
+        draw.rectangle([x0, y0, x1, y1], outline=(230, 50, 50), width=width)
+        draw.text((x0 + 2, max(y0 - 12, 0)), f"{b['label']} {b['score']:.2f}", fill=(230, 50, 50))
+    return image

@@ -19,7 +19,6 @@ from pathlib import Path
 import yaml
 
 from tunesmith.data import DataError
-from tunesmith.vision import IMAGE_SUFFIXES
 
 EDGE = 0.5                  # pixels a box may stick out of the image (rounding in the labeller): clipped, not rejected
 YAML_NAMES = ("data.yaml", "dataset.yaml")
@@ -102,7 +101,7 @@ def read(source: str, split: str, form: str, images: str | None = None, names: l
     if not path.exists():
         raise DataError(f"{source}: not found")
     if form == "coco":
-        return read_coco(path, images)
+        return read_coco(path, images, names)
     if form == "yolo":
         return read_yolo(path, split, names)
     return read_voc(path, images, names)
@@ -110,9 +109,10 @@ def read(source: str, split: str, form: str, images: str | None = None, names: l
 
 # --- COCO ------------------------------------------------------------------------------------------------------
 
-def read_coco(path: Path, images: str | None = None) -> BoxData:
+def read_coco(path: Path, images: str | None = None, names: list[str] | None = None) -> BoxData:
     """A COCO instances file: images [{id, file_name, width, height}], annotations [{id, image_id, category_id,
-    bbox [x, y, w, h]}], categories [{id, name}]; file names relative to `images` (else the JSON's folder)."""
+    bbox [x, y, w, h]}], categories [{id, name}]; file names relative to `images` (else the JSON's folder).
+    names: the classes to train (data.names); boxes of other categories are rejected."""
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
@@ -153,6 +153,8 @@ def read_coco(path: Path, images: str | None = None) -> BoxData:
         elif a.get("category_id") not in cats:
             data.rejected.append((where, f"unknown category_id {a.get('category_id')!r} (categories: "
                                          f"{', '.join(map(str, sorted(cats, key=str)))})"))
+        elif names and cats[a["category_id"]] not in names:
+            data.rejected.append((where, f"class {cats[a['category_id']]!r} is not in data.names"))
         elif a.get("iscrowd"):
             data.rejected.append((where, "crowd region (iscrowd: 1): COCO scoring ignores it; not trained"))
         elif not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
@@ -212,6 +214,8 @@ def label_file(image: Path) -> Path:
 def read_yolo(path: Path, split: str, names: list[str] | None = None) -> BoxData:
     """Images under a folder (or the split's folder of a data.yaml: train, val, test), each with a label file
     (`label_file`) of lines `class cx cy w h`, normalised to the image; no label file: a negative."""
+    from tunesmith.vision import IMAGE_SUFFIXES  # here: tunesmith.vision imports torch
+
     if path.is_file():
         doc = load_yaml(path)
         root = Path(doc.get("path") or ".")

@@ -76,7 +76,7 @@ class Detection(Task):
         None: another format (JSONL rows of the row format, as a run's data/test.jsonl), the shared readers'."""
         cfg = self.recipe.data
         form = cfg.format if cfg.format != "auto" else box_readers.detect(source)
-        if form is None:
+        if form is None or Path(source).suffix.lower() == ".jsonl":
             return None
         got = box_readers.read(source, split, form, cfg.images, cfg.names)
         if split == "train":
@@ -98,14 +98,15 @@ class Detection(Task):
             return "width and height must be positive integers (pixels)"
         if not (isinstance(boxes, list) and isinstance(labels, list) and len(boxes) == len(labels)):
             return "boxes and labels must be lists of the same length"
+        known = self.names or self.recipe.data.names        # train's classes once learned, else data.names
         for box, label in zip(boxes, labels):
             if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)):
                 return f"box {box!r} is not [x0, y0, x1, y1] numbers"
             problem = box_readers.box_problem(box, w, h)
             if problem:
                 return problem
-            if split != "train" and self.names and label not in self.label2id:
-                return f"class {label!r} is not among train's classes ({', '.join(self.names)})"
+            if known and label not in known:
+                return f"class {label!r} is not among the classes ({', '.join(known)}; data.names or train's)"
         return None
 
     def check_input(self, item) -> str | None:
@@ -133,12 +134,13 @@ class Detection(Task):
     def data_findings(self, tables: dict) -> tuple[dict, list[str], list[str]]:
         """The doctor's box checks (tunesmith/diagnosis/boxes.py) on the usable rows and the rejected boxes: the
         same (where, reason) list training stops on or skips."""
-        rejected = [(s, w, why) for s, items in self.rejected.items() for w, why in items]
+        rejected = [pair for items in self.rejected.values() for pair in items]        # (where, reason)
         try:
             from tunesmith.diagnosis.boxes import box_findings
         except ImportError:
-            return {"rejected_boxes": [{"split": s, "where": w, "reason": why} for s, w, why in rejected]}, [], []
-        return box_findings({s: t.rows for s, t in tables.items()}, self.names, rejected)
+            return {"rejected_boxes": [{"where": w, "reason": why} for w, why in rejected]}, [], []
+        return box_findings({s: t.rows for s, t in tables.items()}, self.names, rejected,
+                            listed=self.recipe.doctor.listed, bad_rows=self.recipe.data.bad_rows)
 
     def encode(self, rows: list[dict]) -> Features:
         """Per row: uint8 pixels [3, h, w] as the processor resizes them, size (height, width) of the original;
@@ -244,9 +246,13 @@ class Detection(Task):
         boxes = [corners(t["boxes"].cpu()) * size for t in batch["labels"]]
         classes = [t["class_labels"].cpu() for t in batch["labels"]]
         x, boxes, classes, _ = augment(x, boxes, classes, aug, g)
-        labels = [target(b, c, W, H) for b, c in zip(boxes, classes)]
-        return {**batch, "pixel_values": x * 255 * scale + shift,
-                "labels": [{k: v.to(pv.device) for k, v in t.items()} for t in labels]}
+        _, _, h, w = x.shape                        # a resizing augmentation may change the batch's size
+        labels = [target(b, c, w, h) for b, c in zip(boxes, classes)]
+        out = {**batch, "pixel_values": x * 255 * scale + shift,
+               "labels": [{k: v.to(pv.device) for k, v in t.items()} for t in labels]}
+        if "pixel_mask" in batch and (h, w) != (H, W):
+            out["pixel_mask"] = torch.ones((len(x), h, w), dtype=batch["pixel_mask"].dtype, device=pv.device)
+        return out
 
     def detect(self, model, features: list[dict], batch_size: int, threshold: float, top: int):
         """(mean loss or None, per feature its detections [(xyxy original pixels, class id, score)], most
@@ -265,10 +271,10 @@ class Detection(Task):
             for i, (f, d) in enumerate(zip(chunk, found)):
                 _, h, w = f["pixels"].shape
                 back = torch.tensor([f["size"][1] / w, f["size"][0] / h] * 2)
-                order = d["scores"].float().argsort(descending=True)[:top].cpu()
+                scores, classes, boxes = d["scores"].float().cpu(), d["labels"].cpu(), d["boxes"].float().cpu()
+                order = scores.argsort(descending=True, stable=True)[:top]
                 out[s + i] = [(b, int(c), min(max(float(p), 0.0), 1.0)) for b, c, p in
-                              zip((d["boxes"].float().cpu()[order] * back).tolist(), d["labels"][order].tolist(),
-                                  d["scores"][order].tolist())]
+                              zip((boxes[order] * back).tolist(), classes[order].tolist(), scores[order].tolist())]
         loss = sum(a * n for a, n in losses) / sum(n for _, n in losses) if losses else None
         return loss, out
 

@@ -6,11 +6,12 @@ eval.json's files); COCO's own files use [x, y, width, height] and are converted
 """
 from __future__ import annotations
 
+from collections import Counter
 from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator
 
-from tunesmith.recipe import DataConfig, EvalConfig, Recipe, Section
+from tunesmith.recipe import DataConfig, EvalConfig, Guess, Recipe, Section
 
 # eval.json's COCO numbers, in the order of COCOeval.stats (AP: IoU .50:.95 unless named; AR: recall at most
 # N detections an image); small/medium/large: objects under 32x32, 32x32-96x96, over 96x96 pixels (by area)
@@ -78,13 +79,49 @@ class DetectionRecipe(Recipe):
     default_metric: ClassVar[str] = "map"
     # DETR's own fine-tuning rate (1e-4); the new class head alone learns faster
     learning_rates: ClassVar[dict[str, float]] = {"full": 1e-4, "lora": 2e-4, "head": 1e-3}
-    # no detector weights ship offline (shared/ASSETS.md): init writes the hub id
-    starter_model: ClassVar[tuple[str, str]] = ("", "PekingU/rtdetr_r18vd")
+    # starter_model None: no detector weights ship offline (shared/ASSETS.md); users give a hub id
+    # (PekingU/rtdetr_r18vd, facebook/detr-resnet-50, hustvl/yolos-tiny) or a folder
 
     task: Literal["object-detection"]
     data: DetectionData
     eval: DetectionEval = DetectionEval()
     augment: BoxAugmentConfig = BoxAugmentConfig()
+
+    @classmethod
+    def sniff(cls, profile) -> Guess | None:
+        """A COCO instances file (.json: images, annotations, categories) or a YOLO data.yaml (names and a train
+        folder). Folders of YOLO or VOC labels are no image folder `init` profiles: give them as data.train by
+        hand. Counts only: tasks/box_readers.py checks the boxes (it reaches torch through tunesmith.data)."""
+        import json
+
+        import yaml
+
+        try:
+            if profile.suffix == ".json":
+                doc = json.loads(profile.path.read_text(encoding="utf-8"))
+                if not (isinstance(doc, dict) and all(isinstance(doc.get(k), list)
+                                                      for k in ("images", "annotations", "categories"))):
+                    return None
+                names = {c.get("id"): c.get("name") for c in doc["categories"] if isinstance(c, dict)}
+                boxes = Counter(names.get(a.get("category_id"), "?") for a in doc["annotations"] if isinstance(a, dict))
+                about = [f"COCO labels: {len(doc['images']):,} images, {sum(boxes.values()):,} boxes",
+                         "boxes per class: " + ", ".join(f"{c} {n:,}" for c, n in boxes.most_common())]
+                return Guess(0.95, {"format": "coco"}, about, NOTES)
+            if profile.suffix in (".yaml", ".yml"):
+                doc = yaml.safe_load(profile.path.read_text(encoding="utf-8"))
+                if not (isinstance(doc, dict) and isinstance(doc.get("names"), (list, dict)) and "train" in doc):
+                    return None
+                names = doc["names"] if isinstance(doc["names"], list) else list(doc["names"].values())
+                about = [f"YOLO data.yaml: {len(names)} classes ({', '.join(map(str, names[:10]))}); splits: "
+                         f"{', '.join(k for k in ('train', 'val', 'test') if doc.get(k))}"]
+                return Guess(0.95, {"format": "yolo"}, about, NOTES)
+        except (OSError, ValueError, yaml.YAMLError):
+            return None
+        return None
+
+
+NOTES = ["small data trains better with box-aware augmentation, e.g. augment: {hflip: 0.5}",
+         "`tunesmith doctor` lists every unusable box with its file and line or annotation id"]
 
 
 # --- COCO scores ---------------------------------------------------------------------------------------------
@@ -119,11 +156,7 @@ def coco_scores(gt: dict, dets: list[dict], names: list[str], max_detections: in
     if not gt["annotations"]:
         return {k: -1.0 for k in STATS} | {"per_class": {}, "n_images": len(gt["images"]), "n_boxes": 0}
     truth = COCO(gt)
-    found = truth.loadRes(dets) if dets else COCO()
-    if not dets:
-        return {k: 0.0 for k in STATS} | {"per_class": {n: {"ap": 0.0, "ap_50": 0.0} for n in names},
-                                          "n_images": len(gt["images"]), "n_boxes": len(gt["annotations"])}
-    ev = COCOeval_faster(truth, found, "bbox", print_function=lambda *a, **k: None)
+    ev = COCOeval_faster(truth, truth.loadRes(dets), "bbox", print_function=lambda *a, **k: None)
     ev.params.maxDets = [1, 10, max_detections]
     ev.evaluate()
     ev.accumulate()
