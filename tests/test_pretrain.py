@@ -119,6 +119,29 @@ def test_masking_follows_bert_rule_in_proportion(tiny_bert, tmp_path):
     assert task.evaluate(model, features[:40], 7) == pytest.approx(task.evaluate(model, features[:40], 40))
 
 
+def test_whole_word_masking_masks_every_piece_of_a_chosen_word(tmp_path):
+    from transformers import BertTokenizerFast
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "play", "walk", "##ing", "##ed", "##s", "the", "go"]
+    folder = tmp_path / "wordpiece"
+    BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(folder)
+    text = write_text(tmp_path / "t.txt", n=10)
+    task = get_task(load(pretrain_recipe(folder, text, "masked", masking={"whole_word": True},
+                                         data={"max_length": 64})))
+    rng = random.Random(0)
+    words = [rng.choice(["play", "walk"]) + rng.choice(["", "ing", "ed", "s"]) for _ in range(3000)]
+    features = task.encode([{"text": " ".join(words[i:i + 30])} for i in range(0, len(words), 30)])
+    torch.manual_seed(0)
+    batch = task.collate(features)
+    ids, chosen = task.pad(features)["input_ids"], batch["labels"] != -100
+    pieces = (ids == 7) | (ids == 8) | (ids == 9)                  # ##ing ##ed ##s continue the word before them
+    stems = torch.roll(pieces, -1, dims=1)                         # a stem followed by a piece
+    assert torch.equal(chosen[stems], chosen[torch.roll(stems, 1, dims=1)])
+    assert int(stems.sum()) > 1000 and (chosen & stems).any()
+    assert abs(float(chosen[ids > 4].float().mean()) - 0.15) < 0.03
+    assert (batch["input_ids"][chosen] == task.tokenizer.mask_token_id).all()      # [MASK] only
+
+
 def test_masked_lm_model_is_the_encoder_a_classifier_loads(tiny_bert, tmp_path):
     """pretrain-masked -> model/ (AutoModelForMaskedLM) -> text-classification with `model:` that folder: the
     classifier starts from the ADAPTED encoder (a weight equal to the adapted one, not the original), and trains."""
