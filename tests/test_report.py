@@ -28,8 +28,8 @@ from tunesmith.insight.fairness import evaluate_slices, largest_gap
 from tunesmith.insight.kinds import NO_PREDICTIONS, reliability
 from tunesmith.insight.report import write_report
 
-SECTIONS = ["overview", "curves", "confusion", "per-class", "reliability", "before-after", "slices", "explanations",
-            "doctor", "samples", "recipe-diff"]
+SECTIONS = ["overview", "curves", "confusion", "per-class", "reliability", "pr-curves", "before-after", "slices",
+            "explanations", "doctor", "samples", "recipe-diff"]
 IMG = re.compile(r'<img[^>]*src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
 DOCTOR = {"version": 1, "status": "warnings", "blocking": [],
           "warnings": ["train: 3 exact duplicate rows (a dedup would drop them)"]}

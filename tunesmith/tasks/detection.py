@@ -288,16 +288,19 @@ class Detection(Task):
         truth = [list(zip(f["truth"].tolist(), f["classes"].tolist())) for f in features]
         gt, dets = coco_files(images, truth, found, self.names)
         result = coco_scores(gt, dets, self.names, self.recipe.eval.max_detections)
-        return ({**result, **({"loss": loss} if loss is not None else {})}, (gt, dets, found))
+        curves = result.pop("pr_curves")                    # evaluate_final's pr_curves.json, not a metric
+        return ({**result, **({"loss": loss} if loss is not None else {})}, (gt, dets, found, curves))
 
     def evaluate_final(self, model, rows, features, batch_size, out_dir=None) -> dict:
         """evaluate(); out_dir: also coco_truth.json and coco_detections.json (what the scores were computed from:
-        pycocotools or faster-coco-eval on them gives eval.json's numbers) and samples.jsonl (true and found boxes
-        of up to SAMPLES test images)."""
-        result, (gt, dets, found) = self.scored(model, features, batch_size)
+        pycocotools or faster-coco-eval on them gives eval.json's numbers), pr_curves.json (per-class precision-recall
+        curves, detection_schema.coco_scores) and samples.jsonl (true and found boxes of up to SAMPLES test
+        images): the report's."""
+        result, (gt, dets, found, curves) = self.scored(model, features, batch_size)
         if out_dir is not None:
             io.write_json(Path(out_dir) / "coco_truth.json", gt)
             io.write_json(Path(out_dir) / "coco_detections.json", dets)
+            io.write_json(Path(out_dir) / "pr_curves.json", curves)
             threshold = self.recipe.eval.score_threshold
             io.write_jsonl(Path(out_dir) / "samples.jsonl", [
                 {"input": vision.describe(r["image"]), "image": r["image"],
