@@ -379,3 +379,25 @@ def test_augment_is_the_one_torch_free_box_augment_section(scenes):
     assert isinstance(r.augment, BoxAugment) and r.augment.enabled
     with pytest.raises(RecipeError, match="crop_scale"):                  # BoxAugment's own check
         load(recipe(scenes["yolos"], scenes["coco"], augment={"crop_scale": [0.5, 1.5]}))
+
+
+@pytest.mark.parametrize("bad_rows", ["error", "skip"])
+def test_the_doctor_says_each_box_finding_once(tmp_path, scenes, bad_rows):
+    """A real doctor run (the box checks included): the rejected boxes and a class missing from validation/test
+    are each one line, the shared doctor's (unusable rows, class balance); doctor.json's task section keeps the
+    box checks' detail of both."""
+    shutil.copytree(scenes["truth"][0]["file"].parent, tmp_path / "images")
+    truth = [{**t, "file": tmp_path / "images" / t["file"].name} for t in scenes["truth"]]
+    coco = write_coco(tmp_path / "ann.json", truth, [{"id": 90, "image_id": 1, "category_id": 1,
+                                                      "bbox": [50, 40, 30, 30]}])
+    held = write_coco(tmp_path / "held.json", [t for t in truth if t["labels"] and set(t["labels"]) == {NAMES[0]}])
+    r = recipe(scenes["yolos"], coco, data={"validation": str(held), "test": str(held), "bad_rows": bad_rows},
+               doctor={"label_noise": False})
+    report = ts.doctor(load(r), out=None)
+    lines = report["blocking"] + report["warnings"]
+    assert sum("unusable row" in x or "rejected" in x for x in lines) == 1, lines
+    assert (report["blocking"] if bad_rows == "error" else report["warnings"])[0].startswith("1 unusable row(s)")
+    for split in ("validation", "test"):
+        assert sum(x.startswith(f"{split} has no box") for x in lines) == 1, lines
+    assert report["task"]["rejected"]["count"] == 1
+    assert report["task"]["balance"]["boxes"]["validation"][NAMES[1]] == 0
