@@ -341,3 +341,63 @@ def test_a_class_outside_data_names_is_a_rejected_box(scenes):
     assert all(task.check(r, "train") is None and set(r["labels"]) <= {"red"} for r in table.rows)
     blue_row = {"image": table.rows[0]["image"], "width": 64, "height": 48, "boxes": [[1, 1, 9, 9]], "labels": ["blue"]}
     assert task.check(blue_row, "train") == "class 'blue' is not among the classes (red; data.names or train's)"
+
+
+def test_report_shows_per_class_ap_pr_curves_and_images_with_boxes(run, tmp_path):
+    """The trained tiny detector's report: eval.json's per-class AP as a table, one precision-recall subplot per class
+    (from pr_curves.json, which evaluate_final writes from the same COCOeval), each sample image with its boxes."""
+    import re
+
+    from tunesmith.insight.kinds import pr_figure
+    from tunesmith.insight.report import write_report
+
+    curves = io.read_json(run.path / "pr_curves.json")
+    assert set(curves["classes"]) == set(NAMES) and len(curves["recall"]) == 101
+    for name, c in curves["classes"].items():          # AP@.5 is the mean of the IoU .5 curve (COCO's definition)
+        assert abs(sum(c["iou_50"]) / 101 - run.metrics["per_class"][name]["ap_50"]) < 1e-5
+    html = write_report([run.path], tmp_path / "r.html", explain=False).read_text()
+    section = lambda sid: re.search(rf'<section id="{sid}">(.*?)</section>', html, re.DOTALL).group(1)
+    per_class = section("per-class")
+    for name in NAMES:
+        assert f'<td class="l">{name}</td><td>{run.metrics["per_class"][name]["ap"]:.4f}</td>' in per_class
+    assert f'<td>{run.metrics["map"]:.4f}</td>' in per_class
+    assert section("pr-curves").count("data:image/png;base64,") == 1
+    fig = pr_figure(curves)
+    drawn = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in drawn] == list(curves["classes"]) and all(len(ax.lines) == 2 for ax in drawn)
+    samples = section("samples")
+    assert samples.count('<img alt="boxes on ') == len(io.read_jsonl(run.path / "samples.jsonl")) == 8
+    assert "does not apply" in section("confusion") and "does not apply" not in section("pr-curves")
+
+
+def test_augment_is_the_one_torch_free_box_augment_section(scenes):
+    from tunesmith.tasks.box_augment_schema import BoxAugment
+    from tunesmith.tasks.detection_schema import DetectionRecipe
+
+    assert DetectionRecipe.model_fields["augment"].annotation is BoxAugment
+    r = load(recipe(scenes["yolos"], scenes["coco"], augment={"hflip": 0.5, "mosaic": 0.25}))
+    assert isinstance(r.augment, BoxAugment) and r.augment.enabled
+    with pytest.raises(RecipeError, match="crop_scale"):                  # BoxAugment's own check
+        load(recipe(scenes["yolos"], scenes["coco"], augment={"crop_scale": [0.5, 1.5]}))
+
+
+@pytest.mark.parametrize("bad_rows", ["error", "skip"])
+def test_the_doctor_says_each_box_finding_once(tmp_path, scenes, bad_rows):
+    """A real doctor run (the box checks included): the rejected boxes and a class missing from validation/test
+    are each one line, the shared doctor's (unusable rows, class balance); doctor.json's task section keeps the
+    box checks' detail of both."""
+    shutil.copytree(scenes["truth"][0]["file"].parent, tmp_path / "images")
+    truth = [{**t, "file": tmp_path / "images" / t["file"].name} for t in scenes["truth"]]
+    coco = write_coco(tmp_path / "ann.json", truth, [{"id": 90, "image_id": 1, "category_id": 1,
+                                                      "bbox": [50, 40, 30, 30]}])
+    held = write_coco(tmp_path / "held.json", [t for t in truth if t["labels"] and set(t["labels"]) == {NAMES[0]}])
+    r = recipe(scenes["yolos"], coco, data={"validation": str(held), "test": str(held), "bad_rows": bad_rows},
+               doctor={"label_noise": False})
+    report = ts.doctor(load(r), out=None)
+    lines = report["blocking"] + report["warnings"]
+    assert sum("unusable row" in x or "rejected" in x for x in lines) == 1, lines
+    assert (report["blocking"] if bad_rows == "error" else report["warnings"])[0].startswith("1 unusable row(s)")
+    for split in ("validation", "test"):
+        assert sum(x.startswith(f"{split} has no box") for x in lines) == 1, lines
+    assert report["task"]["rejected"]["count"] == 1
+    assert report["task"]["balance"]["boxes"]["validation"][NAMES[1]] == 0

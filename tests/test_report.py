@@ -28,8 +28,8 @@ from tunesmith.insight.fairness import evaluate_slices, largest_gap
 from tunesmith.insight.kinds import NO_PREDICTIONS, reliability
 from tunesmith.insight.report import write_report
 
-SECTIONS = ["overview", "curves", "confusion", "per-class", "reliability", "before-after", "slices", "explanations",
-            "doctor", "samples", "recipe-diff"]
+SECTIONS = ["overview", "curves", "confusion", "per-class", "reliability", "pr-curves", "before-after", "slices",
+            "explanations", "doctor", "samples", "recipe-diff"]
 IMG = re.compile(r'<img[^>]*src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
 DOCTOR = {"version": 1, "status": "warnings", "blocking": [],
           "warnings": ["train: 3 exact duplicate rows (a dedup would drop them)"]}
@@ -285,7 +285,7 @@ def test_report_opens_in_headless_chromium(runs, report_a, tmp_path):
     console, stderr = open_in_chromium(page, png, tmp_path / "profile")
     assert not console_problems(console), console
     probe = [x for x in console if '"PROBE ' in x]
-    assert probe and "images=3 broken=0 sections=11" in probe[0], (probe, stderr[-2000:])
+    assert probe and "images=3 broken=0 sections=12" in probe[0], (probe, stderr[-2000:])
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     import matplotlib.image

@@ -390,9 +390,10 @@ def mix(x: torch.Tensor, targets: torch.Tensor, cfg, g: torch.Generator) -> tupl
 
 # --- drawing predictions -----------------------------------------------------------------------------------------
 
-def draw_boxes(value, boxes: list[dict]):
+def draw_boxes(value, boxes: list[dict], color: tuple[int, int, int] = (230, 50, 50)):
     """The image `value` as an RGB PIL image with each predicted box ({box: xyxy pixels, label, score}) drawn on it:
-    a red outline and "label score" above it (`tunesmith predict --out`, as the serve page draws them)."""
+    an outline and "label score" above it, red unless `color` (`tunesmith predict --out`, as the serve page draws
+    them; the report draws the true boxes in green under the predicted ones)."""
     from PIL import ImageDraw
 
     image = load_image(value)
@@ -400,6 +401,6 @@ def draw_boxes(value, boxes: list[dict]):
     width = max(2, image.width // 200)
     for b in boxes:
         x0, y0, x1, y1 = b["box"]
-        draw.rectangle([x0, y0, x1, y1], outline=(230, 50, 50), width=width)
-        draw.text((x0 + 2, max(y0 - 12, 0)), f"{b['label']} {b['score']:.2f}", fill=(230, 50, 50))
+        draw.rectangle([x0, y0, x1, y1], outline=color, width=width)
+        draw.text((x0 + 2, max(y0 - 12, 0)), f"{b['label']} {b['score']:.2f}", fill=color)
     return image

@@ -5,17 +5,20 @@ one table, SECTIONS[kind][section id] -> renderer(run) -> HTML. A section a kind
   text    samples.jsonl: prompt, reference, output
   spans   per-type metrics (eval.json per_type); samples.jsonl: the input with the predicted and the reference
           spans highlighted, then the first MISCLASSIFIED_LISTED sentences of misclassified.jsonl alike
-  boxes   samples.jsonl: the predicted and the reference boxes listed per input
+  boxes   per-class AP (eval.json per_class), precision-recall curves per class (pr_curves.json); samples.jsonl:
+          each image with its true (green) and predicted (red) boxes drawn, and the boxes listed
 """
 from __future__ import annotations
 
 from tunesmith.insight.fairness import GAP_METRICS, largest_gap
-from tunesmith.insight.page import e, fmt, note, png, scalar, table
+from tunesmith.insight.page import e, fmt, note, picture, png, scalar, table
 
 MAX_LABELS_ANNOTATED = 25                              # confusion matrices larger than this lose cell numbers
 BINS = 10                                              # reliability bins, equal width, as tunesmith.metrics
 NO_PREDICTIONS = "reliability diagram needs predictions.jsonl"
 MISCLASSIFIED_LISTED = 20                              # spans: misclassified sentences shown (all are in the file)
+MAX_PR_CLASSES = 24                                    # boxes: precision-recall subplots drawn (all are in the file)
+TRUE_COLOR = (40, 170, 60)                             # boxes: true boxes drawn green (predicted: draw_boxes' red)
 
 
 # ---------------------------------------------------------------- label
@@ -132,7 +135,7 @@ def label_samples(run: dict) -> str:
                 "(predictions.jsonl)")
 
 
-# ---------------------------------------------------------------- text, spans, boxes (samples.jsonl)
+# ---------------------------------------------------------------- text, spans, boxes
 
 def _cells(samples: list[dict], keys: tuple[str, ...], cell) -> str:
     head = "".join(f'<th class="l">{e(k)}</th>' for k in keys)
@@ -208,8 +211,76 @@ def _boxes(boxes: list[dict]) -> str:
 def boxes_samples(run: dict) -> str:
     if not run["samples"]:
         return note("no samples.jsonl (the task writes its first test predictions there)")
-    return _cells(run["samples"], ("input", "output", "reference"),
-                  lambda k, v: e(v) if k == "input" else _boxes((v or {}).get("boxes", [])))
+    rows = [{**s, "drawn": s} for s in run["samples"]]
+    return (note("drawn: true boxes green, predicted boxes red (above eval.score_threshold)")
+            + _cells(rows, ("input", "drawn", "output", "reference"),
+                     lambda k, v: e(v) if k == "input" else _drawn(v) if k == "drawn"
+                     else _boxes((v or {}).get("boxes", []))))
+
+
+def _drawn(sample: dict) -> str:
+    """The sample's image (its "image" value: a path, data: URI) with its true boxes in green and its predicted boxes
+    in red on top, or a note why not (a run folder copied without its images)."""
+    from tunesmith.vision import draw_boxes
+
+    if sample.get("image") in (None, ""):
+        return '<span class="note">no image in samples.jsonl</span>'
+    try:
+        image = draw_boxes(sample["image"], (sample.get("reference") or {}).get("boxes", []), color=TRUE_COLOR)
+        image = draw_boxes(image, (sample.get("output") or {}).get("boxes", []))
+    except Exception as err:            # PIL raises OSError, ValueError, UnidentifiedImageError...: one note
+        return f'<span class="note">image not readable here ({e(type(err).__name__)})</span>'
+    return picture(image, alt=f"boxes on {sample.get('input', 'image')}")
+
+
+def box_per_class(run: dict) -> str:
+    """eval.json's per-class AP@[.5:.95] and AP@.5 (-1: no true box of the class in the test split), mAP last."""
+    pc, ev = run["eval"].get("per_class"), run["eval"]
+    if pc is None:
+        return note("no per-class AP in eval.json (the run did not finish)")
+    rows = [[e(k), v.get("ap"), v.get("ap_50")] for k, v in pc.items()]
+    rows.append(["<b>mean (mAP)</b>", ev.get("map"), ev.get("map_50")])
+    return table(["class", "AP@[.5:.95]", "AP@.5"], rows) + note("-1: no true box of the class in the test split")
+
+
+def pr_figure(curves: dict):
+    """One subplot per class (at most MAX_PR_CLASSES): precision against recall at IoU .5 and averaged over
+    IoU .5:.95, from pr_curves.json; undefined points (-1) are left out."""
+    from matplotlib.figure import Figure  # not pyplot: no global figure state, no GUI backend
+
+    names = list(curves["classes"])[:MAX_PR_CLASSES]
+    cols = min(len(names), 4)
+    rows = -(-len(names) // cols)
+    fig = Figure(figsize=(3.2 * cols, 3 * rows))
+    axes = iter(fig.subplots(rows, cols, squeeze=False).flat)
+    recall = curves["recall"]
+    for name, ax in zip(names, axes):          # names first: zip then takes no spare axis
+        for key, style, label in (("iou_50", "-", "IoU .5"), ("iou_50_95", "--", "IoU .5:.95")):
+            pts = [(r, p) for r, p in zip(recall, curves["classes"][name][key]) if p > -1]
+            if pts:
+                ax.plot(*zip(*pts), style, label=label)
+        ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="recall", ylabel="precision")
+        ax.set_title(str(name), fontsize=10)
+        ax.grid(alpha=.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8, loc="lower left")
+        else:
+            ax.text(.5, .5, "no true box", ha="center", va="center")
+    for ax in axes:                             # the grid's unused cells
+        ax.set_visible(False)
+    fig.tight_layout()
+    return fig
+
+
+def pr_curves(run: dict) -> str:
+    curves = run.get("pr_curves")
+    if not curves or not curves.get("classes"):
+        return note("no pr_curves.json in the run folder (the run did not finish, or its test split has no boxes)")
+    names = list(curves["classes"])
+    more = (f"the first {MAX_PR_CLASSES} of {len(names)} classes; every curve is in pr_curves.json. "
+            if len(names) > MAX_PR_CLASSES else "")
+    return note(f"{more}COCO's 101 recall points, all box sizes, up to eval.max_detections boxes an image") + png(
+        pr_figure(curves))
 
 
 SECTIONS = {
@@ -217,7 +288,7 @@ SECTIONS = {
               "samples": label_samples},
     "text": {"samples": text_samples},
     "spans": {"per-class": per_type, "samples": spans_samples},
-    "boxes": {"samples": boxes_samples},
+    "boxes": {"per-class": box_per_class, "pr-curves": pr_curves, "samples": boxes_samples},
 }
 
 

@@ -58,6 +58,15 @@ def png(fig) -> str:
     return f'<img alt="plot" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode("ascii")}">'
 
 
+def picture(image, alt: str = "image", max_side: int = 480) -> str:
+    """A PIL image as an <img> with a base64 PNG data URI, shrunk to at most `max_side` pixels a side."""
+    image = image.copy()
+    image.thumbnail((max_side, max_side))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return f'<img alt="{e(alt)}" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode("ascii")}">'
+
+
 def run_label(i: int, run: dict) -> str:
     return f'<span class="swatch" style="background:{COLORS[i % len(COLORS)]}"></span>{e(run["name"])}'
 

@@ -2,8 +2,9 @@
 
 Apart from the explanations section it only reads files in the run folders (recipe.yaml, metrics.jsonl,
 eval.json, checkpoints/best/state.json, and when present predictions.jsonl, samples.jsonl, misclassified.jsonl,
-doctor.json) and what each run's task declares (Task.prediction, Task.explainable: the task's class is imported, no
-model is loaded), so it works on a laptop that holds nothing but copied run folders. Plots are matplotlib PNGs (Agg
+pr_curves.json, doctor.json; a boxes run's sample images, by the path samples.jsonl gives) and what each run's
+task declares (Task.prediction, Task.explainable: the task's class is imported, no model is loaded), so it works on
+a laptop that holds nothing but copied run folders. Plots are matplotlib PNGs (Agg
 backend) embedded as base64 data URIs; there is no script and no external URL, so the page opens offline.
 
 Sections (every one is always present, with a note where it does not apply, so tools can find them by id):
@@ -11,15 +12,18 @@ Sections (every one is always present, with a note where it does not apply, so t
   curves          train/validation loss, the validation selection metric, learning rate, samples/s;
                   one colour per run, the best checkpoint's step marked (dashed line, star)
   confusion       confusion matrix heatmap per run (rows: true label, columns: predicted)       label runs
-  per-class       precision / recall / F1 / support per label (label runs), per entity type (spans runs)
+  per-class       precision / recall / F1 / support per label (label runs), per entity type (spans runs);
+                  AP@[.5:.95] and AP@.5 per class (boxes runs)
   reliability     reliability diagram + ECE from per-example probabilities (eval.json          label runs
                   "predictions" or predictions.jsonl: one {"label", "probabilities": {name: p}} per test row)
+  pr-curves       precision against recall per class at IoU .5 and .5:.95 (pr_curves.json)          boxes runs
   before-after    eval.json `before` against the fine-tuned metrics
   slices          per-slice metrics (eval.slices), gaps, parity differences; the largest gap flagged   label runs
   explanations    token attributions / saliency for the most confident mistakes (tunesmith/insight/explain.py: loads
                   the model, so this section alone needs torch and captum; write_report(explain=False) skips it)
   doctor          doctor.json status, blocking problems, warnings
-  samples         test examples as the run's prediction kind draws them (samples.jsonl): text, spans, boxes;
+  samples         test examples as the run's prediction kind draws them (samples.jsonl): text, spans, boxes (the
+                  image with true and predicted boxes drawn);
                   spans runs also list their misclassified sentences (misclassified.jsonl)
   recipe-diff     recipe keys whose values differ between the runs
 Which sections a prediction kind fills is the table in tunesmith/insight/kinds.py.
@@ -64,7 +68,7 @@ def load_run(path: str | Path) -> dict:
     preds = ev.get("predictions") or io.read_jsonl(p / "predictions.jsonl") or None
     run = {"path": p, "name": p.name, "recipe": recipe or {}, "records": io.read_jsonl(p / "metrics.jsonl"),
            "eval": ev, "state": state, "predictions": preds, "samples": io.read_jsonl(p / "samples.jsonl"),
-           "misclassified": io.read_jsonl(p / "misclassified.jsonl"),
+           "misclassified": io.read_jsonl(p / "misclassified.jsonl"), "pr_curves": io.read_json(p / "pr_curves.json"),
            "doctor": io.read_json(p / "doctor.json"), **declarations((recipe or {}).get("task"))}
     run["metric"] = _selection_metric(run)
     run["best_step"] = state.get("step")
@@ -240,7 +244,8 @@ def _recipe_diff(runs: list[dict]) -> str:
 
 SECTIONS = [("overview", "Overview"), ("curves", "Training and validation curves"),
             ("confusion", "Confusion matrix"), ("per-class", "Per-class precision / recall / F1"),
-            ("reliability", "Reliability diagram (calibration)"), ("before-after", "Before and after fine-tuning"),
+            ("reliability", "Reliability diagram (calibration)"), ("pr-curves", "Precision-recall curves"),
+            ("before-after", "Before and after fine-tuning"),
             ("slices", "Slices (fairness)"), ("explanations", "Why the model decided (explanations)"),
             ("doctor", "Data doctor"), ("samples", "Sample predictions"), ("recipe-diff", "Recipe differences")]
 ALL_RUNS = {"overview": _overview, "curves": _curves, "recipe-diff": _recipe_diff}      # one block for every run

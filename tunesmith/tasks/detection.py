@@ -17,6 +17,7 @@ Declares: prediction "boxes", ONNX outputs (logits, pred_boxes), balance_unit "b
 from __future__ import annotations
 
 import inspect
+import re
 from pathlib import Path
 
 import torch
@@ -29,6 +30,7 @@ from tunesmith.tasks.base import Features, Task, model_device
 from tunesmith.tasks.detection_schema import coco_files, coco_scores
 from tunesmith.tasks.hf import load_hf
 
+SPLIT_MISSES = re.compile(r"(?!train )\S+ has no box of class")   # box_findings' line the shared balance check says
 SAMPLES = 20                    # test images evaluate_final writes to samples.jsonl (the report's)
 THUMB = 8                       # embed(): images as THUMB x THUMB colour thumbnails (near-duplicate search)
 
@@ -133,14 +135,18 @@ class Detection(Task):
 
     def data_findings(self, tables: dict) -> tuple[dict, list[str], list[str]]:
         """The doctor's box checks (tunesmith/diagnosis/boxes.py) on the usable rows and the rejected boxes: the
-        same (where, reason) list training stops on or skips."""
+        same (where, reason) list training stops on or skips. Two of its lines the shared doctor already prints
+        (diagnose.py: "N unusable row(s)", one a rejected box; checks.balance: "{split} has no boxes of class(es)")
+        are left out, so each finding is said once; doctor.json's task section keeps all their detail."""
         rejected = [pair for items in self.rejected.values() for pair in items]        # (where, reason)
         try:
             from tunesmith.diagnosis.boxes import box_findings
         except ImportError:
             return {"rejected_boxes": [{"where": w, "reason": why} for w, why in rejected]}, [], []
-        return box_findings({s: t.rows for s, t in tables.items()}, self.names, rejected,
-                            listed=self.recipe.doctor.listed, bad_rows=self.recipe.data.bad_rows)
+        section, warnings, blocking = box_findings({s: t.rows for s, t in tables.items()}, self.names, rejected,
+                                                   listed=self.recipe.doctor.listed, bad_rows=self.recipe.data.bad_rows)
+        said = lambda line: not (line.startswith(f"{len(rejected):,} box(es) rejected") or SPLIT_MISSES.match(line))
+        return section, [w for w in warnings if said(w)], [b for b in blocking if said(b)]
 
     def encode(self, rows: list[dict]) -> Features:
         """Per row: uint8 pixels [3, h, w] as the processor resizes them, size (height, width) of the original;
@@ -288,16 +294,19 @@ class Detection(Task):
         truth = [list(zip(f["truth"].tolist(), f["classes"].tolist())) for f in features]
         gt, dets = coco_files(images, truth, found, self.names)
         result = coco_scores(gt, dets, self.names, self.recipe.eval.max_detections)
-        return ({**result, **({"loss": loss} if loss is not None else {})}, (gt, dets, found))
+        curves = result.pop("pr_curves")                    # evaluate_final's pr_curves.json, not a metric
+        return ({**result, **({"loss": loss} if loss is not None else {})}, (gt, dets, found, curves))
 
     def evaluate_final(self, model, rows, features, batch_size, out_dir=None) -> dict:
         """evaluate(); out_dir: also coco_truth.json and coco_detections.json (what the scores were computed from:
-        pycocotools or faster-coco-eval on them gives eval.json's numbers) and samples.jsonl (true and found boxes
-        of up to SAMPLES test images)."""
-        result, (gt, dets, found) = self.scored(model, features, batch_size)
+        pycocotools or faster-coco-eval on them gives eval.json's numbers), pr_curves.json (per-class precision-recall
+        curves, detection_schema.coco_scores) and samples.jsonl (true and found boxes of up to SAMPLES test
+        images): the report's."""
+        result, (gt, dets, found, curves) = self.scored(model, features, batch_size)
         if out_dir is not None:
             io.write_json(Path(out_dir) / "coco_truth.json", gt)
             io.write_json(Path(out_dir) / "coco_detections.json", dets)
+            io.write_json(Path(out_dir) / "pr_curves.json", curves)
             threshold = self.recipe.eval.score_threshold
             io.write_jsonl(Path(out_dir) / "samples.jsonl", [
                 {"input": vision.describe(r["image"]), "image": r["image"],

@@ -11,7 +11,8 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator
 
-from tunesmith.recipe import DataConfig, EvalConfig, Guess, Recipe, Section
+from tunesmith.recipe import DataConfig, EvalConfig, Guess, Recipe
+from tunesmith.tasks.box_augment_schema import BoxAugment
 
 # eval.json's COCO numbers, in the order of COCOeval.stats (AP: IoU .50:.95 unless named; AR: recall at most
 # N detections an image); small/medium/large: objects under 32x32, 32x32-96x96, over 96x96 pixels (by area)
@@ -45,34 +46,6 @@ class DetectionEval(EvalConfig):
     max_detections: int = Field(100, gt=0)      # boxes per image scored by COCO mAP (its maxDets 100)
 
 
-class BoxAugmentConfig(Section):
-    """Training-time augmentation whose geometry moves the boxes with the pixels (tasks/box_augment.py, kornia);
-    boxes that leave the image are clipped, or dropped and counted when too little of them is left."""
-    hflip: float = Field(0.0, ge=0, le=1)       # probability of a horizontal flip
-    vflip: float = Field(0.0, ge=0, le=1)       # probability of a vertical flip
-    crop_scale: tuple[float, float] | None = None  # random resized crop: area fraction range, e.g. [0.5, 1]; None: off
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # random resized crop: aspect ratio (width / height) range
-    scale: tuple[float, float] | None = None    # random zoom factor range, e.g. [0.8, 1.2]; None: off
-    brightness: float = Field(0.0, ge=0, lt=1)  # factor uniform in [1 - x, 1 + x]
-    contrast: float = Field(0.0, ge=0, lt=1)
-    saturation: float = Field(0.0, ge=0, lt=1)
-    hue: float = Field(0.0, ge=0, le=0.5)       # shift in turns, uniform in [-x, x]
-    mosaic: float = Field(0.0, ge=0, le=1)      # probability that a batch image becomes a 2x2 mosaic of four
-    min_visible: float = Field(0.3, gt=0, le=1)  # a box keeping less than this share of its area is dropped
-
-    @field_validator("crop_scale", "crop_ratio", "scale")
-    @classmethod
-    def _range(cls, v):
-        if v is not None and not 0 < v[0] <= v[1]:
-            raise ValueError("a range [low, high] with 0 < low <= high")
-        return v
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self.hflip or self.vflip or self.crop_scale or self.scale or self.brightness or self.contrast
-                    or self.saturation or self.hue or self.mosaic)
-
-
 class DetectionRecipe(Recipe):
     task_class: ClassVar[str] = "tunesmith.tasks.detection:Detection"
     metrics: ClassVar[dict[str, Literal["max", "min"]]] = {**{k: "max" for k in STATS}, "loss": "min"}
@@ -85,7 +58,7 @@ class DetectionRecipe(Recipe):
     task: Literal["object-detection"]
     data: DetectionData
     eval: DetectionEval = DetectionEval()
-    augment: BoxAugmentConfig = BoxAugmentConfig()
+    augment: BoxAugment = BoxAugment()         # tasks/box_augment_schema.py (torch-free)
 
     @classmethod
     def sniff(cls, profile) -> Guess | None:
@@ -143,8 +116,10 @@ def coco_files(images: list[dict], truth: list[list[tuple]], found: list[list[tu
 
 
 def coco_scores(gt: dict, dets: list[dict], names: list[str], max_detections: int = 100) -> dict:
-    """COCO box scores (STATS, -1 where undefined: no true boxes of that size) and per-class AP@[.5:.95] and AP@.5,
-    by faster-coco-eval's COCOeval (the `detection` extra), with COCO's own settings."""
+    """COCO box scores (STATS, -1 where undefined: no true boxes of that size), per-class AP@[.5:.95] and AP@.5,
+    and pr_curves {recall: [101 points], classes: {name: {iou_50, iou_50_95: [precision per recall point, -1 where
+    undefined]}}} (COCOeval's precision[T, R, K, area all, maxDets last]; iou_50_95: the mean over T), by
+    faster-coco-eval's COCOeval (the `detection` extra), with COCO's own settings."""
     try:
         from faster_coco_eval import COCO, COCOeval_faster
     except ImportError:
@@ -154,7 +129,8 @@ def coco_scores(gt: dict, dets: list[dict], names: list[str], max_detections: in
     import numpy as np
 
     if not gt["annotations"]:
-        return {k: -1.0 for k in STATS} | {"per_class": {}, "n_images": len(gt["images"]), "n_boxes": 0}
+        return {k: -1.0 for k in STATS} | {"per_class": {}, "n_images": len(gt["images"]), "n_boxes": 0,
+                                          "pr_curves": {"recall": [], "classes": {}}}
     truth = COCO(gt)
     ev = COCOeval_faster(truth, truth.loadRes(dets), "bbox", print_function=lambda *a, **k: None)
     ev.params.maxDets = [1, 10, max_detections]
@@ -168,4 +144,19 @@ def coco_scores(gt: dict, dets: list[dict], names: list[str], max_detections: in
         p, p50 = precision[:, :, k, 0, -1], precision[0, :, k, 0, -1]
         per_class[names[cat - 1]] = {"ap": float(p[p > -1].mean()) if (p > -1).any() else -1.0,
                                      "ap_50": float(p50[p50 > -1].mean()) if (p50 > -1).any() else -1.0}
-    return out | {"per_class": per_class, "n_images": len(gt["images"]), "n_boxes": len(gt["annotations"])}
+    recall = [float(r) for r in ev.params.recThrs]
+    curves = {"recall": recall, "classes": {}}                 # precision at each recall point, -1 where undefined
+    for k, cat in enumerate(ev.params.catIds):
+        curves["classes"][names[cat - 1]] = {
+            "iou_50": [round(float(v), 6) for v in precision[0, :, k, 0, -1]],
+            "iou_50_95": [round(float(v), 6) if v > -1 else -1.0 for v in _mean_defined(precision[:, :, k, 0, -1])]}
+    return out | {"per_class": per_class, "n_images": len(gt["images"]), "n_boxes": len(gt["annotations"]),
+                  "pr_curves": curves}
+
+
+def _mean_defined(p):
+    """[IoU thresholds, recall points] -> per recall point the mean over the thresholds where defined, else -1."""
+    import numpy as np
+
+    ok = p > -1
+    return np.where(ok.any(0), np.where(ok, p, 0).sum(0) / np.maximum(ok.sum(0), 1), -1.0)
