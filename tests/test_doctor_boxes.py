@@ -34,9 +34,9 @@ def test_rejected_boxes_are_counted_by_kind_with_their_provenance(tmp_path):
     assert r["examples"]["box outside the image"] == [{"where": "labels/a.txt:3",
                                                        "reason": "box outside the image: x1 40.0 > width 32"}]
     assert len(r["examples"]) == 3 and not blocking
-    assert any("4 box(es) rejected" in w and "labels/a.txt:3" in w and "drops" in w for w in warnings)
+    assert not any("rejected" in w for w in warnings)     # the shared doctor's "unusable row(s)" line says it
     _, warnings, blocking = box_findings(rows, NAMES, rejected, bad_rows="error")
-    assert len(blocking) == 1 and "4 box(es) rejected" in blocking[0] and not any("rejected" in w for w in warnings)
+    assert not blocking and not any("rejected" in w for w in warnings)
     section, warnings, blocking = box_findings(rows, NAMES, [])
     assert section["rejected"] == {"count": 0, "kinds": {}, "examples": {}} and not blocking
 
@@ -109,7 +109,6 @@ def test_images_leaked_across_splits_by_content(tmp_path):
     assert leak["by_splits"] == [{"splits": ["train", "test"], "images": 1}]
     assert leak["pairs"] == [{"split_a": "train", "image_a": a, "split_b": "test", "image_b": copy}]
     assert leak["within"] == {"train": 1} and leak["unreadable"] == [str(tmp_path / "missing.png")]
-    assert any(w.startswith("test: 1 image(s) also in train") and copy in w for w in warnings)
-    assert any(w.startswith("train: 1 image(s) appear twice") for w in warnings)
+    assert not any("also in" in w or "appear twice" in w for w in warnings)   # the shared doctor's leakage lines
     Image.open(a).convert("L").save(copy)                  # same size and place, other bytes: no leak
     assert box_findings(rows, NAMES, [])[0]["leakage"]["by_splits"] == []

@@ -8,6 +8,11 @@ box_findings(rows_by_split, names, rejected) -> (section, warnings, blocking), t
   rejected       [(where, reason)]: the boxes the readers refused (outside the image, zero or negative area,
                  unknown class id), in file order
 
+Lines the shared doctor already says are not repeated here (each finding is said once; this section keeps their
+box-level detail): rejected boxes are its "N unusable row(s)" (a rejected box is a table reject), a class missing
+from a held-out split is its class-balance line, and images in two splits or twice in one are its leakage and
+duplicate lines (Task.key: a hash of the decoded pixels, so also the same picture in another container).
+
 doctor.json's "task" section (every list is cut at `listed` entries; counts are whole):
   rejected     {count, kinds: {kind: n}, examples: {kind: [{where, reason}]}}  a reason's kind is it without values
   splits       {split: {images, boxes, negatives, duplicates, tiny, tiny_share, side_px: {p10, p50, p90}}}
@@ -73,14 +78,6 @@ def _rejected(rejected, listed, bad_rows, warnings, blocking) -> dict:
         shown = examples[reason_kind(reason)]
         if len(shown) < listed:
             shown.append({"where": where, "reason": reason})
-    if rejected:
-        where, reason = rejected[0]
-        line = (f"{len(rejected):,} box(es) rejected (" + ", ".join(f"{n:,} {k}" for k, n in kinds.most_common())
-                + f"), e.g. {where}: {reason}")
-        if bad_rows == "error":
-            blocking.append(f"{line}; train stops on them: fix them or set data.bad_rows=skip")
-        else:
-            warnings.append(f"{line}; train drops them")
     return {"count": len(rejected), "kinds": dict(kinds.most_common()), "examples": dict(examples)}
 
 
@@ -127,10 +124,6 @@ def _balance(rows_by_split, names, warnings) -> dict:
     missing = [n for n in names if not train[n]]
     if missing and sum(train.values()):
         warnings.append(f"train has no box of class(es) {missing}: the model cannot learn them")
-    for split, c in boxes.items():
-        absent = [n for n in labels if train[n] and not c[n]]
-        if split != "train" and absent and sum(c.values()):
-            warnings.append(f"{split} has no box of class(es) {absent}: their AP cannot be measured")
     return {"labels": [str(n) for n in labels],
             "boxes": {s: {str(n): int(c[n]) for n in labels} for s, c in boxes.items()},
             "images": {s: {str(n): int(c[n]) for n in labels} for s, c in images.items()},
@@ -174,13 +167,6 @@ def _leakage(rows_by_split, listed, warnings) -> dict:
                                   "image_b": row["image"]})
             here.add(h)
             seen.setdefault(h, (split, row["image"]))
-    for (a, b), n in by_pair.items():
-        example = next((p for p in pairs if (p["split_a"], p["split_b"]) == (a, b)), None)
-        warnings.append(f"{b}: {n:,} image(s) also in {a} (the same file bytes)"
-                        + (f", e.g. {example['image_b']} = {example['image_a']}" if example else "")
-                        + f": {b} scores are inflated; remove them from one split")
-    for split, n in within.items():
-        warnings.append(f"{split}: {n:,} image(s) appear twice or more (the same file bytes): deduplicate them")
     if unreadable:
         warnings.append(f"{len(unreadable):,} image(s) could not be read for the leakage check, e.g. {unreadable[0]}")
     return {"by_splits": [{"splits": [a, b], "images": n} for (a, b), n in by_pair.items()],

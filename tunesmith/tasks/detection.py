@@ -17,7 +17,6 @@ Declares: prediction "boxes", ONNX outputs (logits, pred_boxes), balance_unit "b
 from __future__ import annotations
 
 import inspect
-import re
 from pathlib import Path
 
 import torch
@@ -30,7 +29,6 @@ from tunesmith.tasks.base import Features, Task, model_device
 from tunesmith.tasks.detection_schema import coco_files, coco_scores
 from tunesmith.tasks.hf import load_hf
 
-SPLIT_MISSES = re.compile(r"(?!train )\S+ has no box of class")   # box_findings' line the shared balance check says
 SAMPLES = 20                    # test images evaluate_final writes to samples.jsonl (the report's)
 THUMB = 8                       # embed(): images as THUMB x THUMB colour thumbnails (near-duplicate search)
 
@@ -135,9 +133,8 @@ class Detection(Task):
 
     def data_findings(self, tables: dict) -> tuple[dict, list[str], list[str]]:
         """The doctor's box checks (tunesmith/diagnosis/boxes.py) on the usable rows and the rejected boxes: the
-        same (where, reason) list training stops on or skips. Two of its lines the shared doctor already prints
-        (diagnose.py: "N unusable row(s)", one a rejected box; checks.balance: "{split} has no boxes of class(es)")
-        are left out, so each finding is said once; doctor.json's task section keeps all their detail."""
+        same (where, reason) list training stops on or skips (what the shared doctor already says, box_findings
+        keeps to doctor.json's task section: each finding is said once)."""
         rejected = [pair for items in self.rejected.values() for pair in items]        # (where, reason)
         try:
             from tunesmith.diagnosis.boxes import box_findings
@@ -145,8 +142,7 @@ class Detection(Task):
             return {"rejected_boxes": [{"where": w, "reason": why} for w, why in rejected]}, [], []
         section, warnings, blocking = box_findings({s: t.rows for s, t in tables.items()}, self.names, rejected,
                                                    listed=self.recipe.doctor.listed, bad_rows=self.recipe.data.bad_rows)
-        said = lambda line: not (line.startswith(f"{len(rejected):,} box(es) rejected") or SPLIT_MISSES.match(line))
-        return section, [w for w in warnings if said(w)], [b for b in blocking if said(b)]
+        return section, warnings, blocking
 
     def encode(self, rows: list[dict]) -> Features:
         """Per row: uint8 pixels [3, h, w] as the processor resizes them, size (height, width) of the original;
