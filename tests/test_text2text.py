@@ -168,10 +168,12 @@ def sse(response) -> list:
 @pytest.mark.parametrize("family", ["t5", "llama"])
 def test_predict_streams_the_text_it_generates(runs, family, capsys):
     """Predictor.stream, /v1/predict with stream (server-sent events) and predict --stream hand the text on as it is
-    written; the pieces make the prediction, which equals predict's; an unusable input fails alone."""
+    written; the pieces make the prediction, which equals predict's; an unusable input fails alone; past the
+    timeout the stream says so and ends."""
     from fastapi.testclient import TestClient
 
     from tunesmith.cli import main
+    from tunesmith.serving.app import Limits
 
     predictor = runs[family].load("cpu")
     expected = [predictor.predict([s])[0] for s in SOURCES]
@@ -187,6 +189,9 @@ def test_predict_streams_the_text_it_generates(runs, family, capsys):
     for i, want in enumerate(expected):
         assert "".join(e["text"] for e in events if e["index"] == i and "text" in e).strip() == want["output"]
     assert [e for e in events if "error" in e] == [{"index": 3, "error": "empty input"}]
+    late = TestClient(ts.create_app(predictor, limits=Limits(timeout_s=1e-6))).post(
+        "/v1/predict", json={"inputs": SOURCES, "stream": True})
+    assert sse(late) == [{"index": 0, "error": "generation took longer than 1e-06 s"}, "[DONE]"]
     capsys.readouterr()
     assert main(["predict", str(runs[family].path), SOURCES[1], "--stream"]) == 0
     out, err = capsys.readouterr()
