@@ -76,7 +76,7 @@ def test_class_balance_by_boxes_and_by_images(tmp_path):
     assert bal["images"]["train"] == {"cat": 2, "dog": 1, "bird": 0}
     assert bal["boxes"]["test"] == {"cat": 1, "dog": 0, "bird": 0} and bal["missing_in_train"] == ["bird"]
     assert any("train has no box of class(es) ['bird']" in w for w in warnings)
-    assert any("test has no box of class(es) ['dog']" in w for w in warnings)
+    assert not any(w.startswith("test has no box") for w in warnings)     # the shared class-balance line says it
 
 
 def test_small_box_share(tmp_path):
