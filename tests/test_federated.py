@@ -110,6 +110,7 @@ def test_a_client_sends_only_the_trainable_parameters(lora_site):
     arrays, rows, metrics = flower_client(lora_site).fit(local.get(), {"round": 1, "labels": io.dumps(["neg", "pos"])})
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert rows == len(lora_site.rows) and set(local.names) == set(trainable)
+    assert (lora_site.folder / "metrics.jsonl").exists() and not (lora_site.folder / "checkpoints").exists()
     assert all("lora_" in n or "classifier" in n for n in local.names)
     sent = sum(a.nbytes for a in arrays)
     assert sent == sum(p.numel() * 4 for p in trainable.values()) == metrics["bytes"]
