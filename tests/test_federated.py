@@ -166,11 +166,15 @@ def test_fedprox_simulation_runs_with_a_fraction_of_clients(tiny_bert, tmp_path)
     import tunesmith as ts
 
     data = write_reviews(tmp_path / "reviews.csv", n=80)
-    run = ts.federate(recipe_dict(tiny_bert, data, train={"epochs": 1, "threads": 1}), clients=4, rounds=1,
-                      fraction=0.5, strategy="fedprox", mu=0.1, run_dir=tmp_path / "run")
+    run = ts.federate(recipe_dict(tiny_bert, data, train={"epochs": 3, "threads": 1}), clients=4, rounds=1,
+                      fraction=0.5, strategy="fedprox", mu=10.0, run_dir=tmp_path / "run")
     fed = io.read_json(run.path / "federation.json")
-    assert fed["strategy"] == "fedprox" and fed["mu"] == 0.1
+    assert fed["strategy"] == "fedprox" and fed["mu"] == 10.0
     assert fed["rounds"][1]["asked"] == 2 and fed["rounds"][1]["answered"] == 2
+    plain = ts.federate(recipe_dict(tiny_bert, data, train={"epochs": 3, "threads": 1}), clients=4, rounds=1,
+                        fraction=0.5, strategy="fedavg", run_dir=tmp_path / "plain")
+    assert io.read_json(plain.path / "federation.json")["rounds"][1]["answered"] == 2
+    assert plain.metrics["loss"] != run.metrics["loss"]     # steps 2-3 of each client felt the proximal term
 
 
 # --- real processes ----------------------------------------------------------------------------------------
