@@ -222,7 +222,7 @@ def federation(tiny_bert, tmp_path_factory):
     (work / "dying.py").write_text(DYING)
     address = f"127.0.0.1:{free_port()}"
     common = ["federate", str(work / "recipe.yaml"), "--wait", "120"]
-    env = dict(os.environ)
+    env = {**os.environ, "TMPDIR": str(work)}          # a dead client's scratch folder stays in the test's folder
 
     def start(args, log):
         return subprocess.Popen([sys.executable, *map(str, args)], stdout=open(work / log, "w"),
