@@ -31,11 +31,12 @@ __all__ = ["fit", "State", "accumulate"]        # accumulate: its callers and te
 
 
 def fit(task, adapted, train, evalset, recipe, run, accelerator, mixed: str = "no", resume: bool = False,
-        stop_flag: safety.StopFlag | None = None, objective=None) -> State:
+        stop_flag: safety.StopFlag | None = None, objective=None, checkpoints: bool = True) -> State:
     """Train `adapted.model` on encoded `train` features; evaluate on `evalset`; write into `run`.
     mixed: "no", "bf16" or "fp16" (tunesmith.device.choose_precision) for autocast. stop_flag: set by SIGTERM or
     Ctrl-C; checked after each optimizer step (a checkpoint, then safety.Interrupted). objective: what to minimise
-    (collate, loss, count; tunesmith/steps.py); None: the task's own loss."""
+    (collate, loss, count; tunesmith/steps.py); None: the task's own loss. checkpoints: False writes none (a
+    federated client's round: the server keeps the weights)."""
     cfg, say = recipe.train, accelerator.print
     model = adapted.model
     if cfg.compile:
@@ -90,7 +91,7 @@ def fit(task, adapted, train, evalset, recipe, run, accelerator, mixed: str = "n
                 if clock.spent():
                     why = why or "budget"
                 stop, signum = agreed_stop(why is not None or run.stop_reason is not None, stop_flag, accelerator)
-                if state.step % schedule.save_every == 0 or state.step == total or stop or signum:
+                if checkpoints and (state.step % schedule.save_every == 0 or state.step == total or stop or signum):
                     t0 = time.perf_counter()
                     save_step(run, model, adapted.trainable, optimizer, scheduler, state, cfg, accelerator)
                     meter.add("checkpoint_seconds", t0)

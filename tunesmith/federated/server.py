@@ -70,7 +70,8 @@ class Board:
         return {"round": server_round, "labels": io.dumps(self.task.labels)}
 
     def answered(self, server_round: int, asked: int, results, failures) -> None:
-        """Record a round's answers (bytes up: the serialized arrays each answering client sent)."""
+        """Record a round's answers (bytes up: the serialized arrays each answering client sent; bytes down: the
+        float32 arrays sent to each client asked)."""
         self.pending = {"asked": asked, "answered": len(results), "failed": len(failures),
                         "rows": sum(r.num_examples for _, r in results),
                         "bytes_up": sum(len(t) for _, r in results for t in r.parameters.tensors),

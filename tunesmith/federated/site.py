@@ -96,7 +96,7 @@ def local_recipe(recipe, examples: int, seed: int):
 
 class Site:
     """One client: its rows (read here, never sent), the shared `Local` model, and local training per round in
-    `folder` (a scratch run folder: the loop's log and checkpoint of the last round)."""
+    `folder` (a scratch run folder: the loop's log of the last round; no checkpoints)."""
 
     def __init__(self, recipe, rows: list[dict], folder: Path, local: Local | None = None, index: int = 0):
         self.recipe, self.rows, self.folder, self.local, self.index = recipe, rows, Path(folder), local, index
@@ -148,7 +148,7 @@ class Site:
         seed = self.recipe.train.seed + 1000 * round_ + self.index
         recipe = local_recipe(self.recipe, len(self.features), seed)
         if self.folder.exists():
-            shutil.rmtree(self.folder)              # the last round's scratch log and checkpoint
+            shutil.rmtree(self.folder)              # the last round's scratch log
         self.folder.mkdir(parents=True)
         run = Run(self.folder)
         accelerator = Accelerator(cpu=not torch.cuda.is_available())
@@ -157,7 +157,7 @@ class Site:
         local.model.to(accelerator.device)
         set_seed(seed)
         state = fit(local.task, local.adapted, self.features, None, recipe, run, accelerator, mixed,
-                    objective=objective)
+                    objective=objective, checkpoints=False)
         losses = [r["loss"] for r in run.history if "loss" in r and not r.get("summary")]
         local.model.cpu()
         return local.get(), {"loss": float(losses[-1]) if losses else float("nan"), "steps": state.step,
