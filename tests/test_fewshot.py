@@ -60,6 +60,21 @@ def test_a_small_class_keeps_all_its_rows_with_a_warning(tiny_bert, tmp_path):
     assert loaded.shot_lines()[1] == "warning: data.shots=8: class 'rare' has only 5 train row(s); all of them are used"
 
 
+def test_doctor_says_what_shots_sampled(tiny_bert, tmp_path):
+    from tunesmith.diagnosis.report import render
+
+    data = write_reviews(tmp_path / "r.csv", n=120)
+    with open(data, "a") as f:
+        f.writelines(f"rare text number {i} superb,rare\n" for i in range(3))
+    valid = write_reviews(tmp_path / "v.csv", n=20)
+    recipe = recipe_with(tiny_bert, data, {"shots": 8, "validation": str(valid), "test": str(valid)},
+                         doctor={"label_noise": False})
+    report = ts.doctor(recipe, out=None)
+    assert report["shots"]["kept"] == 19 and report["splits"]["train"] == 19
+    assert "data.shots=8: class 'rare' has only 3 train row(s); all of them are used" in report["warnings"]
+    assert "data.shots: sampled 8 per class from 123 train rows (19 kept, seed 0)" in render(report)
+
+
 def test_shots_and_contrastive_are_text_classification_keys():
     bad = {"task": "causal-lm", "model": "m", "data": {"train": "a.jsonl", "shots": 8},
            "adapt": {"method": "contrastive"}}
