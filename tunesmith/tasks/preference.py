@@ -233,7 +233,8 @@ class Preference(CausalLM):
 
     def reference_logps(self, model, features: list[dict], batch_size: int) -> None:
         """Fill feature["reference"] = [chosen, rejected] summed log-probs where missing: from `model` with its
-        adapters disabled, or from `model` itself (precompute: the model as loaded)."""
+        adapters disabled, or from `model` itself (precompute: the model as loaded), in the recipe's training
+        precision (at the first step policy and reference then agree: the DPO loss is log 2)."""
         missing = [f for f in features if "reference" not in f]
         if not missing:
             return
@@ -241,7 +242,7 @@ class Preference(CausalLM):
         training = model.training
         model.eval()
         try:
-            with torch.no_grad(), context:
+            with torch.no_grad(), context, self.autocast(model):     # the precision training runs in
                 for idx, batch in batches(self, missing, batch_size, model_device(model)):
                     sums, _ = answer_logps(model, batch)
                     for j, i in enumerate(idx):
