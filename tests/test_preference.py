@@ -279,6 +279,7 @@ def test_doctor_is_quiet_on_clean_pairs(tiny_llama, tmp_path):
     assert any("without a prompt column" in n for n in report["check_notes"])   # the implicit-prompt rows
 
 
+@pytest.mark.slow                   # two torchrun processes start in ~30 s; test_train covers the mechanism by default
 def test_two_process_ddp_under_dpo_equals_one_process(tiny_llama, tmp_path):
     """torchrun, 2 CPU processes (gloo), DPO + LoRA: each process precomputes the references of every pair and
     trains on its share of each batch; the step's loss is divided by the pairs of both processes, so the run
