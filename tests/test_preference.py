@@ -189,6 +189,13 @@ def test_dpo_with_lora_trains_and_reward_accuracy_rises(dpo_run):
         scored = task.evaluate(model, features, 32)
     assert scored["reward_accuracy"] >= 0.9
 
+    # the finished run evaluates (the reference from the base model again) and predicts like any chat run
+    predictor = run.load()
+    again = predictor.evaluate()
+    assert again["reward_accuracy"] == after["reward_accuracy"]
+    assert again["reward_margin"] == pytest.approx(after["reward_margin"], abs=1e-5)
+    assert predictor.predict("review good film verdict")["output"] in ("pos", "neg")
+
 
 def test_orpo_trains_without_a_reference(tiny_llama, tmp_path):
     data = write_pairs(tmp_path / "pairs.jsonl", n=90)
