@@ -257,6 +257,7 @@ def test_doctor_rejects_and_flags_bad_pairs(tiny_llama, tmp_path):
     rows.append({"prompt": "review swap", "chosen": "pos", "rejected": "neg"})
     rows.append({"prompt": "review swap", "chosen": "neg", "rejected": "pos"})               # contradicts it
     rows.append(dict(rows[0]))                                                               # a duplicate pair
+    rows.append({"prompt": "review " + "the " * 40, "chosen": "pos", "rejected": "neg"})     # answers cut away
     held = [{"prompt": rows[1]["prompt"], "chosen": "pos good", "rejected": "neg " + " ".join(NEGATIVE[:3])},
             {"prompt": "review fine unseen", "chosen": "pos", "rejected": "neg"}]
     for name, part in (("train.jsonl", rows), ("test.jsonl", held), ("val.jsonl", held[1:])):
@@ -267,7 +268,8 @@ def test_doctor_rejects_and_flags_bad_pairs(tiny_llama, tmp_path):
     report = doctor(recipe, out=None)
     reasons = " | ".join(r["reason"] for r in report["rejects"])
     assert "chosen equals rejected" in reasons and "empty chosen answer" in reasons
-    assert "prompt differs between chosen and rejected" in reasons and len(report["rejects"]) == 3
+    assert "prompt differs between chosen and rejected" in reasons and "lies beyond data.max_length=32" in reasons
+    assert len(report["rejects"]) == 4
     warnings = "\n".join(report["warnings"])
     assert "the chosen answer is the longer one" in warnings
     assert "also appear swapped" in warnings and report["task"]["pairs"]["train"]["swapped_pairs"] == 1
