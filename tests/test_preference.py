@@ -26,7 +26,7 @@ def tiny_llama(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    """A hidden-32 model gains nothing from threads; on a loaded machine their spinning costs 10x (train sets its own)."""
+    """A hidden-32 model gains nothing from threads; on a loaded machine their spinning costs 10x."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -189,6 +189,13 @@ def test_dpo_with_lora_trains_and_reward_accuracy_rises(dpo_run):
         scored = task.evaluate(model, features, 32)
     assert scored["reward_accuracy"] >= 0.9
 
+    # the finished run evaluates (the reference from the base model again) and predicts like any chat run
+    predictor = run.load()
+    again = predictor.evaluate()
+    assert again["reward_accuracy"] == after["reward_accuracy"]
+    assert again["reward_margin"] == pytest.approx(after["reward_margin"], abs=1e-5)
+    assert predictor.predict("review good film verdict")["output"] in ("pos", "neg")
+
 
 def test_orpo_trains_without_a_reference(tiny_llama, tmp_path):
     data = write_pairs(tmp_path / "pairs.jsonl", n=90)
@@ -250,6 +257,7 @@ def test_doctor_rejects_and_flags_bad_pairs(tiny_llama, tmp_path):
     rows.append({"prompt": "review swap", "chosen": "pos", "rejected": "neg"})
     rows.append({"prompt": "review swap", "chosen": "neg", "rejected": "pos"})               # contradicts it
     rows.append(dict(rows[0]))                                                               # a duplicate pair
+    rows.append({"prompt": "review " + "the " * 40, "chosen": "pos", "rejected": "neg"})     # answers cut away
     held = [{"prompt": rows[1]["prompt"], "chosen": "pos good", "rejected": "neg " + " ".join(NEGATIVE[:3])},
             {"prompt": "review fine unseen", "chosen": "pos", "rejected": "neg"}]
     for name, part in (("train.jsonl", rows), ("test.jsonl", held), ("val.jsonl", held[1:])):
@@ -260,7 +268,8 @@ def test_doctor_rejects_and_flags_bad_pairs(tiny_llama, tmp_path):
     report = doctor(recipe, out=None)
     reasons = " | ".join(r["reason"] for r in report["rejects"])
     assert "chosen equals rejected" in reasons and "empty chosen answer" in reasons
-    assert "prompt differs between chosen and rejected" in reasons and len(report["rejects"]) == 3
+    assert "prompt differs between chosen and rejected" in reasons and "lies beyond data.max_length=32" in reasons
+    assert len(report["rejects"]) == 4
     warnings = "\n".join(report["warnings"])
     assert "the chosen answer is the longer one" in warnings
     assert "also appear swapped" in warnings and report["task"]["pairs"]["train"]["swapped_pairs"] == 1
@@ -277,3 +286,35 @@ def test_doctor_is_quiet_on_clean_pairs(tiny_llama, tmp_path):
     assert pairs["swapped_pairs"] == 0 and not pairs["extreme_length_ratio"] and pairs["median_length_ratio"] == 1
     assert not [w for w in report["warnings"] if "longer one" in w or "swapped" in w]
     assert any("without a prompt column" in n for n in report["check_notes"])   # the implicit-prompt rows
+
+
+@pytest.mark.slow                   # two torchrun processes start in ~30 s; test_train covers the mechanism by default
+def test_two_process_ddp_under_dpo_equals_one_process(tiny_llama, tmp_path):
+    """torchrun, 2 CPU processes (gloo), DPO + LoRA: each process precomputes the references of every pair and
+    trains on its share of each batch; the step's loss is divided by the pairs of both processes, so the run
+    ends where one process with the same batches ends (up to float summation order)."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    data = write_pairs(tmp_path / "pairs.jsonl", n=80)
+    recipe = pair_recipe(tiny_llama, data, train={"max_steps": 6, "batch_size": 8, "eval_every": 3})
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "-m", "tunesmith", "train", str(path), "--run-dir", str(tmp_path / "ddp")],
+                         capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                         env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "x 2 processes" in out.stdout and out.stdout.count("after fine-tuning") == 1
+    one = train(load(recipe), run_dir=tmp_path / "one").path
+    a, b = load_file(str(tmp_path / "ddp" / "model" / "model.safetensors")), load_file(str(one / "model" /
+                                                                                         "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    changed = load_file(str(tiny_llama / "model.safetensors"))
+    assert any(not torch.allclose(changed[k], a[k], atol=1e-4) for k in changed if k in a)   # it trained
+    ddp, single = (json.loads((p / "eval.json").read_text()) for p in (tmp_path / "ddp", one))
+    assert ddp["reward_accuracy"] == single["reward_accuracy"]
+    assert ddp["loss"] == pytest.approx(single["loss"], abs=1e-4)

@@ -90,6 +90,29 @@ def reviews_chat() -> Path:
     return out
 
 
+PROSE = ("The verdict is {label}.", "I would call this review {label}.", "{Label}, judging by the critic's words.",
+         "This one reads as {label} to me.", "Verdict: the film is {label}.")
+
+
+def reviews_pairs() -> Path:
+    """Rotten Tomatoes snippets as preference pairs (JSONL `messages` prompt, `chosen`, `rejected`) for
+    train.objective dpo / orpo: chosen is the house format of reviews_chat (the label, one word); rejected breaks
+    it, alternately the wrong label in one word and the right label in prose (a fixed rotation of PROSE)."""
+    out = cache_dir() / "reviews_pairs.jsonl"
+    if not out.exists():
+        def pair(i: int, row: dict) -> dict:
+            label = row["label"]
+            other = "rotten" if label == "fresh" else "fresh"
+            prose = PROSE[(i // 2) % len(PROSE)].format(label=label, Label=label.capitalize())
+            return {"messages": [{"role": "system", "content": "You judge film reviews."},
+                                 {"role": "user", "content": f"Review: {row['text']}\nVerdict?"}],
+                    "chosen": label, "rejected": other if i % 2 else prose}
+
+        with open(rotten_tomatoes(), newline="", encoding="utf-8") as src:
+            io.write_jsonl(out, (pair(i, row) for i, row in enumerate(csv.DictReader(src))))
+    return out
+
+
 def reviews_ner() -> Path:
     """Rotten Tomatoes snippets as JSONL {tokens, tags}: BIO silver labels (PERSON, ORG, LOC, DATE, NORP) from the
     packaged spaCy `en_core_web_sm` (tunesmith/assets/silver.py says which and why), built once (~1 min)."""
@@ -139,6 +162,7 @@ def fashion_mnist_test() -> Path:
 
 MODELS = {"minilm": minilm, "smollm2": smollm2, "mobilenet_v2": mobilenet_v2}
 DATASETS = {"rotten_tomatoes": rotten_tomatoes, "reviews_chat": reviews_chat, "reviews_ner": reviews_ner,
+            "reviews_pairs": reviews_pairs,
             "fashion_mnist": fashion_mnist, "fashion_mnist_test": fashion_mnist_test}
 
 

@@ -207,17 +207,17 @@ class Preference(CausalLM):
         return batch
 
     def length_stats(self, rows: list[dict], features: list[dict]) -> dict:
-        """Per pair, both sides together: tokens kept and before the cut, answer tokens; a pair lacking the EOS
-        in either answer's labels counts as missing its end."""
+        """Per pair, its longer side (data.max_length cuts each side alone): tokens kept and before the cut, answer
+        tokens; a pair with an answer lacking labels or its EOS counts as all-masked or missing its end."""
         eos = self.tokenizer.eos_token_id
         stats = {"kept": [], "lengths": [], "trained": [], "all_masked": [], "missing_end": []}
         for i, row in enumerate(rows):
             prompt, chosen, rejected = self.pair(row)
             sides = [self.encode_side(prompt, chosen), self.encode_side(prompt, rejected)]
             trained = [[y for y in labels[1:] if y != -100] for _, labels, _, _ in sides]
-            stats["kept"].append(sum(len(s[0]) for s in sides))
-            stats["lengths"].append(sum(s[3] for s in sides))
-            stats["trained"].append(sum(map(len, trained)))
+            stats["kept"].append(max(len(s[0]) for s in sides))
+            stats["lengths"].append(max(s[3] for s in sides))
+            stats["trained"].append(max(map(len, trained)))
             if not all(trained):
                 stats["all_masked"].append(i)
             elif any(t[-1] != eos for t in trained):
@@ -233,7 +233,8 @@ class Preference(CausalLM):
 
     def reference_logps(self, model, features: list[dict], batch_size: int) -> None:
         """Fill feature["reference"] = [chosen, rejected] summed log-probs where missing: from `model` with its
-        adapters disabled, or from `model` itself (precompute: the model as loaded)."""
+        adapters disabled, or from `model` itself (precompute: the model as loaded), in the recipe's training
+        precision (at the first step policy and reference then agree: the DPO loss is log 2)."""
         missing = [f for f in features if "reference" not in f]
         if not missing:
             return
@@ -241,7 +242,7 @@ class Preference(CausalLM):
         training = model.training
         model.eval()
         try:
-            with torch.no_grad(), context:
+            with torch.no_grad(), context, self.autocast(model):     # the precision training runs in
                 for idx, batch in batches(self, missing, batch_size, model_device(model)):
                     sums, _ = answer_logps(model, batch)
                     for j, i in enumerate(idx):

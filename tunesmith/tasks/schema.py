@@ -288,7 +288,7 @@ class DPOConfig(Section):
 
 class ORPOConfig(Section):
     """train.objective: orpo (Hong et al. 2024): SFT loss on the chosen answer + lambda x odds-ratio loss."""
-    model_config = ConfigDict(populate_by_name=True)
+    model_config = ConfigDict(populate_by_name=True, serialize_by_alias=True)   # recipe.yaml says `lambda`
     lambda_: float = Field(0.1, gt=0, alias="lambda")   # weight of the odds-ratio term (the paper's and TRL's 0.1)
 
 
