@@ -11,7 +11,7 @@ import math
 from collections import Counter
 from typing import ClassVar, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from tunesmith.recipe import DataConfig, DoctorConfig, EvalConfig, Guess, Recipe, Section, TrainConfig
 
@@ -269,7 +269,9 @@ def conversation(value) -> list[dict] | None:
 
 class CausalLMRecipe(GenerativeTuning, Recipe):
     task_class: ClassVar[str] = "tunesmith.tasks.causal_lm:CausalLM"
-    metrics: ClassVar[dict[str, Literal["max", "min"]]] = {"loss": "min", "perplexity": "min"}
+    # exact_match, rouge_l: of answers generated for the validation rows at each evaluation (needs eval.generate)
+    metrics: ClassVar[dict[str, Literal["max", "min"]]] = {"loss": "min", "perplexity": "min", "exact_match": "max",
+                                                           "rouge_l": "max"}
     default_metric: ClassVar[str] = "loss"
     default_method: ClassVar[str] = "lora"
     starter_model: ClassVar[tuple[str, str]] = ("smollm2", "HuggingFaceTB/SmolLM2-135M-Instruct")
@@ -280,6 +282,20 @@ class CausalLMRecipe(GenerativeTuning, Recipe):
     data: CausalLMData
     train: CausalLMTrain = CausalLMTrain()
     eval: GenerativeEval = GenerativeEval()
+
+    def default_train_metric(self) -> str:
+        """epochs: auto with eval.generate stops on exact match of the generated answers (what a chat model is
+        judged by: the loss can fall while the answers stay wrong, issue 19); a number of epochs keeps the loss."""
+        if self.eval.generate is not None and self.train.epochs == "auto" and not self.train.max_steps:
+            return "exact_match"
+        return self.default_metric
+
+    @model_validator(mode="after")
+    def _generated_metric(self):
+        if self.train.metric in ("exact_match", "rouge_l") and self.eval.generate is None:
+            raise ValueError(f"train.metric {self.train.metric} scores generated answers: set eval.generate "
+                             f"(e.g. {{max_new_tokens: 32}}) or choose loss")
+        return self
 
     @classmethod
     def sniff(cls, profile) -> Guess | None:
