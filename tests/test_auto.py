@@ -192,6 +192,21 @@ def test_causal_lm_with_no_training_keys_gets_the_lora_rate_and_auto(tmp_path):
     per_epoch = run.training["steps"] / run.training["epochs"]
     assert len(steps) >= 4 and steps[0] == saved.eval_every and saved.eval_every < per_epoch   # several per epoch
     assert run.training["ended"].startswith("stopped: ") and saved.patience >= 3
+    # eval.generate is set: auto stops on exact match of answers generated for the validation rows
+    assert saved.metric == "exact_match" and all("exact_match" in e and "loss" in e for e in validations(run))
+    assert run.training["ended"].startswith(("stopped: validation exact_match", "stopped: reached train.max_epochs"))
+
+
+def test_causal_lm_auto_with_eval_generate_defaults_to_exact_match():
+    """The metric epochs: auto stops on: exact match with eval.generate; loss without it or with a number of
+    epochs (as before); exact match without eval.generate is a recipe error naming the fix."""
+    chat = {**BASE, "task": "causal-lm", "eval": {"generate": {"max_new_tokens": 4}}}
+    assert (load(chat).train.metric, load(chat).direction) == ("exact_match", "max")
+    assert load({**chat, "train": {"epochs": 3}}).train.metric == "loss"
+    assert load({**BASE, "task": "causal-lm"}).train.metric == "loss"
+    assert load({**chat, "train": {"metric": "loss"}}).train.metric == "loss"
+    with pytest.raises(ts.RecipeError, match="train.metric exact_match scores generated answers: set eval.generate"):
+        load({**BASE, "task": "causal-lm", "train": {"metric": "exact_match"}})
 
 
 def test_an_improvement_under_auto_needs_a_margin_and_ties_are_broken_by_the_loss():

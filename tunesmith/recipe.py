@@ -209,8 +209,13 @@ class Recipe(Section):
             specs = self.adapt.freeze_embeddings or self.adapt.freeze_layers or self.adapt.freeze_patterns
             self.adapt.freeze_backbone = not specs
         if self.train.metric is None:
-            self.train.metric = self.default_metric
+            self.train.metric = self.default_train_metric()
         return self
+
+    def default_train_metric(self) -> str:
+        """train.metric when unset: the class's default_metric; a task may choose by the recipe (causal-lm with
+        eval.generate under epochs: auto: exact match)."""
+        return self.default_metric
 
     @field_validator("name")
     @classmethod

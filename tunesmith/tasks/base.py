@@ -47,11 +47,13 @@ from tunesmith.tasks.outputs import SCHEMAS, Prediction
 
 
 class Features(list):
-    """What `Task.encode` returns: the features (a list), and how many examples were cut at the length limit."""
+    """What `Task.encode` returns: the features (a list), and how many examples were cut at the length limit;
+    rows: the rows they were encoded from, for a task whose evaluate needs them (generated answers), else None."""
 
-    def __init__(self, items=(), truncated: int = 0):
+    def __init__(self, items=(), truncated: int = 0, rows: list | None = None):
         super().__init__(items)
         self.truncated = truncated
+        self.rows = rows
 
 
 def blank(text: str) -> bool:

@@ -29,6 +29,7 @@ from tunesmith.tasks.base import Features, batches, model_device
 from tunesmith.tasks.generation import Generative
 from tunesmith.tasks.hf import load_hf
 
+GENERATION_METRICS = ("exact_match", "rouge_l")     # train.metric values that need generated answers
 PROBE = [{"role": "user", "content": "Hello?"}, {"role": "assistant", "content": "Hi."}]
 
 # Why hand-written: a packed row of ~8 examples under transformers' block-diagonal mask costs attention over
@@ -231,7 +232,7 @@ class CausalLM(Generative):
         out = [self.encode_one(self.messages(r)) for r in rows]
         features = [{"input_ids": ids, "labels": labels} for ids, labels, _ in out]
         return Features(self.pack(features) if self.recipe.train.packing else features,
-                        truncated=sum(cut for _, _, cut in out))
+                        truncated=sum(cut for _, _, cut in out), rows=rows)
 
     def length_stats(self, rows: list[dict], features: list[dict]) -> dict:
         """Per conversation (features may be packed, so computed from rows): tokens kept and before the cut,
@@ -333,18 +334,30 @@ class CausalLM(Generative):
         return float((batch["labels"][:, 1:] != -100).sum())
 
     def evaluate(self, model, features: list[dict], batch_size: int) -> dict:
-        """Token-weighted loss over the assistant tokens, and its perplexity."""
-        return token_losses(self, model, features, batch_size)
+        """Token-weighted loss over the assistant tokens, and its perplexity; when train.metric is a generation
+        metric (epochs: auto's default with eval.generate), also exact match and ROUGE-L of answers generated for
+        the rows the features came from (Features.rows)."""
+        result = token_losses(self, model, features, batch_size)
+        rows = features.rows if isinstance(features, Features) else None
+        if self.recipe.train.metric in GENERATION_METRICS and rows is not None:
+            result |= self.answers(model, rows, batch_size)
+        return result
 
     def evaluate_final(self, model, rows: list[dict], features: list[dict], batch_size: int, out_dir=None) -> dict:
         """Loss and perplexity; with eval.generate also exact match and ROUGE-L of generated answers against
         each row's last assistant turn, and the first samples in out_dir/samples.jsonl."""
         with self.autocast(model):
-            result = self.evaluate(model, features, batch_size)
+            result = token_losses(self, model, features, batch_size)
         if self.recipe.eval.generate is None:
             return result
+        return result | self.answers(model, rows, batch_size, out_dir)
+
+    def answers(self, model, rows: list[dict], batch_size: int, out_dir=None) -> dict:
+        """exact_match and rouge_l of the answers generated for `rows` against each one's last assistant turn."""
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):     # validation under DDP: the model
+            model = model.module
         prompts, refs = zip(*(self.split_answer(self.messages(r)) for r in rows)) if rows else ((), ())
-        return result | self.generation_metrics(model, list(prompts), list(refs), batch_size, out_dir)
+        return self.generation_metrics(model, list(prompts), list(refs), batch_size, out_dir)
 
     def prediction_prompt(self, item) -> tuple[list[int], str]:
         """A bare string is one user message; a row gives its conversation up to its last assistant turn. The

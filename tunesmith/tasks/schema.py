@@ -343,6 +343,20 @@ class CausalLMRecipe(GenerativeTuning, Recipe):
     train: CausalLMTrain = CausalLMTrain()
     eval: GenerativeEval = GenerativeEval()
 
+    def default_train_metric(self) -> str:
+        """epochs: auto with eval.generate stops on exact match of the generated answers (what a chat model is
+        judged by: the loss can fall while the answers stay wrong, issue 19); a number of epochs keeps the loss."""
+        if self.eval.generate is not None and self.train.epochs == "auto" and not self.train.max_steps:
+            return "exact_match"
+        return self.default_metric
+
+    @model_validator(mode="after")
+    def _generated_metric(self):
+        if self.train.metric in ("exact_match", "rouge_l") and self.eval.generate is None:
+            raise ValueError(f"train.metric {self.train.metric} scores generated answers: set eval.generate "
+                             f"(e.g. {{max_new_tokens: 32}}) or choose loss")
+        return self
+
     @model_validator(mode="before")
     @classmethod
     def _preference_metric(cls, data):
@@ -364,10 +378,11 @@ class CausalLMRecipe(GenerativeTuning, Recipe):
 
     def objective_metrics(self) -> dict[str, Literal["max", "min"]]:
         """What validation reports under train.objective: sft loss and perplexity; dpo / orpo the pair metrics,
-        with exact match and ROUGE-L of generated chosen answers when eval.generate is set."""
+        with exact match and ROUGE-L of generated (chosen) answers when eval.generate is set (both objectives)."""
+        generated = GENERATION_METRICS if self.eval.generate is not None else {}
         if self.train.objective == "sft":
-            return {"loss": "min", "perplexity": "min"}
-        return {**PREFERENCE_METRICS, **(GENERATION_METRICS if self.eval.generate is not None else {})}
+            return {"loss": "min", "perplexity": "min", **generated}
+        return {**PREFERENCE_METRICS, **generated}
 
     def task_for(self):
         return "tunesmith.tasks.preference:Preference" if self.train.objective != "sft" else self.task_class
