@@ -77,7 +77,8 @@ class Preference(CausalLM):
         return self.recipe.objective_metrics()
 
     @property
-    def objective(self) -> str:
+    def pair_loss(self) -> str:
+        """"dpo" or "orpo" (train.objective; not `objective`, the Task method naming what fit minimises)."""
         return self.recipe.train.objective
 
     # --- rows -> (prompt, chosen, rejected) ----------------------------------------------------------
@@ -227,7 +228,7 @@ class Preference(CausalLM):
     # --- objective ------------------------------------------------------------------------------------
     def precompute(self, model, features: dict[str, list[dict]], batch_size: int) -> None:
         """DPO: the reference's summed log-probs of both answers, into every feature of every split."""
-        if self.objective == "dpo":
+        if self.pair_loss == "dpo":
             for split in features.values():
                 self.reference_logps(model, split, batch_size)
 
@@ -255,7 +256,7 @@ class Preference(CausalLM):
         half = len(sums) // 2
         pc, pr, nc, nr = sums[:half], sums[half:], counts[:half].clamp(min=1), counts[half:].clamp(min=1)
         mc, mr = pc / nc, pr / nr
-        if self.objective == "orpo":
+        if self.pair_loss == "orpo":
             lam = self.recipe.train.orpo.lambda_
             loss = -mc - lam * F.logsigmoid(log_odds(mc) - log_odds(mr))
             return {"loss": loss, "chosen_reward": lam * mc, "rejected_reward": lam * mr, "mc": mc, "mr": mr}
@@ -283,7 +284,7 @@ class Preference(CausalLM):
         """Mean loss per pair; reward accuracy (chosen reward > rejected) and margin; mean summed log-probs of
         each side; logp_accuracy (the policy's own preference: chosen has the higher per-token mean log-prob,
         no reference); with eval.generate, exact match and ROUGE-L of generated answers against the chosen."""
-        if self.objective == "dpo":
+        if self.pair_loss == "dpo":
             self.ensure_reference(model, features, batch_size)
         sums = Counter()
         for _, batch in batches(self, features, batch_size, model_device(model)):
