@@ -136,6 +136,50 @@ def test_fedprox_adds_the_proximal_term_to_the_loss(lora_site):
                              torch.tensor(0.25 * drift * len(batch["labels"])), rtol=1e-3)
 
 
+# --- one learning-rate schedule over the federation ---------------------------------------------------------
+@pytest.mark.parametrize("kind", ["linear", "cosine", "constant"])
+def test_pieces_of_a_span_follow_the_one_schedule(kind):
+    import torch
+
+    from tunesmith.steps import Schedule, optimizer_for
+
+    cfg = SimpleNamespace(batch_size=4, grad_accum=1, epochs=1, max_epochs=1, max_steps=None, warmup=0.25,
+                          eval_every=None, save_every=None, min_steps=0, learning_rate=1e-3, weight_decay=0.0,
+                          scheduler=kind)
+    recipe = SimpleNamespace(train=cfg, adapt=SimpleNamespace(layer_lr_decay=None))
+
+    def rates(examples, span, steps):
+        weight = torch.nn.Parameter(torch.zeros(2))
+        adapted = SimpleNamespace(param_groups=lambda lr, wd, decay: [{"params": [weight], "lr": lr}])
+        optimizer, scheduler = optimizer_for(adapted, recipe, Schedule.of(cfg, examples, span), torch.device("meta"))
+        seen = [scheduler.get_last_lr()[0]]
+        for _ in range(steps):
+            optimizer.step()
+            scheduler.step()
+            seen.append(scheduler.get_last_lr()[0])
+        return seen
+
+    whole = rates(80, None, 20)                    # one run of 20 steps; a round: 20 rows, 5 steps, of 4 rounds
+    pieces = [rates(20, (r * 5, 20), 5) for r in range(4)]
+    assert [p[0] for p in pieces] + [pieces[-1][-1]] == pytest.approx(whole[::5])
+    assert sum((p[1:] for p in pieces), []) == pytest.approx(whole[1:])
+    assert pieces[1][0] == pytest.approx(1e-3) and pieces[1][0] >= pieces[1][-1]   # no warm-up after round 1
+    assert rates(20, None, 5) != pytest.approx(pieces[0])      # a round on its own schedule: another warm-up and decay
+
+
+def test_a_clients_second_round_continues_the_first_rounds_rates(lora_site):
+    local = lora_site.local
+    seen = []
+    for round_ in (1, 2):
+        lora_site.train(local.get(), round_, rounds=2)
+        seen.append([r["lr"] for r in io.read_jsonl(lora_site.folder / "metrics.jsonl") if "lr" in r])
+    steps = len(seen[0])
+    assert steps >= 2 and len(seen[1]) == steps
+    base, total = lora_site.recipe.train.learning_rate, 2 * steps     # linear, warmup 0, over both rounds
+    assert seen[0] + seen[1] == pytest.approx([base * (total - s) / total for s in range(1, total + 1)])
+    assert seen[1][0] < seen[0][-1]                   # round 2 takes up where round 1 ended, no restart
+
+
 # --- simulation end to end ---------------------------------------------------------------------------------
 def test_simulation_trains_a_run_folder_like_any_other(tiny_bert, tmp_path, capsys):
     import tunesmith as ts
@@ -193,7 +237,7 @@ sys.exit(main(sys.argv[2:]))
 DYING = """
 import os, sys
 from tunesmith.federated import site
-def dies(self, arrays, round_, mu=0.0):       # the round's weights arrived; the process dies before answering
+def dies(self, arrays, round_, *rest):        # the round's weights arrived; the process dies before answering
     print(f"dying in round {round_}", flush=True)
     os._exit(3)
 site.Site.train = dies

@@ -31,18 +31,20 @@ __all__ = ["fit", "State", "accumulate"]        # accumulate: its callers and te
 
 
 def fit(task, adapted, train, evalset, recipe, run, accelerator, mixed: str = "no", resume: bool = False,
-        stop_flag: safety.StopFlag | None = None, objective=None, checkpoints: bool = True) -> State:
+        stop_flag: safety.StopFlag | None = None, objective=None, checkpoints: bool = True,
+        span: tuple[int, int] | None = None) -> State:
     """Train `adapted.model` on encoded `train` features; evaluate on `evalset`; write into `run`.
     mixed: "no", "bf16" or "fp16" (tunesmith.device.choose_precision) for autocast. stop_flag: set by SIGTERM or
     Ctrl-C; checked after each optimizer step (a checkpoint, then safety.Interrupted). objective: what to minimise
     (collate, loss, count; tunesmith/steps.py); None: the task's own loss. checkpoints: False writes none (a
-    federated client's round: the server keeps the weights)."""
+    federated client's round: the server keeps the weights). span: (offset, steps) of a longer learning-rate
+    schedule this run is a piece of (a federated client's round; steps.Schedule); None: the run's own."""
     cfg, say = recipe.train, accelerator.print
     model = adapted.model
     if cfg.compile:
         model.compile()                 # in place: parameter names, and so checkpoints, stay as they are
     lengths = [task.length(f) for f in train]
-    schedule = Schedule.of(cfg, len(train))
+    schedule = Schedule.of(cfg, len(train), span)
     total = schedule.total
     if schedule.auto and not resume:
         say(auto_plan(cfg, schedule, len(evalset or ()), recipe.direction))

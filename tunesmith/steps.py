@@ -59,7 +59,10 @@ def plan(lengths: list[int], batch_size: int, seed: int, epoch: int, by_length: 
 class Schedule:
     """Optimizer steps as the recipe's train section asks: per epoch, in all, of warmup; the evaluation and
     checkpoint cadence. Under epochs: auto (tunesmith/defaults.py) `total` is the train.max_epochs cap, which the
-    learning-rate schedule runs over, and the validation curve decides the stop; `floor`: steps before it may."""
+    learning-rate schedule runs over, and the validation curve decides the stop; `floor`: steps before it may.
+    A run that is one piece of a longer schedule (a federated client's round, tunesmith/federated/site.py) gives
+    `span` = (offset, steps): its learning rate follows steps 'offset' on of a schedule over `steps` steps (warmup
+    a share of those), instead of a schedule of its own that warms up and decays within it."""
     per_epoch: int
     total: int                 # train.max_steps, else train.epochs (auto: train.max_epochs) of steps
     warmup: int
@@ -67,16 +70,19 @@ class Schedule:
     save_every: int
     auto: bool = False         # epochs: auto: the validation curve decides the stop
     floor: int = 0             # auto: no early stop before this many steps (train.min_steps)
+    lr_offset: int = 0         # the learning-rate schedule's step at this run's step 0 (span)
+    lr_total: int = 0          # steps the learning-rate schedule spans; 0: total
 
     @classmethod
-    def of(cls, cfg, examples: int) -> Schedule:
+    def of(cls, cfg, examples: int, span: tuple[int, int] | None = None) -> Schedule:
         per_epoch = defaults.steps_per_epoch(examples, cfg.batch_size, cfg.grad_accum)
         curve = defaults.auto(cfg)
         total = cfg.max_steps or math.ceil((cfg.max_epochs if curve else cfg.epochs) * per_epoch)
-        warmup = int(cfg.warmup) if cfg.warmup >= 1 else round(cfg.warmup * total)
+        offset, lr_total = span or (0, total)
+        warmup = int(cfg.warmup) if cfg.warmup >= 1 else round(cfg.warmup * lr_total)
         eval_every = cfg.eval_every or per_epoch
         return cls(per_epoch, total, warmup, eval_every, cfg.save_every or eval_every, curve,
-                   cfg.min_steps if curve else 0)
+                   cfg.min_steps if curve else 0, offset, lr_total if span else 0)
 
     def evaluates(self, step: int, position: int, epoch_steps: int) -> bool:
         """Evaluate after optimizer step `step`, `position` steps into an epoch of `epoch_steps`? At the end of
@@ -103,8 +109,25 @@ def optimizer_for(adapted, recipe, schedule: Schedule, device):
     groups = adapted.param_groups(cfg.learning_rate, cfg.weight_decay, recipe.adapt.layer_lr_decay)
     optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, fused=device.type in ("cpu", "cuda"))
     scheduler = get_scheduler(cfg.scheduler if cfg.scheduler != "constant" else "constant_with_warmup",
-                              optimizer, num_warmup_steps=schedule.warmup, num_training_steps=schedule.total)
+                              optimizer, num_warmup_steps=schedule.warmup,
+                              num_training_steps=schedule.lr_total or schedule.total)
+    if schedule.lr_offset:              # a piece of a longer schedule: start `lr_offset` steps into it
+        scheduler.lr_lambdas = [Shifted(f, schedule.lr_offset) for f in scheduler.lr_lambdas]
+        for group, base, f in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base * f(0)
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
     return optimizer, scheduler
+
+
+class Shifted:
+    """A learning-rate factor (LambdaLR's lr_lambda) read `offset` steps later. A class, not a closure: LambdaLR's
+    state_dict keeps a callable object's attributes."""
+
+    def __init__(self, factor, offset: int):
+        self.factor, self.offset = factor, offset
+
+    def __call__(self, step: int) -> float:
+        return self.factor(step + self.offset)
 
 
 def accumulate(objective, model, batches: list[dict], accelerator, mixed: str = "no",

@@ -66,8 +66,9 @@ class Board:
             self.run.unlock()
 
     def fit_config(self, server_round: int) -> dict:
-        """What each client is told with the weights: the round, and the label order of the global head."""
-        return {"round": server_round, "labels": io.dumps(self.task.labels)}
+        """What each client is told with the weights: the round of how many (its piece of the one learning-rate
+        schedule, site.py), and the label order of the global head."""
+        return {"round": server_round, "rounds": self.made_by["rounds"], "labels": io.dumps(self.task.labels)}
 
     def answered(self, server_round: int, asked: int, results, failures) -> None:
         """Record a round's answers (bytes up: the serialized arrays each answering client sent; bytes down: the

@@ -4,6 +4,10 @@ loop (tunesmith/loop.py) on its own rows (`Site`), and the Flower client that ca
 What crosses the wire: only the parameters that may train (adapted.trainable: LoRA adapters, the head, unfrozen
 blocks), as float arrays in the model's parameter order, and the number of rows trained on. A client's rows are
 read by that client alone (`Site.from_file`) and never leave it.
+One learning-rate schedule for the federation: the recipe's train.scheduler, warmup and rate are laid over all
+rounds, round r's local steps taking up where round r-1's ended (steps.Schedule's span; a client with S local
+steps a round follows a schedule of rounds x S steps from (r-1) x S). Each client's own schedule per round would
+warm up again and decay to zero every round (measured: validation stuck at the majority class, docs/federated.md).
 FedProx: the proximal term mu/2 * ||w - w_global||^2 joins the loss through an objective (`Proximal`: what the loop
 minimises, tunesmith/steps.py), so the loop itself does not know about it.
 """
@@ -134,19 +138,24 @@ class Site:
         self.local = Local(task, self.recipe)
         self.features = task.encode(self.rows)
 
-    def train(self, arrays: list[np.ndarray], round_: int, mu: float = 0.0) -> tuple[list[np.ndarray], dict]:
-        """One round: the global weights in, the recipe's local epochs on this client's rows, the new weights out."""
+    def train(self, arrays: list[np.ndarray], round_: int, mu: float = 0.0,
+              rounds: int = 1) -> tuple[list[np.ndarray], dict]:
+        """One round of `rounds`: the global weights in, the recipe's local epochs on this client's rows with round
+        `round_`'s piece of the federation's learning-rate schedule, the new weights out."""
         from accelerate import Accelerator
         from transformers import set_seed
 
         from tunesmith.device import choose_precision
         from tunesmith.loop import fit
         from tunesmith.run import Run
+        from tunesmith.steps import Schedule
 
         local = self.local
         local.set(arrays)
         seed = self.recipe.train.seed + 1000 * round_ + self.index
         recipe = local_recipe(self.recipe, len(self.features), seed)
+        steps = Schedule.of(recipe.train, len(self.features)).total        # local steps a round
+        span = ((min(round_, rounds) - 1) * steps, max(rounds, 1) * steps)
         if self.folder.exists():
             shutil.rmtree(self.folder)              # the last round's scratch log
         self.folder.mkdir(parents=True)
@@ -157,11 +166,12 @@ class Site:
         local.model.to(accelerator.device)
         set_seed(seed)
         state = fit(local.task, local.adapted, self.features, None, recipe, run, accelerator, mixed,
-                    objective=objective, checkpoints=False)
+                    objective=objective, checkpoints=False, span=span)
         losses = [r["loss"] for r in run.history if "loss" in r and not r.get("summary")]
         local.model.cpu()
+        lrs = [r["lr"] for r in run.history if "lr" in r]
         return local.get(), {"loss": float(losses[-1]) if losses else float("nan"), "steps": state.step,
-                             "bytes": local.bytes()}
+                             "bytes": local.bytes(), "lr": float(lrs[-1]) if lrs else float("nan")}
 
 
 def flower_client(site: Site):
@@ -176,9 +186,10 @@ def flower_client(site: Site):
             labels = json.loads(str(config.get("labels", "null")))
             site.ready(labels)
             round_ = int(config.get("round", 1))
-            arrays, metrics = site.train(parameters, round_, float(config.get("proximal_mu", 0.0)))
+            arrays, metrics = site.train(parameters, round_, float(config.get("proximal_mu", 0.0)),
+                                         int(config.get("rounds", round_)))
             print(f"client {site.index}: round {round_}: {len(site.rows):,} rows, {metrics['steps']} steps, "
-                  f"loss {metrics['loss']:.4f}, sent {metrics['bytes']:,} bytes", flush=True)
+                  f"loss {metrics['loss']:.4f}, lr {metrics['lr']:.3g}, sent {metrics['bytes']:,} bytes", flush=True)
             return arrays, len(site.rows), metrics
 
         def evaluate(self, parameters, config):      # the server evaluates on its own rows (fraction_evaluate 0)
