@@ -248,7 +248,7 @@ def test_forced_task_that_does_not_fit_says_which_keys_name_columns(tmp_path):
     data = write_reviews(tmp_path / "r.csv", n=30)
     with pytest.raises(starter.InitError, match="does not look like causal-lm data; name its columns with "
                                                 "data.KEY=NAME \\(messages_column, prompt_column, "
-                                                "response_column\\)"):
+                                                "response_column, chosen_column, rejected_column\\)"):
         ts.init(data, task="causal-lm", out=None)
 
 
