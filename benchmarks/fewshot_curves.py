@@ -184,12 +184,18 @@ def main() -> None:
     scratch = Path(tempfile.mkdtemp(prefix="fewshot-"))
     out = Path(args.out or scratch / "results.jsonl")
     frozen, results, t0 = None, [], time.perf_counter()
+    # runs already in --out are kept, not repeated: a long grid can be stopped and started again
+    done = {(r["set"], r["shots"], r["method"], r["seed"]): r
+            for r in map(json.loads, out.read_text().splitlines() if out.exists() else [])}
     try:
         for name in args.sets.split(","):
             files = SETS[name](scratch, args.test_rows, args.val_rows)
             for k in map(int, args.shots.split(",")):
                 for method in args.methods.split(","):
                     for seed in range(args.seeds):
+                        if (name, k, method, seed) in done:
+                            results.append(done[(name, k, method, seed)])
+                            continue
                         if method == "head":
                             frozen = frozen or Frozen()
                             r = head_arm(files, k, seed, frozen)
