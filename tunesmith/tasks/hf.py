@@ -76,6 +76,18 @@ def load_hf(auto_cls, model_cfg, **config_kwargs):
     return model, path
 
 
+def load_image_processor(source: str, revision: str | None, trust_remote_code: bool, example: str):
+    """The image processor saved with a model (folder or hub id); a missing or unusable one is one line that says
+    to save one beside the model, like `example` (a processor class call ending in .save_pretrained(path))."""
+    from transformers import AutoImageProcessor
+
+    try:
+        return AutoImageProcessor.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise TunesmithError(f"{source}: no usable image processor ({e}); save one beside the model, e.g. "
+                             f"{example}") from None
+
+
 def weights_report(model, info: dict, shown: int = 3) -> str | None:
     """One line about the weights that did not load as they were saved, or None when only the task head is new.
 
