@@ -27,7 +27,7 @@ from tunesmith.errors import TunesmithError
 from tunesmith.tasks import box_readers
 from tunesmith.tasks.base import Features, Task, model_device
 from tunesmith.tasks.detection_schema import coco_files, coco_scores
-from tunesmith.tasks.hf import load_hf, load_image_processor
+from tunesmith.tasks.hf import load_hf, load_image_processor, load_saved
 
 SAMPLES = 20                    # test images evaluate_final writes to samples.jsonl (the report's)
 THUMB = 8                       # embed(): images as THUMB x THUMB colour thumbnails (near-duplicate search)
@@ -217,9 +217,7 @@ class Detection(Task):
     def load_trained(self, folder):
         from transformers import AutoModelForObjectDetection
 
-        model = AutoModelForObjectDetection.from_pretrained(folder, weights_only=True,
-                                                            trust_remote_code=self.trust_remote_code)
-        self.setup(str(folder))
+        model = load_saved(self, AutoModelForObjectDetection, folder)
         self.set_labels([model.config.id2label[i] for i in range(len(model.config.id2label))])
         self.takes_mask(model)
         return model

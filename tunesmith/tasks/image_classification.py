@@ -22,7 +22,7 @@ from tunesmith.errors import TunesmithError
 from tunesmith.io import write_jsonl
 from tunesmith.tasks.base import Features, model_device
 from tunesmith.tasks.classification import Classification, captum_attr
-from tunesmith.tasks.hf import load_hf, load_image_processor
+from tunesmith.tasks.hf import load_hf, load_image_processor, load_saved
 
 CHUNK = 256                 # images per image-processor call
 MISCLASSIFIED = 100         # most confident mistakes listed in misclassified.jsonl
@@ -113,9 +113,7 @@ class ImageClassification(Classification):
     def load_trained(self, folder):
         from transformers import AutoModelForImageClassification
 
-        model = AutoModelForImageClassification.from_pretrained(folder, weights_only=True,
-                                                                trust_remote_code=self.trust_remote_code)
-        self.setup(str(folder))
+        model = load_saved(self, AutoModelForImageClassification, folder)
         self.set_labels([model.config.id2label[i] for i in range(model.config.num_labels)])
         return model
 
