@@ -28,12 +28,12 @@ from accelerate.utils import send_to_device
 
 from tunesmith import data as datalib
 from tunesmith.errors import TunesmithError
-from tunesmith.tasks.base import Features, blank, model_device
+from tunesmith.tasks.base import Features, model_device
 from tunesmith.tasks.causal_lm import SEGMENTS, segments, use_segment_attention
 from tunesmith.tasks.generation import Generative
 from tunesmith.tasks.hf import load_hf, load_saved
 from tunesmith.tasks.pretrain_schema import read_text, token_findings
-from tunesmith.tasks.text import Tokenized
+from tunesmith.tasks.text import Tokenized, text_problem
 
 LOGITS_PER_CHUNK = 2 ** 25      # evaluation: logits [rows, T, vocab] computed at most this many at a time (128 MiB)
 
@@ -79,14 +79,7 @@ class Pretrain(Tokenized):
         return list(self._notes)
 
     def check(self, row: dict, split: str) -> str | None:
-        text = row.get(self.column)
-        if text is None:
-            return f"missing text (column '{self.column}')"
-        if not isinstance(text, str):
-            return f"text has the wrong type ({type(text).__name__}), expected a string"
-        if blank(text):
-            return "empty text"
-        return None
+        return text_problem(row.get(self.column), self.column)
 
     def check_input(self, item) -> str | None:
         return self.check(item if isinstance(item, dict) else {self.column: item}, "predict")

@@ -2,7 +2,7 @@
 is a tokenizer, and an example is cut at (or windowed by) data.max_length tokens."""
 from __future__ import annotations
 
-from tunesmith.tasks.base import Task
+from tunesmith.tasks.base import Task, blank
 
 
 class Tokenized(Task):
@@ -21,3 +21,14 @@ class Tokenized(Task):
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=self.trust_remote_code)
+
+
+def text_problem(text, column: str) -> str | None:
+    """Why `text` (a row's `column`, or a bare input) cannot be used as a text, or None."""
+    if text is None:
+        return f"missing text (column '{column}')"
+    if not isinstance(text, str):
+        return f"text has the wrong type ({type(text).__name__}), expected a string"
+    if blank(text):
+        return "empty text"
+    return None

@@ -5,10 +5,10 @@ import copy
 
 import torch
 
-from tunesmith.tasks.base import Features, blank, model_device
+from tunesmith.tasks.base import Features, model_device
 from tunesmith.tasks.classification import EXPLAIN_STEPS, Classification, captum_attr
 from tunesmith.tasks.hf import load_hf, load_saved
-from tunesmith.tasks.text import Tokenized
+from tunesmith.tasks.text import Tokenized, text_problem
 
 CHARS_PER_TOKEN = 100       # no tokenizer makes a token of more characters (WordPiece: 100 -> [UNK])
 
@@ -25,14 +25,7 @@ class TextClassification(Tokenized, Classification):
 
     def check_input(self, item) -> str | None:
         col = self.recipe.data.text_column
-        text = item.get(col) if isinstance(item, dict) else item
-        if text is None:
-            return f"missing text (column '{col}')"
-        if not isinstance(text, str):
-            return f"text has the wrong type ({type(text).__name__}), expected a string"
-        if blank(text):
-            return "empty text"
-        return None
+        return text_problem(item.get(col) if isinstance(item, dict) else item, col)
 
     def key(self, row: dict) -> str:
         return row[self.recipe.data.text_column]
