@@ -154,14 +154,19 @@ def test_search_table_in_a_pipe_has_full_column_names(capsys):
     assert "…" not in stream.getvalue() and all(k in stream.getvalue() for k in keys)
 
 
-def test_demo_prints_the_run_folder_once(monkeypatch, tmp_path, capsys):
+def test_demo_ends_with_commands_for_the_run_folder_it_trained(monkeypatch, tmp_path, capsys):
+    """The last line names the run folder ts.train returned (quoted for the shell), not a placeholder."""
+    folder = tmp_path / "my runs" / "demo"
+
     def train(recipe, run_dir=None, **kw):                   # what ts.train prints at its end
-        print(f"run folder: {tmp_path / 'demo'}")
-        return ts.Run(tmp_path / "demo")
+        print(f"run folder: {folder}")
+        return ts.Run(folder)
 
     monkeypatch.setattr("tunesmith.pipeline.train", train)
     assert main(["demo"]) == 0
-    assert capsys.readouterr().out.count(str(tmp_path / "demo")) == 1
+    last = capsys.readouterr().out.splitlines()[-1]
+    quoted = f"'{folder}'"
+    assert last == f'next: tunesmith predict {quoted} "a gripping, funny film" · tunesmith report {quoted}'
 
 
 def test_cv_folder_defaults_to_the_apis_name(tiny_bert, tmp_path, monkeypatch):

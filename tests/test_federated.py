@@ -204,6 +204,11 @@ def test_simulation_trains_a_run_folder_like_any_other(tiny_bert, tmp_path, caps
     assert run.made_by["command"] == "federate" and run.metrics["accuracy"] > 0.6
     assert run.load().predict(["a great moving film"])[0]["label"] in ("pos", "neg")
     assert ts.Run(run_dir).load().evaluate()["accuracy"] == pytest.approx(run.metrics["accuracy"])
+    # no checkpoints: `train --resume` says so (one line, exit 1) and points to federate, never to an upgrade
+    assert main(["train", "--resume", str(run_dir)]) == 1
+    err = capsys.readouterr().err
+    assert "cannot be resumed with `train --resume`" in err and "run `tunesmith federate` again" in err
+    assert "upgrade" not in err
 
 
 def test_fedprox_simulation_runs_with_a_fraction_of_clients(tiny_bert, tmp_path):

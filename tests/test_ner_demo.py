@@ -51,14 +51,16 @@ def test_missing_spacy_names_what_to_install(monkeypatch):
         silver.load_spacy()
 
 
-def test_demo_task_ner_trains_the_ner_recipe(monkeypatch, capsys):
+def test_demo_task_ner_trains_the_ner_recipe(monkeypatch, capsys, tmp_path):
     from tunesmith.cli import main
+    from tunesmith.run import Run
 
     seen = []
-    monkeypatch.setattr("tunesmith.pipeline.train", lambda recipe, run_dir=None, **kw: seen.append(recipe))
+    monkeypatch.setattr("tunesmith.pipeline.train",
+                        lambda recipe, run_dir=None, **kw: seen.append(recipe) or Run(tmp_path / "demo"))
     # --verbose: without it main() quiets the libraries through os.environ, which later tests' subprocesses inherit
     assert main(["demo", "--task", "ner", "train.epochs=2", "--verbose"]) == 0
     assert main(["demo", "--verbose"]) == 0
     assert [(r.task, r.data.train, r.train.epochs) for r in seen] == [
         ("token-classification", "reviews_ner", 2), ("text-classification", "rotten_tomatoes", 1)]
-    assert "Tom Hanks" in capsys.readouterr().out
+    assert f"next: tunesmith predict {tmp_path / 'demo'} \"Tom Hanks" in capsys.readouterr().out

@@ -8,6 +8,7 @@ Exit codes: 0 success, 1 a problem with the data or the run, 2 a problem with th
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -83,19 +84,19 @@ def draw_predictions(inputs: list[str], results: list[dict], out: str) -> None:
         print(f"boxes drawn on {image}: {path}", file=sys.stderr)
 
 
-# demo -> (its recipe, the line printed after it)
-DEMOS = {"text": ("rotten_tomatoes.yaml", 'next: tunesmith predict RUN_FOLDER "a gripping, funny film" · '
-                                          'tunesmith report RUN_FOLDER'),
-         "ner": ("reviews_ner.yaml", 'next: tunesmith predict RUN_FOLDER "Tom Hanks is wasted in this Boston '
-                                     'thriller" · tunesmith report RUN_FOLDER')}
+# demo -> (its recipe, the line printed after it; {run}: the run folder it trained)
+DEMOS = {"text": ("rotten_tomatoes.yaml", 'next: tunesmith predict {run} "a gripping, funny film" · '
+                                          'tunesmith report {run}'),
+         "ner": ("reviews_ner.yaml", 'next: tunesmith predict {run} "Tom Hanks is wasted in this Boston '
+                                     'thriller" · tunesmith report {run}')}
 
 
 def cmd_demo(args) -> int:
     import tunesmith as ts
 
     recipe, hint = DEMOS[args.task]
-    ts.train(ts.load_recipe(RECIPES / recipe, args.overrides), run_dir=args.run_dir)
-    print(hint)
+    run = ts.train(ts.load_recipe(RECIPES / recipe, args.overrides), run_dir=args.run_dir)
+    print(hint.format(run=shlex.quote(str(run.path))))      # quoted: the line is a command to paste
     return 0
 
 

@@ -33,6 +33,9 @@ from tunesmith.tasks import get_task
 # run.json's made_by.command -> the Trainer that continues such a run on `train --resume` (import paths: the
 # trainers import this module)
 TRAINERS = {"train": "tunesmith.pipeline:Trainer", "distill": "tunesmith.deploy.distill:Distiller"}
+# made_by.command of runs that `train --resume` cannot continue -> why, and what to do instead
+NOT_RESUMABLE = {"federate": "a federation keeps no checkpoints to continue from; run `tunesmith federate` again "
+                             "with the same recipe and options (run.json's made_by lists them) into a new --run-dir"}
 
 
 class Trainer:
@@ -83,6 +86,9 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: str | Path 
 def trainer_for(run: Run) -> Trainer:
     """The trainer that made `run` (run.json's made_by), ready to continue it."""
     command = (run.made_by or {}).get("command", Trainer.command)        # runs from before made_by: trained
+    if command in NOT_RESUMABLE:
+        raise TunesmithError(f"{run.path} was made by `tunesmith {command}` and cannot be resumed with "
+                             f"`train --resume`: {NOT_RESUMABLE[command]}")
     if command not in TRAINERS:
         raise TunesmithError(f"{run.path} was made by `tunesmith {command}`, which this version cannot resume; "
                              "upgrade tunesmith")

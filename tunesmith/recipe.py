@@ -10,20 +10,19 @@ from __future__ import annotations
 
 import copy
 import difflib
-import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Literal, get_args, get_origin
+from typing import ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tunesmith.errors import TunesmithError
+from tunesmith.recipe_errors import QUOTE, messages, section_type, short
 from tunesmith.selection.space import SearchConfig, seconds
 
 SCHEMA = 2                      # run folder / recipe layout version; 1: one flat namespace for every task
 MAX_NAME = 100                  # characters of `name` (a run folder's prefix, copied into every run's recipe)
-QUOTE = 200                     # characters of a value quoted in an error message
 
 
 @dataclass
@@ -236,7 +235,7 @@ class Recipe(Section):
         if train.metric is not None and train.metric not in cls.metrics:
             close = difflib.get_close_matches(train.metric[:QUOTE], list(cls.metrics), n=1)
             hint = f"did you mean '{close[0]}'? " if close else ""
-            raise ValueError(f"train.metric {_short(train.metric)} is not a metric of task '{cls.task_name()}': {hint}"
+            raise ValueError(f"train.metric {short(train.metric)} is not a metric of task '{cls.task_name()}': {hint}"
                              f"choose one of {', '.join(cls.metrics)}")
         return train
 
@@ -294,81 +293,7 @@ class Recipe(Section):
         return self.model_dump(mode="json")
 
 
-# --- loading, overrides, error messages -------------------------------------------------------------
-
-def _short(value) -> str:
-    """repr(value) in at most QUOTE characters, its work bounded too: a YAML alias nest ("billion laughs") is a
-    few references in memory but gigabytes once printed."""
-    r = reprlib.Repr()
-    r.maxlevel, r.maxlist, r.maxtuple, r.maxdict, r.maxset = 3, 6, 6, 6, 6
-    r.maxstring = r.maxother = r.maxlong = QUOTE
-    text = r.repr(value)
-    return text if len(text) <= QUOTE else text[:QUOTE - 3] + "..."
-
-
-def _section(model: type[BaseModel] | None, loc: tuple) -> type[BaseModel] | None:
-    """The section class that `loc` (a pydantic error location, last part the key) points into."""
-    for part in loc[:-1]:
-        field = model.model_fields.get(part) if model else None
-        ann = field.annotation if field else None
-        model = _section_type(ann)
-    return model
-
-
-def _section_type(ann) -> type[BaseModel] | None:
-    """The section class of a field's annotation (`Section` or `Section | None`), else None."""
-    for t in (ann, *getattr(ann, "__args__", ())):
-        if isinstance(t, type) and issubclass(t, BaseModel):
-            return t
-    return None
-
-
-def _has_key(model: type[BaseModel], loc: tuple) -> bool:
-    section = _section(model, loc)
-    return bool(section and loc[-1] in section.model_fields)
-
-
-def _accepts(model: type[BaseModel], loc: tuple, value) -> bool:
-    """Whether `model`'s field at `loc` is a Literal that allows `value` (a value only another task takes)."""
-    section = _section(model, loc)
-    field = section.model_fields.get(loc[-1]) if section else None
-    stack, seen = [field.annotation] if field else [], set()
-    while stack:
-        ann = stack.pop()
-        if get_origin(ann) is Literal:
-            seen.update(get_args(ann))
-        else:
-            stack += list(get_args(ann))
-    return isinstance(value, (str, int)) and value in seen
-
-
-def _messages(err: ValidationError, cls: type[Recipe], others: dict[str, type[Recipe]]) -> list[str]:
-    out = []
-    for e in err.errors():
-        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-        path = ".".join(str(p) if len(str(p)) <= QUOTE else _short(p) for p in loc)
-        if e["type"] == "extra_forbidden":
-            users = [name for name, other in others.items() if _has_key(other, loc)]
-            section = _section(cls, loc)
-            valid = list(section.model_fields) if section else []
-            close = difflib.get_close_matches(str(loc[-1])[:QUOTE], valid, n=1, cutoff=0.5)
-            if users:                               # right key, wrong task: no did-you-mean, say whose it is
-                out.append(f"{path}: does not apply to task '{cls.task_name()}'; it is a key of {', '.join(users)}")
-            else:
-                hint = f" did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?" if close else ""
-                out.append(f"{path}: unknown key;{hint} valid keys here: {', '.join(valid)}")
-        elif e["type"] == "missing":
-            out.append(f"{path}: required key is missing")
-        elif e["type"] == "literal_error" and (users := [name for name, other in others.items()
-                                                         if _accepts(other, loc, e.get("input"))]):
-            out.append(f"{path}: {_short(e.get('input'))} does not apply to task '{cls.task_name()}'; it is a value "
-                       f"for {', '.join(users)}")
-        else:
-            msg = e["msg"].removeprefix("Value error, ")
-            got = _short(e.get("input"))
-            out.append(msg if not path or msg.startswith(f"{path}.") else f"{path}: {msg} (got {got})")
-    return out
-
+# --- loading, overrides ------------------------------------------------------------------------------
 
 def apply_override(data: dict, override: str) -> None:
     """Apply one `a.b.c=value` override in place; the value is parsed as YAML (3e-5, true, [a, b])."""
@@ -418,7 +343,7 @@ def migrate(data: dict, schema: int, cls: type[Recipe]) -> dict:
             field = model.model_fields.get(key)
             if field is None:
                 continue
-            sub = _section_type(field.annotation)
+            sub = section_type(field.annotation)
             out[key] = prune(value, sub) if sub and isinstance(value, dict) else value
         return out
 
@@ -442,7 +367,7 @@ def load(path: str | Path | dict, overrides: list[str] | tuple[str, ...] = (), s
         close = difflib.get_close_matches(task, list(classes), n=1) if isinstance(task, str) else []
         hint = f"did you mean '{close[0]}'? " if close else ""
         errors.append("task: required key is missing" if task is None else
-                      f"task: unknown task {_short(task)}: {hint}choose one of {', '.join(classes)}")
+                      f"task: unknown task {short(task)}: {hint}choose one of {', '.join(classes)}")
         if not close:
             raise RecipeError(source, errors)
         task = close[0]                         # report the other sections' mistakes as that task sees them
@@ -454,7 +379,7 @@ def load(path: str | Path | dict, overrides: list[str] | tuple[str, ...] = (), s
         recipe = cls.model_validate(data)
     except ValidationError as e:
         others = {name: c for name, c in classes.items() if name != task}
-        raise RecipeError(source, errors + _messages(e, cls, others)) from None
+        raise RecipeError(source, errors + messages(e, cls, others)) from None
     if errors:
         raise RecipeError(source, errors)
     return recipe

@@ -43,6 +43,7 @@ import unicodedata
 
 import torch
 
+from tunesmith.tasks.batching import batch_logits, batches, embeddings, model_device  # noqa: F401   (re-exported)
 from tunesmith.tasks.outputs import SCHEMAS, Prediction
 
 
@@ -228,26 +229,7 @@ class Task:
         """[N, D] float32 numpy array, one vector per feature, for the label-noise model and near duplicates.
         Default: the last hidden state averaged over real positions (attention_mask) for [B, T, H] outputs,
         over the spatial axes for [B, C, H, W] feature maps."""
-        import numpy as np
-        from tqdm import tqdm
-
-        out = [None] * len(features)
-        steps = (len(features) + batch_size - 1) // batch_size
-        for idx, batch in tqdm(batches(self, features, batch_size, model_device(model)), total=steps,
-                               desc="embed", unit="batch", mininterval=1.0, leave=False):
-            batch.pop("labels", None)
-            hidden = model(**batch, output_hidden_states=True).hidden_states[-1].float()
-            if hidden.dim() == 3:                                   # [B, T, H]
-                mask = batch.get("attention_mask")
-                mask = torch.ones_like(hidden[..., 0]) if mask is None else mask.to(hidden.dtype)
-                vectors = (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
-            elif hidden.dim() == 4:                                 # [B, C, H, W]
-                vectors = hidden.mean((2, 3))
-            else:
-                vectors = hidden.flatten(1)
-            for i, v in zip(idx, vectors.cpu().numpy()):
-                out[i] = v
-        return np.stack(out).astype(np.float32)
+        return embeddings(self, model, features, batch_size)
 
     # --- model --------------------------------------------------------------------------------------
     def load_model(self):
@@ -387,28 +369,3 @@ class Task:
         """Completions (text, new tokens, finish reason) of token-id prompts, streamed through on_text and ended
         early by the `stop` event, where `generative` (tunesmith/tasks/generation.py)."""
         raise NotImplementedError(f"task '{self.name}' does not generate text")
-
-
-def batches(task: Task, features: list[dict], batch_size: int, device):
-    """(indices, batch) over `features` sorted by length (less padding); indices map back to order."""
-    from accelerate.utils import send_to_device
-
-    order = sorted(range(len(features)), key=lambda i: task.length(features[i]))
-    for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
-        yield idx, send_to_device(task.collate([features[i] for i in idx]), device)
-
-
-def batch_logits(model, task: Task, features: list[dict], batch_size: int) -> list[list[float]]:
-    """The model's `.logits` for each feature (labels left out), as float lists in the order of `features`."""
-    out = [None] * len(features)
-    with torch.no_grad():
-        for idx, batch in batches(task, features, batch_size, model_device(model)):
-            batch.pop("labels", None)
-            for i, row in zip(idx, model(**batch).logits.float().cpu().tolist()):
-                out[i] = row
-    return out
-
-
-def model_device(model) -> torch.device:
-    return next(model.parameters()).device

@@ -27,7 +27,8 @@ import torch
 from tunesmith.errors import TunesmithError
 from tunesmith.tasks.base import Features, batches, model_device
 from tunesmith.tasks.generation import Generative
-from tunesmith.tasks.hf import load_hf
+from tunesmith.tasks.hf import load_hf, load_saved
+from tunesmith.tasks.text import Tokenized
 
 GENERATION_METRICS = ("exact_match", "rouge_l")     # train.metric values that need generated answers
 PROBE = [{"role": "user", "content": "Hello?"}, {"role": "assistant", "content": "Hi."}]
@@ -80,19 +81,11 @@ def use_segment_attention(model) -> bool:
     return True
 
 
-class CausalLM(Generative):
+class CausalLM(Tokenized, Generative):
     name = "causal-lm"
     peft_task_type = "CAUSAL_LM"
     input_key = "prompt"
     chats = True                    # prediction "text" and generation: Generative
-
-    @property
-    def tokenizer(self):
-        return self.processor
-
-    @property
-    def max_length(self) -> int:
-        return self.recipe.data.max_length
 
     # --- rows -> conversations -----------------------------------------------------------------------
     def messages(self, row: dict) -> list[dict]:
@@ -310,10 +303,7 @@ class CausalLM(Generative):
     def load_trained(self, folder):
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(folder, weights_only=True,
-                                                     trust_remote_code=self.trust_remote_code)
-        self.setup(str(folder))
-        return model
+        return load_saved(self, AutoModelForCausalLM, folder)
 
     def save(self, model, folder) -> None:
         # pipeline("text-generation") and generate() stop at the EOS the template ends each turn with

@@ -27,7 +27,7 @@ from tunesmith.errors import TunesmithError
 from tunesmith.tasks import box_readers
 from tunesmith.tasks.base import Features, Task, model_device
 from tunesmith.tasks.detection_schema import coco_files, coco_scores
-from tunesmith.tasks.hf import load_hf
+from tunesmith.tasks.hf import load_hf, load_image_processor, load_saved
 
 SAMPLES = 20                    # test images evaluate_final writes to samples.jsonl (the report's)
 THUMB = 8                       # embed(): images as THUMB x THUMB colour thumbnails (near-duplicate search)
@@ -195,14 +195,8 @@ class Detection(Task):
 
     # --- model --------------------------------------------------------------------------------------
     def load_processor(self, source, revision):
-        from transformers import AutoImageProcessor
-
-        try:
-            return AutoImageProcessor.from_pretrained(source, revision=revision,
-                                                      trust_remote_code=self.trust_remote_code)
-        except (OSError, ValueError) as e:
-            raise TunesmithError(f"{source}: no usable image processor ({e}); save one beside the model, e.g. "
-                                 f"DetrImageProcessorPil(size=...).save_pretrained(path)") from None
+        return load_image_processor(source, revision, self.trust_remote_code,
+                                    "DetrImageProcessorPil(size=...).save_pretrained(path)")
 
     def setup(self, source=None) -> None:
         super().setup(source)
@@ -223,9 +217,7 @@ class Detection(Task):
     def load_trained(self, folder):
         from transformers import AutoModelForObjectDetection
 
-        model = AutoModelForObjectDetection.from_pretrained(folder, weights_only=True,
-                                                            trust_remote_code=self.trust_remote_code)
-        self.setup(str(folder))
+        model = load_saved(self, AutoModelForObjectDetection, folder)
         self.set_labels([model.config.id2label[i] for i in range(len(model.config.id2label))])
         self.takes_mask(model)
         return model

@@ -76,6 +76,26 @@ def load_hf(auto_cls, model_cfg, **config_kwargs):
     return model, path
 
 
+def load_saved(task, auto_cls, folder):
+    """A fine-tuned model as `task.save` wrote it to `folder` (weights as plain tensors; the folder's own code runs
+    only with model.trust_remote_code), then the task's processor from the same folder."""
+    model = auto_cls.from_pretrained(folder, weights_only=True, trust_remote_code=task.trust_remote_code)
+    task.setup(str(folder))
+    return model
+
+
+def load_image_processor(source: str, revision: str | None, trust_remote_code: bool, example: str):
+    """The image processor saved with a model (folder or hub id); a missing or unusable one is one line that says
+    to save one beside the model, like `example` (a processor class call ending in .save_pretrained(path))."""
+    from transformers import AutoImageProcessor
+
+    try:
+        return AutoImageProcessor.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise TunesmithError(f"{source}: no usable image processor ({e}); save one beside the model, e.g. "
+                             f"{example}") from None
+
+
 def weights_report(model, info: dict, shown: int = 3) -> str | None:
     """One line about the weights that did not load as they were saved, or None when only the task head is new.
 

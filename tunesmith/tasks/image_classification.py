@@ -22,7 +22,7 @@ from tunesmith.errors import TunesmithError
 from tunesmith.io import write_jsonl
 from tunesmith.tasks.base import Features, model_device
 from tunesmith.tasks.classification import Classification, captum_attr
-from tunesmith.tasks.hf import load_hf
+from tunesmith.tasks.hf import load_hf, load_image_processor, load_saved
 
 CHUNK = 256                 # images per image-processor call
 MISCLASSIFIED = 100         # most confident mistakes listed in misclassified.jsonl
@@ -85,14 +85,9 @@ class ImageClassification(Classification):
 
     # --- model --------------------------------------------------------------------------------------
     def load_processor(self, source, revision):
-        from transformers import AutoImageProcessor
-
-        try:
-            return AutoImageProcessor.from_pretrained(source, revision=revision,
-                                                      trust_remote_code=self.trust_remote_code)
-        except (OSError, ValueError) as e:
-            raise TunesmithError(f"{source}: no usable image processor ({e}); save one beside the model, e.g. ViTImage"
-                             "ProcessorPil(size=..., image_mean=..., image_std=...).save_pretrained(path)") from None
+        return load_image_processor(source, revision, self.trust_remote_code,
+                                    "ViTImageProcessorPil(size=..., image_mean=..., image_std=...)"
+                                    ".save_pretrained(path)")
 
     @property
     def normalization(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,9 +113,7 @@ class ImageClassification(Classification):
     def load_trained(self, folder):
         from transformers import AutoModelForImageClassification
 
-        model = AutoModelForImageClassification.from_pretrained(folder, weights_only=True,
-                                                                trust_remote_code=self.trust_remote_code)
-        self.setup(str(folder))
+        model = load_saved(self, AutoModelForImageClassification, folder)
         self.set_labels([model.config.id2label[i] for i in range(model.config.num_labels)])
         return model
 

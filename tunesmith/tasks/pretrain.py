@@ -28,16 +28,17 @@ from accelerate.utils import send_to_device
 
 from tunesmith import data as datalib
 from tunesmith.errors import TunesmithError
-from tunesmith.tasks.base import Features, Task, blank, model_device
+from tunesmith.tasks.base import Features, model_device
 from tunesmith.tasks.causal_lm import SEGMENTS, segments, use_segment_attention
 from tunesmith.tasks.generation import Generative
-from tunesmith.tasks.hf import load_hf
+from tunesmith.tasks.hf import load_hf, load_saved
 from tunesmith.tasks.pretrain_schema import read_text, token_findings
+from tunesmith.tasks.text import Tokenized, text_problem
 
 LOGITS_PER_CHUNK = 2 ** 25      # evaluation: logits [rows, T, vocab] computed at most this many at a time (128 MiB)
 
 
-class Pretrain(Task):
+class Pretrain(Tokenized):
     """Raw text: reading, row checks, the doctor's counts, evaluation; the objectives below."""
     input_key = "text"
     prediction = "text"
@@ -47,21 +48,8 @@ class Pretrain(Task):
         self._notes: list[str] = []
 
     @property
-    def tokenizer(self):
-        return self.processor
-
-    @property
-    def max_length(self) -> int:
-        return self.recipe.data.max_length
-
-    @property
     def column(self) -> str:
         return self.recipe.data.text_column
-
-    def load_processor(self, source, revision):
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=self.trust_remote_code)
 
     # --- reading ------------------------------------------------------------------------------------
     def read(self, source: str, split: str):
@@ -91,14 +79,7 @@ class Pretrain(Task):
         return list(self._notes)
 
     def check(self, row: dict, split: str) -> str | None:
-        text = row.get(self.column)
-        if text is None:
-            return f"missing text (column '{self.column}')"
-        if not isinstance(text, str):
-            return f"text has the wrong type ({type(text).__name__}), expected a string"
-        if blank(text):
-            return "empty text"
-        return None
+        return text_problem(row.get(self.column), self.column)
 
     def check_input(self, item) -> str | None:
         return self.check(item if isinstance(item, dict) else {self.column: item}, "predict")
@@ -248,9 +229,7 @@ class CausalPretrain(Pretrain, Generative):
     def load_trained(self, folder):
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(folder, weights_only=True,
-                                                     trust_remote_code=self.trust_remote_code)
-        self.setup(str(folder))
+        model = load_saved(self, AutoModelForCausalLM, folder)
         use_segment_attention(model)
         return model
 
@@ -368,10 +347,7 @@ class MaskedPretrain(Pretrain):
     def load_trained(self, folder):
         from transformers import AutoModelForMaskedLM
 
-        model = AutoModelForMaskedLM.from_pretrained(folder, weights_only=True,
-                                                     trust_remote_code=self.trust_remote_code)
-        self.setup(str(folder))
-        return model
+        return load_saved(self, AutoModelForMaskedLM, folder)
 
     def predict(self, model, inputs: list) -> list[dict]:
         """The text with each mask token (e.g. [MASK]) replaced by the model's most probable token."""

@@ -14,6 +14,16 @@ from typing import ClassVar, Literal
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from tunesmith.recipe import AdaptConfig, DataConfig, DoctorConfig, EvalConfig, Guess, Recipe, Section, TrainConfig
+from tunesmith.tasks.schema_shared import (  # noqa: F401   (GenerateConfig, GenerativeEval, column: imported from here)
+    PROMPTS,
+    RESPONSES,
+    TOKENS_PER_WORD,
+    GenerateConfig,
+    GenerativeEval,
+    GenerativeTuning,
+    column,
+    tokens_needed,
+)
 
 CLASSIFICATION_METRICS: dict[str, Literal["max", "min"]] = {
     "accuracy": "max", "f1_macro": "max", "f1_weighted": "max", "precision_macro": "max", "recall_macro": "max",
@@ -55,36 +65,6 @@ class ClassificationRecipe(Recipe):
 
     train: ClassificationTrain = ClassificationTrain()
     eval: ClassificationEval = ClassificationEval()
-
-
-# --- recognising data (`tunesmith init`: Recipe.sniff; the profile is tunesmith/starter.py's) ------------
-
-TOKENS_PER_WORD = 1.4           # sub-word tokens per whitespace word, a rough mean for English and BERT/Llama
-PROMPTS = ("prompt", "instruction", "question", "query", "input")     # column names of a prompt ...
-RESPONSES = ("response", "output", "answer", "completion")             # ... and of its response
-
-
-def column(profile, key: str, shapes: tuple[str, ...], what: str, option: str, names=None):
-    """(the column for data.`key`, None) or (None, why the user must choose): the user's (profile.hints), else the
-    only column of one of `shapes` (and, given `names`, with one of those names)."""
-    chosen = profile.hints.get(key)
-    if chosen is not None:
-        if chosen not in profile.columns:
-            return None, f"no column '{chosen}' for data.{key} (the columns: {', '.join(profile.columns)})"
-        return chosen, None
-    found = [c for c in profile.columns if profile.shape(c) in shapes and (names is None or c.lower() in names)]
-    if len(found) == 1:
-        return found[0], None
-    listed = "".join(f"\n  {profile.describe(c)}" for c in (found or profile.columns))
-    head = f"{len(found)} {what} columns" if found else f"no {what} column"
-    return None, f"{head}: choose one with {option}{listed}"
-
-
-def tokens_needed(words: list[int], default: int, cap: int) -> int | None:
-    """A max_length (tokens, a multiple of 32) holding 95% of the rows whole, when `default` does not; else None."""
-    xs = sorted(words)
-    need = xs[round(0.95 * (len(xs) - 1))] * TOKENS_PER_WORD if xs else 0
-    return min(cap, math.ceil(need / 32) * 32) if need > default else None
 
 
 # --- text classification ----------------------------------------------------------------------------
@@ -225,47 +205,6 @@ class ImageClassificationRecipe(ClassificationRecipe):
         about.append(profile.image_sizes(files))
         notes = ["small data trains better with augmentation, e.g. augment: {hflip: 0.5, crop_scale: [0.6, 1.0]}"]
         return Guess(0.95, dict(profile.folders), about, notes)
-
-
-# --- generation (shared by generative tasks: causal-lm now, seq2seq next) ----------------------------
-
-class GenerateConfig(Section):
-    """model.generate settings for evaluation, predict, chat and serve."""
-    max_new_tokens: int = Field(32, gt=0)
-    min_new_tokens: int | None = Field(None, ge=0)
-    do_sample: bool = False                     # False: greedy (or beam search with num_beams > 1)
-    temperature: float | None = Field(None, gt=0)
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, gt=0)
-    num_beams: int = Field(1, ge=1)
-    repetition_penalty: float | None = Field(None, gt=0)
-    no_repeat_ngram_size: int | None = Field(None, gt=0)
-    length_penalty: float | None = None         # beam search: > 1 favours longer outputs
-    seed: int = 0                               # sampling is seeded per call: the same input gives the same output
-
-    def kwargs(self) -> dict:
-        """The settings model.generate takes (unset ones left to the model's generation config)."""
-        return {k: v for k, v in self.model_dump(exclude={"seed"}).items() if v is not None}
-
-
-class GenerativeEval(EvalConfig):
-    generate: GenerateConfig | None = None      # set: final evaluation also generates (exact match, ROUGE-L)
-
-
-class GenerativeTuning:
-    """What `tune` scores and races for a generative task's recipe (mixed in before Recipe)."""
-
-    def tune_metric(self) -> tuple[str, Literal["max", "min"]]:
-        """With eval.generate: exact match of the generated answers on the validation rows (what a chat model is
-        judged by: the loss can fall while the answers stay wrong); else validation loss."""
-        return ("exact_match", "max") if self.eval.generate is not None else super().tune_metric()
-
-    def search_space(self, blocks: int | None, learning_rate: float) -> list[tuple[str, dict]]:
-        """LoRA rank x learning rate, at LoRA rates (1e-4 .. 1e-3: QLoRA's 2e-4 and PEFT's examples sit inside; a
-        full fine-tuning rate such as 5e-5 leaves a small adapter untrained); alpha = 2r keeps the update's scale."""
-        return [(f"lora r{r} lr {lr:g}", {"adapt.method": "lora", "adapt.lora.r": r, "adapt.lora.alpha": 2 * r,
-                                          "train.learning_rate": lr})
-                for r in (8, 32) for lr in (1e-4, 3e-4, 1e-3)]
 
 
 # --- causal LM (chat / instruction tuning) -----------------------------------------------------------

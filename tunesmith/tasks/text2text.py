@@ -32,12 +32,13 @@ from tunesmith.tasks.base import Features, blank
 from tunesmith.tasks.causal_lm import CausalLM, token_losses
 from tunesmith.tasks.generation import SAMPLES, Generative
 from tunesmith.tasks.hf import load_error, load_hf
+from tunesmith.tasks.text import Tokenized
 
 PLAIN = ("{% for m in messages %}{% if m['role'] == 'assistant' %}{{ m['content'] }}{{ eos_token }}"
          "{% else %}{{ m['content'] }}\n{% endif %}{% endfor %}")
 
 
-class Text2Text(Generative):
+class Text2Text(Tokenized, Generative):
     name = "text2text"
     input_key = "source"
 
@@ -63,14 +64,6 @@ class Text2Text(Generative):
     def chats(self) -> bool:
         """A decoder-only model with a chat template of its own (or data.chat_template)."""
         return not self.encoder_decoder and self._chat
-
-    @property
-    def max_length(self) -> int:
-        return self.recipe.data.max_length
-
-    @property
-    def tokenizer(self):
-        return self.processor
 
     def load_processor(self, source, revision):
         from transformers import AutoConfig, AutoTokenizer

@@ -5,49 +5,30 @@ import copy
 
 import torch
 
-from tunesmith.tasks.base import Features, blank, model_device
+from tunesmith.tasks.base import Features, model_device
 from tunesmith.tasks.classification import EXPLAIN_STEPS, Classification, captum_attr
-from tunesmith.tasks.hf import load_hf
+from tunesmith.tasks.hf import load_hf, load_saved
+from tunesmith.tasks.text import Tokenized, text_problem
 
 CHARS_PER_TOKEN = 100       # no tokenizer makes a token of more characters (WordPiece: 100 -> [UNK])
 
 
-class TextClassification(Classification):
+class TextClassification(Tokenized, Classification):
     name = "text-classification"
     peft_task_type = "SEQ_CLS"
     input_key = "text"
     feature_cache = True
     explainable = True
 
-    @property
-    def tokenizer(self):
-        return self.processor
-
-    @property
-    def max_length(self) -> int:
-        return self.recipe.data.max_length
-
     def check(self, row: dict, split: str) -> str | None:
         return self.check_input(row) or self.check_label(row, split)
 
     def check_input(self, item) -> str | None:
         col = self.recipe.data.text_column
-        text = item.get(col) if isinstance(item, dict) else item
-        if text is None:
-            return f"missing text (column '{col}')"
-        if not isinstance(text, str):
-            return f"text has the wrong type ({type(text).__name__}), expected a string"
-        if blank(text):
-            return "empty text"
-        return None
+        return text_problem(item.get(col) if isinstance(item, dict) else item, col)
 
     def key(self, row: dict) -> str:
         return row[self.recipe.data.text_column]
-
-    def load_processor(self, source, revision):
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=self.trust_remote_code)
 
     def load_model(self):
         from transformers import AutoModelForSequenceClassification
@@ -65,9 +46,7 @@ class TextClassification(Classification):
     def load_trained(self, folder):
         from transformers import AutoModelForSequenceClassification
 
-        model = AutoModelForSequenceClassification.from_pretrained(folder, weights_only=True,
-                                                                   trust_remote_code=self.trust_remote_code)
-        self.setup(str(folder))
+        model = load_saved(self, AutoModelForSequenceClassification, folder)
         self.set_labels([model.config.id2label[i] for i in range(model.config.num_labels)])
         return model
 

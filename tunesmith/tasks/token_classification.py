@@ -25,13 +25,14 @@ from tunesmith import io, metrics
 from tunesmith.data import DataError
 from tunesmith.errors import TunesmithError
 from tunesmith.tasks import conll, subwords, tagging
-from tunesmith.tasks.base import Features, Task, batches, model_device
-from tunesmith.tasks.hf import load_hf
+from tunesmith.tasks.base import Features, batches, model_device
+from tunesmith.tasks.hf import load_hf, load_saved
+from tunesmith.tasks.text import Tokenized
 
 SAMPLES = 20                            # test sentences evaluate_final writes to samples.jsonl (the report's)
 
 
-class TokenClassification(Task):
+class TokenClassification(Tokenized):
     name = "token-classification"
     peft_task_type = "TOKEN_CLS"
     input_key = "text"
@@ -49,14 +50,6 @@ class TokenClassification(Task):
     @property
     def labels(self) -> list[str]:
         return list(self.names)
-
-    @property
-    def max_length(self) -> int:
-        return self.recipe.data.max_length
-
-    @property
-    def tokenizer(self):
-        return self.processor
 
     def set_labels(self, names: list[str]) -> None:
         self.names = list(names)
@@ -210,9 +203,7 @@ class TokenClassification(Task):
     def load_trained(self, folder):
         from transformers import AutoModelForTokenClassification
 
-        model = AutoModelForTokenClassification.from_pretrained(folder, weights_only=True,
-                                                                trust_remote_code=self.trust_remote_code)
-        self.setup(str(folder))
+        model = load_saved(self, AutoModelForTokenClassification, folder)
         self.set_labels([model.config.id2label[i] for i in range(model.config.num_labels)])
         return model
 
