@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tunesmith.recipe import Recipe
+from tunesmith.run import Callback, StopTraining
 from tunesmith.selection.search import best_validation, with_values
 from tunesmith.selection.space import has_key
 
@@ -24,6 +25,17 @@ EPOCHS_CAP = 3          # spend: a leader's epochs grow x3 while its best checkp
 TOP = 3                 # spend: configurations that get more seeds
 SEEDS = (3, 5, 10)      # spend: seeds each of the top configurations reaches, then the best two, then the best
 LR_RANGE = (1e-6, 1e-1)
+
+
+class Deadline(Callback):
+    """Past `deadline` (a time.monotonic()), the run stops after the current step with one evaluation."""
+
+    def __init__(self, deadline: float):
+        self.deadline = deadline
+
+    def on_log(self, record: dict) -> None:
+        if not record.get("summary") and time.monotonic() >= self.deadline:
+            raise StopTraining("time budget spent")
 
 
 @dataclass
@@ -119,12 +131,16 @@ class Race:
         self.metric, self.direction = recipe.tune_metric()
         self.results: list[dict] = []
         self.ratios: dict[str, float] = {}          # name -> measured / predicted seconds of its last run
+        # epochs: auto races (one validation split): candidates train to their own plateau; their time is
+        # estimated as the epochs the plain recipe trained under auto (set once it ran)
+        self.auto, self.auto_epochs = False, 1.0
 
     # --- time ----------------------------------------------------------------------------------------
     def predicted(self, epochs: float, folds: int | None, rows: int | None = None) -> float:
         """Seconds from the probe alone: fixed costs + epochs x steps x step time; K folds train K runs, each
-        on (K-1)/K of the rows less the validation split cut for checkpoint choice (0.9)."""
-        t, rows = self.timing, rows or self.rows
+        on (K-1)/K of the pooled train + validation rows less the validation split cut for checkpoint choice
+        (0.9)."""
+        t, rows = self.timing, rows or (self.refit_rows if folds else self.rows)
         if folds:
             per = steps_per_epoch(math.ceil(rows * (folds - 1) / folds * 0.9), t.batch_size)
             return folds * (t.overhead_s + epochs * per * t.step_s)
@@ -141,6 +157,10 @@ class Race:
     def left(self) -> float:
         return self.deadline - time.monotonic()
 
+    def run_estimate(self, name: str, epochs: float | None) -> float:
+        """Seconds of one candidate as attempt() runs it: epochs None (epochs: auto) as the plain recipe's."""
+        return self.estimate(name, self.auto_epochs if epochs is None else epochs)
+
     def refit_estimate(self, config: dict) -> float:
         """Seconds of the refit of `config`: one run on train + validation for its refit epochs."""
         return self.estimate(config["name"], refit_epochs(config), None, self.refit_rows)
@@ -152,13 +172,19 @@ class Race:
 
     # --- runs ----------------------------------------------------------------------------------------
     def attempt(self, name: str, values: dict, epochs: float | None, seed: int | None = None,
-                strict: bool = False) -> dict | None:
+                strict: bool = False, reserve: float | None = None, need: float | None = None,
+                limit: float | None = None) -> dict | None:
         """Train one candidate unless it and the refit of the best so far cannot fit: `strict` (spending what is
-        left) needs its whole estimate to fit; the planned race one epoch of one run (the deadline ends it and no
-        further fold starts)."""
-        need = self.reserve() + (self.estimate(name, epochs or 1) if strict   # K folds: one fold's epoch
-                                 else self.estimate(name, min(epochs or 1, 1), None))
-        if need > self.left():
+        left) needs its whole estimate to fit; the planned race `need` seconds, by default one epoch of one run.
+        The run stops at the budget less `reserve` (default: the refit of the best so far), so the refit keeps
+        its time, and after `limit` seconds if given. epochs None: the recipe's own (epochs: auto)."""
+        reserve = self.reserve() if reserve is None else reserve
+        if need is None:
+            need = self.run_estimate(name, epochs) if strict else self.estimate(name, min(epochs or 1, 1), None)
+        until = self.deadline - reserve
+        if limit is not None:
+            until = min(until, time.monotonic() + limit)
+        if need + reserve > self.left():
             if not strict:
                 self.say(f"tune: skipping {name} ({epochs or 'recipe'} epochs): does not fit in the budget left")
             return None
@@ -173,8 +199,8 @@ class Race:
         row = {"name": name, "values": values, "epochs": epochs, "seed": seed, "run_dir": str(run_dir)}
         t0 = time.monotonic()
         try:
-            out = run_candidate(with_values(self.recipe, keys), run_dir, self.folds, self.callbacks, self.metric,
-                                self.direction, self.deadline)
+            out = run_candidate(with_values(self.recipe, keys), run_dir, self.folds,
+                                [Deadline(until), *self.callbacks], self.metric, self.direction, until)
         except Exception as e:                      # one candidate that cannot run (e.g. LoRA on an unknown
             if not values:                          # architecture) does not end the race; the plain recipe does
                 raise
@@ -227,8 +253,8 @@ class Race:
         best = ranked[0]
         lr = best["values"].get("train.learning_rate", self.base_lr)
         stem = re.sub(r"\s*lr [0-9.e+-]+$", "", best["name"])
-        epochs = best["epochs"]                     # the plain recipe's own (auto) epochs: as many as it trained
-        if epochs is None:
+        epochs = best["epochs"]                     # the plain recipe's own (auto) epochs: as many as it trained,
+        if epochs is None and not self.auto:        # unless candidates race under auto themselves
             epochs = math.ceil(round(best["runs"][0]["trained"] or best["best_epochs"] or 1, 3))
         for f in (3, 1 / 3):
             new = float(f"{lr * f:.3g}")
@@ -240,14 +266,19 @@ class Race:
                 nxt = next(s for s in range(base_seed, base_seed + limit + len(seeds) + 1) if s not in seeds)
                 if len(seeds) < limit:
                     out.append((c["name"], c["values"], c["epochs"], nxt))
-        return [p for p in out if (p[0], p[2], p[3]) not in tried]
+        ran = {self.same(r["values"], r["epochs"], r["seed"]) for r in self.results}
+        return [p for p in out if (p[0], p[2], p[3]) not in tried and self.same(*p[1:]) not in ran]
+
+    def same(self, values: dict, epochs: float | None, seed: int) -> str:
+        """What a run trains, whatever its name ("plain lr 0.0006" may be "lora r8 lr 0.0006")."""
+        return repr((with_values(self.recipe, values).dump(), epochs, seed))
 
     def spend(self, top_epochs: float) -> int:
         """Run proposals while one fits with the refit of the current best after it; the number run."""
         ran = 0
         while True:
             reserve = self.reserve()
-            fits = [p for p in self.proposals(top_epochs) if self.estimate(p[0], p[2] or 1) + reserve <= self.left()]
+            fits = [p for p in self.proposals(top_epochs) if self.run_estimate(p[0], p[2]) + reserve <= self.left()]
             if not fits:
                 return ran
             before = len(self.results)
