@@ -78,6 +78,32 @@ def test_every_run_stops_early_enough_to_leave_the_refit_its_time(tiny_bert, tmp
     assert deadlines == [until]
 
 
+def test_evaluations_are_timed_apart_from_steps(tiny_bert, tmp_path, monkeypatch):
+    """Under epochs: auto a chat run evaluates (generates answers) 4 times an epoch, a refit once: estimates
+    count steps at the measured step ratio and evaluations at the measured seconds of one, so the refit's
+    reserve is not inflated by the plain run's 30 generations (none of the candidates ran once that reserve
+    was taken)."""
+    from tunesmith.selection import race as race_mod
+
+    def fake(recipe, run_dir, folds, callbacks, metric, direction, until=None):
+        time.sleep(0.4)
+        return {"score": 0.8, "folds": None, "n": 24, "test": 0.8, "stopped": None, "best_epochs": 2.0,
+                "trained": 2.0, "evals": 8, "eval_seconds": 0.2}
+
+    monkeypatch.setattr(race_mod, "run_candidate", fake)
+    recipe = ts.load_recipe(recipe_dict(tiny_bert, tmp_path / "r.csv"))
+    race = race_for(recipe, tmp_path, 0.001, 0.0)
+    race.folds = None
+    race.attempt("plain", {}, None, reserve=0.0)
+    seconds = race.results[0]["seconds"]
+    assert race.eval_s == pytest.approx(0.025)
+    assert race.ratio("plain") == pytest.approx((seconds - 0.2) / (2 * 24 * 0.001))
+    refit = (seconds - 0.2) * 27 / 24 + 2 * 0.025           # 2 epochs of 27 steps (216 rows), 1 evaluation each
+    assert race.reserve() == pytest.approx(refit)
+    race.auto_epochs, race.auto_evals = 2.0, 4.0
+    assert race.run_estimate("x", None) == pytest.approx(seconds - 0.2 + 8 * 0.025)
+
+
 def test_causal_lm_on_one_split_trains_every_run_to_its_plateau(tmp_path, monkeypatch):
     """A chat recipe naming no training settings (epochs auto) whose K folds do not fit: one validation split; the
     plain recipe runs as `tunesmith train` runs it (epochs auto, not a 3-epoch stand-in), then the candidates the

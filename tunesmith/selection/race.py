@@ -70,6 +70,13 @@ def trained_epochs(history: list[dict]) -> float | None:
     return float(epochs[-1]) if epochs else None
 
 
+def evaluations(histories: list[list[dict]]) -> tuple[int, float]:
+    """(validation evaluations, their seconds) over the runs' histories: time that scales with evaluations, not
+    with steps (under epochs: auto a chat model generates answers at each one: a third of its run)."""
+    n = sum(r.get("split") == "validation" for h in histories for r in h)
+    return n, sum(r.get("eval_seconds", 0.0) for h in histories for r in h if r.get("summary"))
+
+
 def run_candidate(recipe: Recipe, run_dir: Path, folds: int | None, callbacks: list, metric: str, direction: str,
                   until: float | None = None) -> dict:
     """Train and score one candidate: {score, n (rows scored), test, stopped, best_epochs, trained (epochs),
@@ -94,7 +101,9 @@ def run_candidate(recipe: Recipe, run_dir: Path, folds: int | None, callbacks: l
         if len(runs) < folds:
             stopped = f"time budget spent: {len(runs)} of {folds} folds"
         values = res["metrics"][metric]["values"] if metric in res["metrics"] else None
+        evals, eval_s = evaluations([r.history for r in runs])
         return {"score": statistics.mean(values) if values else None, "folds": values, "n": res["rows"],
+                "evals": evals, "eval_seconds": eval_s,
                 "test": None, "stopped": stopped, "best_epochs": statistics.mean(epochs) if epochs else None,
                 "trained": statistics.mean(trained) if trained else None}
     run = ts.train(recipe, run_dir, callbacks=callbacks)
@@ -105,7 +114,9 @@ def run_candidate(recipe: Recipe, run_dir: Path, folds: int | None, callbacks: l
         rows = run.path / "data" / "validation.jsonl"
         score = run.load().evaluate(rows).get(metric)
         n = sum(1 for line in rows.read_text().splitlines() if line.strip())
-    return {"score": score, "folds": None, "n": n, "test": run.metrics.get(metric),
+    evals, eval_s = evaluations([run.history])
+    return {"score": score, "folds": None, "n": n, "test": run.metrics.get(metric), "evals": evals,
+            "eval_seconds": eval_s,
             "stopped": run.history[-1].get("stopped") if run.history else None,
             "best_epochs": best_epochs(run.history, keep, keep_dir), "trained": trained_epochs(run.history)}
 
@@ -134,6 +145,7 @@ class Race:
         # epochs: auto races (one validation split): candidates train to their own plateau; their time is
         # estimated as the epochs the plain recipe trained under auto (set once it ran)
         self.auto, self.auto_epochs = False, 1.0
+        self.eval_s, self.auto_evals = 0.0, 1.0     # seconds an evaluation; evaluations per epoch under auto
 
     # --- time ----------------------------------------------------------------------------------------
     def predicted(self, epochs: float, folds: int | None, rows: int | None = None) -> float:
@@ -151,15 +163,22 @@ class Race:
             return self.ratios[name]
         return statistics.median(self.ratios.values()) if self.ratios else 1.0
 
-    def estimate(self, name: str, epochs: float, folds: int | None = -1, rows: int | None = None) -> float:
-        return self.predicted(epochs, self.folds if folds == -1 else folds, rows) * self.ratio(name)
+    def estimate(self, name: str, epochs: float, folds: int | None = -1, rows: int | None = None,
+                 per_epoch: float = 1.0) -> float:
+        """Training time (the probe's prediction x the name's measured ratio) + `per_epoch` evaluations an epoch
+        at the measured seconds of one (0 until a run measured it: the probe's overhead holds one)."""
+        folds = self.folds if folds == -1 else folds
+        return (self.predicted(epochs, folds, rows) * self.ratio(name)
+                + epochs * per_epoch * (folds or 1) * self.eval_s)
 
     def left(self) -> float:
         return self.deadline - time.monotonic()
 
     def run_estimate(self, name: str, epochs: float | None) -> float:
         """Seconds of one candidate as attempt() runs it: epochs None (epochs: auto) as the plain recipe's."""
-        return self.estimate(name, self.auto_epochs if epochs is None else epochs)
+        if epochs is None:
+            return self.estimate(name, self.auto_epochs, per_epoch=self.auto_evals)
+        return self.estimate(name, epochs)
 
     def refit_estimate(self, config: dict) -> float:
         """Seconds of the refit of `config`: one run on train + validation for its refit epochs."""
@@ -213,8 +232,11 @@ class Race:
         scored = "-" if row["score"] is None else f"{row['score']:.4f}"
         self.say(f"tune: {name}, {label}, seed {seed}: {self.metric} {scored} "
                  f"({f'mean of {self.folds} folds' if self.folds else 'validation'}) in {row['seconds']:.1f}s")
+        if out.get("evals"):                        # evaluations timed apart: their number follows the epochs
+            self.eval_s = out["eval_seconds"] / out["evals"]
         if not out.get("stopped"):                  # a run cut by the deadline says nothing of its full length
-            self.ratios[name] = row["seconds"] / max(self.predicted(epochs or out["trained"] or 1, self.folds), 1e-9)
+            train_s = max(row["seconds"] - (out.get("eval_seconds") or 0.0), 0.1 * row["seconds"])
+            self.ratios[name] = train_s / max(self.predicted(epochs or out["trained"] or 1, self.folds), 1e-9)
         self.results.append(row)
         return row
 

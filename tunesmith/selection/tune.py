@@ -192,9 +192,10 @@ def tune(recipe, folder: str | Path | None = None, budget: str | None = None, sa
         test_plain = plain["test"] = plain_test(fixed, folder, race, say)
     if race.auto and plain:                         # candidates to their own plateau: how long plain took to its
         race.auto_epochs = plain["trained"] or 1    # best is what one needs to be comparable
+        race.auto_evals = (plain.get("evals") or race.auto_epochs) / race.auto_epochs
         reach = plain["best_epochs"] or race.auto_epochs
         for name, values in cands:
-            race.attempt(name, values, None, need=race.estimate(name, reach, None),
+            race.attempt(name, values, None, need=race.estimate(name, reach, None, per_epoch=race.auto_evals),
                          limit=CANDIDATE_SPAN * plain["seconds"])
     alive = cands
     for k, epochs in rungs:
