@@ -175,4 +175,5 @@ def test_a_plain_recipe_that_does_not_fit_says_so_and_the_budget_it_needs(tiny_b
     assert "(3 epochs of 9 steps, at the measured 10.00s a step" in message and "give at least --budget " in message
     needed = int(message.rsplit("--budget ", 1)[1].split("s")[0])
     assert needed > 3 * 9 * 10.0 + 3 * 12 * 10.0          # the plain run (72 rows) and its refit (96 rows)
+    assert message.endswith("s, or fewer train.epochs")
     assert not Path(tmp_path / "tune").exists()

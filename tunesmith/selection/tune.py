@@ -233,15 +233,17 @@ def folds_fit(race: Race, plain_epochs: float, setup: float) -> tuple[int | None
 def does_not_fit(race: Race, budget: str, setup: float, plain_epochs: float, per_epoch: int) -> TunesmithError:
     """The error when not even the plain recipe (with its refit) fits what the probe left of the budget."""
     t = race.timing
+    auto = number(race.recipe.train.epochs) is None
+    epochs = f"epochs auto, counted as {plain_epochs:g}" if auto else f"{plain_epochs:g} epochs"
     run = race.estimate("plain", plain_epochs)
     refit = race.estimate("plain", plain_epochs, None, race.refit_rows)
     scored = f" x {race.folds} folds" if race.folds else ""
     return TunesmithError(
         f"budget {budget}: the plain recipe does not fit: reading the data and the 5-step probe run took "
-        f"{setup:.0f}s, and the plain recipe ({plain_epochs:g} epochs of {per_epoch} steps{scored}, at the measured "
+        f"{setup:.0f}s, and the plain recipe ({epochs} of {per_epoch} steps{scored}, at the measured "
         f"{t.step_s:.2f}s a step and {t.overhead_s:.0f}s a run) needs about {run:.0f}s, its refit on train + "
         f"validation {refit:.0f}s more, with {max(race.left(), 0):.0f}s left; give at least --budget "
-        f"{math.ceil(setup + run + refit)}s, or fewer train.epochs")
+        f"{math.ceil(setup + run + refit)}s" + ("" if auto else ", or fewer train.epochs"))
 
 
 def plain_test(fixed: Recipe, folder: Path, race: Race, say) -> float | None:
