@@ -238,6 +238,10 @@ def does_not_fit(race: Race, budget: str, setup: float, plain_epochs: float, per
     run = race.estimate("plain", plain_epochs)
     refit = race.estimate("plain", plain_epochs, None, race.refit_rows)
     scored = f" x {race.folds} folds" if race.folds else ""
+    if race.left() <= 0:                            # the probe itself spent the budget
+        return TunesmithError(f"budget {budget}: reading the data and the 5-step probe run took {setup:.0f}s and "
+                              f"left no time for the plain recipe; give at least --budget "
+                              f"{math.ceil(setup + run + refit)}s")
     return TunesmithError(
         f"budget {budget}: the plain recipe does not fit: reading the data and the 5-step probe run took "
         f"{setup:.0f}s, and the plain recipe ({epochs} of {per_epoch} steps{scored}, at the measured "
