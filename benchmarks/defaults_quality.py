@@ -16,7 +16,8 @@ Arms, per data set, on the same folds (the pooled rows cut by StratifiedKFold, s
             chat's eval.generate, which defines its metric):
             epochs auto, learning rate and batch size chosen at training start (tunesmith/defaults.py)
   tune      nested: on each fold `tune --budget B` from the defaults recipe sees only the fold's train rows; the
-            model it ends with is scored on the held-out fold (only with --budget: folds x B of wall time)
+            model it ends with is scored on the held-out fold (only with --budget: folds x B of wall time); with
+            the defaults arm also run, a line per metric compares tune with it fold by fold (issue 19: (c) >= (b))
   hf        HF Trainer with TrainingArguments' defaults (lr 5e-5, 3 epochs, batch 8, linear decay, no warmup, no
             early stopping, fp32; none for chat) on the same model tunesmith builds and the same encoded features (same
             tokenizer, max_length, image processor and collate); it trains on all of the fold's train side (it
@@ -137,6 +138,28 @@ def what_ran(cv: dict) -> list[str]:
     return out
 
 
+def tune_vs_defaults(n: str, res: dict) -> list[str]:
+    """Issue 19's goal (c) >= (b): the tune arm against the defaults arm on the folds tune ran (--tune-folds: the
+    first N), fold by fold; the corrected paired t-test where 2 or more folds pair (a failed fold pairs none)."""
+    from tunesmith.selection.cv import paired
+
+    tuned, plain = res["tune"], res["defaults"]
+    out = []
+    for m in metrics_of(n):
+        pairs = [(f["test"][m], d) for f, d in zip(tuned["folds"], plain["metrics"][m]["values"])
+                 if "test" in f and f["test"][m] == f["test"][m]]          # NaN: no model on that fold
+        if not pairs:
+            out.append(f"tune vs defaults, {m}: no fold pairs")
+            continue
+        diff = sum(a - b for a, b in pairs) / len(pairs)
+        t = paired({**plain, "metrics": {m: {"values": [a for a, _ in pairs]}}},
+                   {**plain, "metrics": {m: {"values": [b for _, b in pairs]}}})[m] if len(pairs) > 1 else None
+        out.append(f"tune vs defaults, {m}: {diff:+.3f} over {len(pairs)} fold(s)"
+                   + (f", p={t['p']:.2f}" if t else "") + " (tune / defaults: "
+                   + ", ".join(f"{a:.3f} / {b:.3f}" for a, b in pairs) + ")")
+    return out
+
+
 def main():
     import tunesmith as ts
     from tunesmith import io
@@ -218,6 +241,9 @@ def main():
         for arm, lines in ran[n].items():
             for line in lines:
                 print(f"{'':<15}{arm}: {line}")
+        if "tune" in results[n] and "defaults" in results[n]:
+            for line in tune_vs_defaults(n, results[n]):
+                print(f"{'':<15}{line}")
         if "tune" in results[n]:
             for f in results[n]["tune"]["folds"]:
                 print(f"{'':<15}tune {f['fold']}: {f['seconds']:.0f}s wall, {f['used']:.0%} of "

@@ -116,7 +116,8 @@ def nested_tune(recipe, plain_cv: dict, cv_dir: Path, out: Path, budget: str, me
             model = str(out / name / "plain-run")
             source = "plain-run (tune left no model)"
         else:
-            source = "refit" if result["final"] else "best run" if model else "none: tune left no model"
+            source = ("refit" if result["final"] else "the plain recipe's own run" if model and
+                      Path(model).name == "plain-run" else "best run" if model else "none: tune left no model")
         found = ts.Run(model).metrics if model else {}
         for m in metrics:
             values[m].append(float(found[m]) if m in found else math.nan)

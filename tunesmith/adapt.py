@@ -122,6 +122,15 @@ def depths(model: nn.Module) -> tuple[dict[str, int], int, set[str]]:
     return out, count, head
 
 
+def lora_targets(model_type: str | None, target_modules: list[str] | None) -> bool:
+    """Whether LoRA has modules to wrap: the recipe names them (adapt.lora.target_modules), or PEFT has defaults
+    for the architecture (its table by config.model_type: transformers' attention blocks; conv nets such as
+    MobileNetV2, and ViT, have none and fail with "Please specify `target_modules`")."""
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
+
+    return bool(target_modules) or model_type in DEFAULTS
+
+
 def _lora(model: nn.Module, cfg, task_type: str | None, head: set[str]) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 

@@ -266,11 +266,12 @@ class Recipe(Section):
         the user judges by may name one of its final evaluation's metrics instead (causal-lm: exact match)."""
         return self.train.metric, self.direction
 
-    def search_space(self, blocks: int | None, learning_rate: float) -> list[tuple[str, dict]]:
+    def search_space(self, blocks: int | None, learning_rate: float, lora: bool = True) -> list[tuple[str, dict]]:
         """`tune`'s candidates: (name, recipe keys), raced on epochs; cheapest first. blocks: the model's repeated
-        blocks (None: unknown); learning_rate: the plain recipe's rate as it ran. A task overrides this with the
-        space that suits it; this default suits a pretrained backbone with a new head: head only (on cached
-        features), the top two blocks, full fine-tuning at the recipe's rate and 3x, LoRA."""
+        blocks (None: unknown); learning_rate: the plain recipe's rate as it ran; lora: whether LoRA has modules
+        to wrap in this model (adapt.lora_targets). A task overrides this with the space that suits it; this
+        default suits a pretrained backbone with a new head: head only (on cached features), the top two blocks,
+        full fine-tuning at the recipe's rate and 3x, and LoRA where the model has LoRA targets."""
         blocks = blocks or 6
         lr = learning_rate
         out = [("head-only", {"adapt.method": "freeze", "adapt.freeze_backbone": True, "model.dropout": 0.0,
@@ -287,7 +288,7 @@ class Recipe(Section):
                            "adapt.freeze_embeddings": False})
         if self.adapt.method == "lora":             # a task whose default is LoRA: keep its method family
             out = [c for c in out if c[1]["adapt.method"] != "full"]
-        return out
+        return [c for c in out if lora or c[1]["adapt.method"] != "lora"]
 
     def dump(self) -> dict:
         return self.model_dump(mode="json")

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tunesmith.recipe import Recipe
+from tunesmith.run import Callback, StopTraining
 from tunesmith.selection.search import best_validation, with_values
 from tunesmith.selection.space import has_key
 
@@ -24,6 +25,17 @@ EPOCHS_CAP = 3          # spend: a leader's epochs grow x3 while its best checkp
 TOP = 3                 # spend: configurations that get more seeds
 SEEDS = (3, 5, 10)      # spend: seeds each of the top configurations reaches, then the best two, then the best
 LR_RANGE = (1e-6, 1e-1)
+
+
+class Deadline(Callback):
+    """Past `deadline` (a time.monotonic()), the run stops after the current step with one evaluation."""
+
+    def __init__(self, deadline: float):
+        self.deadline = deadline
+
+    def on_log(self, record: dict) -> None:
+        if not record.get("summary") and time.monotonic() >= self.deadline:
+            raise StopTraining("time budget spent")
 
 
 @dataclass
@@ -58,6 +70,13 @@ def trained_epochs(history: list[dict]) -> float | None:
     return float(epochs[-1]) if epochs else None
 
 
+def evaluations(histories: list[list[dict]]) -> tuple[int, float]:
+    """(validation evaluations, their seconds) over the runs' histories: time that scales with evaluations, not
+    with steps (under epochs: auto a chat model generates answers at each one: a third of its run)."""
+    n = sum(r.get("split") == "validation" for h in histories for r in h)
+    return n, sum(r.get("eval_seconds", 0.0) for h in histories for r in h if r.get("summary"))
+
+
 def run_candidate(recipe: Recipe, run_dir: Path, folds: int | None, callbacks: list, metric: str, direction: str,
                   until: float | None = None) -> dict:
     """Train and score one candidate: {score, n (rows scored), test, stopped, best_epochs, trained (epochs),
@@ -82,7 +101,9 @@ def run_candidate(recipe: Recipe, run_dir: Path, folds: int | None, callbacks: l
         if len(runs) < folds:
             stopped = f"time budget spent: {len(runs)} of {folds} folds"
         values = res["metrics"][metric]["values"] if metric in res["metrics"] else None
+        evals, eval_s = evaluations([r.history for r in runs])
         return {"score": statistics.mean(values) if values else None, "folds": values, "n": res["rows"],
+                "evals": evals, "eval_seconds": eval_s,
                 "test": None, "stopped": stopped, "best_epochs": statistics.mean(epochs) if epochs else None,
                 "trained": statistics.mean(trained) if trained else None}
     run = ts.train(recipe, run_dir, callbacks=callbacks)
@@ -93,7 +114,9 @@ def run_candidate(recipe: Recipe, run_dir: Path, folds: int | None, callbacks: l
         rows = run.path / "data" / "validation.jsonl"
         score = run.load().evaluate(rows).get(metric)
         n = sum(1 for line in rows.read_text().splitlines() if line.strip())
-    return {"score": score, "folds": None, "n": n, "test": run.metrics.get(metric),
+    evals, eval_s = evaluations([run.history])
+    return {"score": score, "folds": None, "n": n, "test": run.metrics.get(metric), "evals": evals,
+            "eval_seconds": eval_s,
             "stopped": run.history[-1].get("stopped") if run.history else None,
             "best_epochs": best_epochs(run.history, keep, keep_dir), "trained": trained_epochs(run.history)}
 
@@ -119,12 +142,17 @@ class Race:
         self.metric, self.direction = recipe.tune_metric()
         self.results: list[dict] = []
         self.ratios: dict[str, float] = {}          # name -> measured / predicted seconds of its last run
+        # epochs: auto races (one validation split): candidates train to their own plateau; their time is
+        # estimated as the epochs the plain recipe trained under auto (set once it ran)
+        self.auto, self.auto_epochs = False, 1.0
+        self.eval_s, self.auto_evals = 0.0, 1.0     # seconds an evaluation; evaluations per epoch under auto
 
     # --- time ----------------------------------------------------------------------------------------
     def predicted(self, epochs: float, folds: int | None, rows: int | None = None) -> float:
         """Seconds from the probe alone: fixed costs + epochs x steps x step time; K folds train K runs, each
-        on (K-1)/K of the rows less the validation split cut for checkpoint choice (0.9)."""
-        t, rows = self.timing, rows or self.rows
+        on (K-1)/K of the pooled train + validation rows less the validation split cut for checkpoint choice
+        (0.9)."""
+        t, rows = self.timing, rows or (self.refit_rows if folds else self.rows)
         if folds:
             per = steps_per_epoch(math.ceil(rows * (folds - 1) / folds * 0.9), t.batch_size)
             return folds * (t.overhead_s + epochs * per * t.step_s)
@@ -135,11 +163,22 @@ class Race:
             return self.ratios[name]
         return statistics.median(self.ratios.values()) if self.ratios else 1.0
 
-    def estimate(self, name: str, epochs: float, folds: int | None = -1, rows: int | None = None) -> float:
-        return self.predicted(epochs, self.folds if folds == -1 else folds, rows) * self.ratio(name)
+    def estimate(self, name: str, epochs: float, folds: int | None = -1, rows: int | None = None,
+                 per_epoch: float = 1.0) -> float:
+        """Training time (the probe's prediction x the name's measured ratio) + `per_epoch` evaluations an epoch
+        at the measured seconds of one (0 until a run measured it: the probe's overhead holds one)."""
+        folds = self.folds if folds == -1 else folds
+        return (self.predicted(epochs, folds, rows) * self.ratio(name)
+                + epochs * per_epoch * (folds or 1) * self.eval_s)
 
     def left(self) -> float:
         return self.deadline - time.monotonic()
+
+    def run_estimate(self, name: str, epochs: float | None) -> float:
+        """Seconds of one candidate as attempt() runs it: epochs None (epochs: auto) as the plain recipe's."""
+        if epochs is None:
+            return self.estimate(name, self.auto_epochs, per_epoch=self.auto_evals)
+        return self.estimate(name, epochs)
 
     def refit_estimate(self, config: dict) -> float:
         """Seconds of the refit of `config`: one run on train + validation for its refit epochs."""
@@ -152,13 +191,19 @@ class Race:
 
     # --- runs ----------------------------------------------------------------------------------------
     def attempt(self, name: str, values: dict, epochs: float | None, seed: int | None = None,
-                strict: bool = False) -> dict | None:
+                strict: bool = False, reserve: float | None = None, need: float | None = None,
+                limit: float | None = None) -> dict | None:
         """Train one candidate unless it and the refit of the best so far cannot fit: `strict` (spending what is
-        left) needs its whole estimate to fit; the planned race one epoch of one run (the deadline ends it and no
-        further fold starts)."""
-        need = self.reserve() + (self.estimate(name, epochs or 1) if strict   # K folds: one fold's epoch
-                                 else self.estimate(name, min(epochs or 1, 1), None))
-        if need > self.left():
+        left) needs its whole estimate to fit; the planned race `need` seconds, by default one epoch of one run.
+        The run stops at the budget less `reserve` (default: the refit of the best so far), so the refit keeps
+        its time, and after `limit` seconds if given. epochs None: the recipe's own (epochs: auto)."""
+        reserve = self.reserve() if reserve is None else reserve
+        if need is None:
+            need = self.run_estimate(name, epochs) if strict else self.estimate(name, min(epochs or 1, 1), None)
+        until = self.deadline - reserve
+        if limit is not None:
+            until = min(until, time.monotonic() + limit)
+        if need + reserve > self.left():
             if not strict:
                 self.say(f"tune: skipping {name} ({epochs or 'recipe'} epochs): does not fit in the budget left")
             return None
@@ -173,8 +218,8 @@ class Race:
         row = {"name": name, "values": values, "epochs": epochs, "seed": seed, "run_dir": str(run_dir)}
         t0 = time.monotonic()
         try:
-            out = run_candidate(with_values(self.recipe, keys), run_dir, self.folds, self.callbacks, self.metric,
-                                self.direction, self.deadline)
+            out = run_candidate(with_values(self.recipe, keys), run_dir, self.folds,
+                                [Deadline(until), *self.callbacks], self.metric, self.direction, until)
         except Exception as e:                      # one candidate that cannot run (e.g. LoRA on an unknown
             if not values:                          # architecture) does not end the race; the plain recipe does
                 raise
@@ -187,8 +232,11 @@ class Race:
         scored = "-" if row["score"] is None else f"{row['score']:.4f}"
         self.say(f"tune: {name}, {label}, seed {seed}: {self.metric} {scored} "
                  f"({f'mean of {self.folds} folds' if self.folds else 'validation'}) in {row['seconds']:.1f}s")
+        if out.get("evals"):                        # evaluations timed apart: their number follows the epochs
+            self.eval_s = out["eval_seconds"] / out["evals"]
         if not out.get("stopped"):                  # a run cut by the deadline says nothing of its full length
-            self.ratios[name] = row["seconds"] / max(self.predicted(epochs or out["trained"] or 1, self.folds), 1e-9)
+            train_s = max(row["seconds"] - (out.get("eval_seconds") or 0.0), 0.1 * row["seconds"])
+            self.ratios[name] = train_s / max(self.predicted(epochs or out["trained"] or 1, self.folds), 1e-9)
         self.results.append(row)
         return row
 
@@ -227,8 +275,8 @@ class Race:
         best = ranked[0]
         lr = best["values"].get("train.learning_rate", self.base_lr)
         stem = re.sub(r"\s*lr [0-9.e+-]+$", "", best["name"])
-        epochs = best["epochs"]                     # the plain recipe's own (auto) epochs: as many as it trained
-        if epochs is None:
+        epochs = best["epochs"]                     # the plain recipe's own (auto) epochs: as many as it trained,
+        if epochs is None and not self.auto:        # unless candidates race under auto themselves
             epochs = math.ceil(round(best["runs"][0]["trained"] or best["best_epochs"] or 1, 3))
         for f in (3, 1 / 3):
             new = float(f"{lr * f:.3g}")
@@ -240,14 +288,19 @@ class Race:
                 nxt = next(s for s in range(base_seed, base_seed + limit + len(seeds) + 1) if s not in seeds)
                 if len(seeds) < limit:
                     out.append((c["name"], c["values"], c["epochs"], nxt))
-        return [p for p in out if (p[0], p[2], p[3]) not in tried]
+        ran = {self.same(r["values"], r["epochs"], r["seed"]) for r in self.results}
+        return [p for p in out if (p[0], p[2], p[3]) not in tried and self.same(*p[1:]) not in ran]
+
+    def same(self, values: dict, epochs: float | None, seed: int) -> str:
+        """What a run trains, whatever its name ("plain lr 0.0006" may be "lora r8 lr 0.0006")."""
+        return repr((with_values(self.recipe, values).dump(), epochs, seed))
 
     def spend(self, top_epochs: float) -> int:
         """Run proposals while one fits with the refit of the current best after it; the number run."""
         ran = 0
         while True:
             reserve = self.reserve()
-            fits = [p for p in self.proposals(top_epochs) if self.estimate(p[0], p[2] or 1) + reserve <= self.left()]
+            fits = [p for p in self.proposals(top_epochs) if self.run_estimate(p[0], p[2]) + reserve <= self.left()]
             if not fits:
                 return ran
             before = len(self.results)

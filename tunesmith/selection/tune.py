@@ -2,18 +2,24 @@
 wall-time budget, in a tune folder (default runs/tune-<recipe name or task>).
 
 1. cut the data once (folder/data: every candidate sees the same rows, the test rows reach no choice), profile it
-   (rows, classes, balance, tokens) and measure a step (a 5-step probe run);
+   (rows, classes, balance, tokens, LoRA targets: selection/prepare.py) and measure a step (a 5-step probe run);
 2. plan, printed before anything else trains: the plain recipe, then the candidates the recipe's task declares
-   (Recipe.search_space: head only, top blocks, full at two rates, LoRA; causal-lm: LoRA rank x rate) raced by
-   successive halving: every candidate trains r epochs, the best third 3r, and so on. Scoring: the validation
-   split, or below SMALL_ROWS rows of train + validation the mean of K held-out folds (selection/cv.py), on the
-   metric the task names (Recipe.tune_metric: causal-lm with eval.generate scores generated answers);
+   (Recipe.search_space: head only, top blocks, full at two rates, LoRA where the model has LoRA targets;
+   causal-lm: LoRA rates and ranks around the plain recipe's, strongest first). Scoring: the validation split, or
+   below SMALL_ROWS rows of train + validation the mean of K held-out folds (selection/cv.py) where the plain
+   recipe's K folds fit FOLD_SHARE of the budget, on the metric the task names (Recipe.tune_metric: causal-lm
+   with eval.generate scores generated answers). Under K folds (or integer epochs) candidates race by successive
+   halving: every one trains r epochs, the best third 3r, and so on. On one validation split with epochs: auto
+   every run trains to its own plateau: the plain recipe first (at most PLAIN_SHARE of the time left), then the
+   candidates one at a time, strongest first, while one and the refit fit (a chat model needs a hundred steps
+   or more before candidates differ: short rungs compare noise);
 3. spend what is left (selection/race.py): more epochs for leaders still improving, learning rates x3 and /3
    around the best, more seeds for the top configurations, while a run and the refit fit in the time left
-   (estimates from measured run times); every run carries a Deadline callback: past the budget it raises
-   StopTraining, so the run ends after the current step with one evaluation;
+   (estimates from measured run times); every run carries a Deadline callback at the budget less the refit of
+   the best so far: past it, it raises StopTraining, so the run ends after the current step with one evaluation;
 4. refit the chosen configuration on train + validation for the epochs of its best checkpoint: the final model
-   (folder/final), whose test metric is compared with the plain recipe's.
+   (folder/final), whose test metric is compared with the plain recipe's. Without time for the refit, the final
+   model is the chosen run (one split) or the plain recipe's own run (K folds), never an untrained one.
 It ends with the table of runs against the plain recipe, tune.json and best.yaml in the tune folder.
 """
 from __future__ import annotations
@@ -29,8 +35,8 @@ import yaml
 from tunesmith import io
 from tunesmith.errors import TunesmithError
 from tunesmith.recipe import Recipe, RecipeError, UsageError, load
-from tunesmith.run import Callback, StopTraining
-from tunesmith.selection.race import TOP, Race, Timing, refit_epochs, steps_per_epoch
+from tunesmith.selection.prepare import profile, split_once
+from tunesmith.selection.race import TOP, Deadline, Race, Timing, refit_epochs, steps_per_epoch
 from tunesmith.selection.search import with_values
 from tunesmith.selection.space import has_key, seconds
 
@@ -42,85 +48,23 @@ MIN_BUDGET_S = 5.0                                  # a probe run of a tiny mode
 SMALL_ROWS = 2000
 FOLDS = 3                                           # every row scored at 3/5 of 5-fold's cost (folds train on 2/3)
 AUTO_EPOCHS = 3                                     # the plain run of a recipe whose epochs is not a number (auto)
-
-
-class Deadline(Callback):
-    def __init__(self, deadline: float):
-        self.deadline = deadline
-
-    def on_log(self, record: dict) -> None:
-        if not record.get("summary") and time.monotonic() >= self.deadline:
-            raise StopTraining("time budget spent")
-
-
-def profile(recipe: Recipe, task, tables: dict) -> dict:
-    """What the plan is drawn from: train rows, classes and their balance, tokens per example, model blocks.
-    task: the recipe's Task, set up; tables: its rows per split (tunesmith.splits.load_data)."""
-    from transformers import AutoConfig
-
-    from tunesmith.assets.bundled import resolve_model
-
-    rows = tables["train"].rows
-    keys = [task.stratify_key(r) for r in rows]
-    counts = {k: keys.count(k) for k in set(keys)} if keys and keys[0] is not None else {}
-    sample = task.encode(rows[:200])
-    config = AutoConfig.from_pretrained(resolve_model(recipe.model.name), revision=recipe.model.revision,
-                                        trust_remote_code=recipe.model.trust_remote_code)
-    return {"rows": len(rows), "classes": len(counts) or None,
-            "balance": round(max(counts.values()) / min(counts.values()), 2) if counts else None,
-            "tokens": statistics.median(task.length(f) for f in sample) if sample else None,
-            "blocks": count_blocks(config, recipe.model.trust_remote_code)}
-
-
-def count_blocks(config, trust_remote_code: bool) -> int | None:
-    """Blocks as adapt.freeze_layers counts them (transformer layers, CNN stages), on a weightless skeleton."""
-    import torch
-    from transformers import AutoModel
-
-    from tunesmith.adapt import find_blocks
-
-    try:
-        with torch.device("meta"):
-            skeleton = AutoModel.from_config(config, trust_remote_code=trust_remote_code)
-    except Exception:                               # an architecture AutoModel does not know: the config's count
-        return getattr(config, "num_hidden_layers", None)
-    name = find_blocks(skeleton)
-    return len(skeleton.get_submodule(name)) if name else None
+# K-fold scoring only when the plain recipe's K folds, its refit and its run as `train` runs it fit in this share
+# of the time left, the rest being the candidates' (chat-360, SmolLM2 + LoRA on 2 cores: 3 folds of the plain
+# recipe took 257-397 s of a 10-minute budget and no candidate ran); else one validation split
+FOLD_SHARE = 1 / 3
+PLAIN_SHARE = 0.5       # epochs: auto on one split: the plain run stops at this share of the time left; the rest
+                        # holds its refit (its best epochs again on 1/8 more rows) and candidates
+CANDIDATE_SPAN = 1.5    # epochs: auto on one split: a candidate runs at most this many times the plain run's time
 
 
 def candidates(recipe: Recipe, prof: dict, learning_rate: float) -> list[tuple[str, dict]]:
     """(name, recipe keys) to race: the space the recipe's task declares (Recipe.search_space)."""
-    return recipe.search_space(prof["blocks"], learning_rate)
+    return recipe.search_space(prof["blocks"], learning_rate, prof["lora"])
 
 
 def number(value) -> float | None:
     """A recipe value that is a number (epochs may be "auto", a learning rate None: resolved at training)."""
     return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
-def split_once(recipe: Recipe, folder: Path) -> tuple[Recipe, Recipe, object, dict]:
-    """The recipe's rows cut once, written to folder/data: every candidate trains, validates and is tested on the
-    same rows whatever its seed (a seed also cuts the splits), and the test rows never reach a choice.
-    Returns (the recipe on train/validation/test, the refit's recipe on train + validation as its train rows,
-    the task (set up), the rows per split)."""
-    from tunesmith.splits import load_data
-    from tunesmith.tasks import get_task
-
-    task = get_task(recipe)
-    task.setup()
-    tables = load_data(task, recipe).tables
-    data = folder / "data"
-    for split in ("train", "validation", "test"):
-        io.write_jsonl(data / f"{split}.jsonl", tables[split].rows)
-    io.write_jsonl(data / "refit.jsonl", tables["train"].rows + tables["validation"].rows)
-    base = {**recipe.dump(), "search": None}
-
-    def on(train: str) -> Recipe:
-        return load({**base, "data": {**base["data"], "train": str(data / train), "max_rows": None,
-                                      "validation": str(data / "validation.jsonl"), "max_eval_rows": None,
-                                      "test": str(data / "test.jsonl")}})
-
-    return on("train.jsonl"), on("refit.jsonl"), task, tables
 
 
 def scoring(recipe: Recipe, task, tables: dict, say) -> int | None:
@@ -169,10 +113,9 @@ def tune(recipe, folder: str | Path | None = None, budget: str | None = None, sa
     say(f"data: {prof['rows']} train rows, {prof['classes'] or '-'} classes (largest/smallest {prof['balance']}), "
         f"median {prof['tokens']} tokens; model: {prof['blocks']} blocks")
     folds = scoring(recipe, task, tables, say)
-    stop = Deadline(deadline)
     t0 = time.monotonic()                           # probe: load + 5 steps + one evaluation + final test
     probe = ts.train(with_values(fixed, {"train.max_steps": 5, "train.log_every": 1}), folder / "probe",
-                     callbacks=[stop])
+                     callbacks=[Deadline(deadline)])
     overhead = time.monotonic() - t0
     ran = probe.recipe.train                        # what the probe ran: a batch size or rate left unset is resolved
     batch = int(number(ran.batch_size) or number(recipe.train.batch_size) or 32)
@@ -184,52 +127,76 @@ def tune(recipe, folder: str | Path | None = None, budget: str | None = None, sa
     timing = Timing(step_s, overhead, batch)
     per_epoch = steps_per_epoch(rows["train"], batch)
     pooled = rows["train"] + rows["validation"]
-    race = Race(fixed, folder, deadline, [stop], timing, rows["train"], pooled, folds, lr, say)
+    race = Race(fixed, folder, deadline, [], timing, rows["train"], pooled, folds, lr, say)
     metric = race.metric
 
-    # tune's plain run trains the recipe's epochs exactly; epochs: auto is raced as AUTO_EPOCHS, raised to
-    # train.min_steps as auto would train at least; on small data the first rung is a third of min_steps, so
-    # candidates are compared after enough steps to differ (one epoch of 15 steps ties them at the majority class)
+    # tune's plain run trains the recipe's epochs exactly; under K folds epochs: auto is raced as AUTO_EPOCHS,
+    # raised to train.min_steps as auto would train at least; on small data the first rung is a third of
+    # min_steps, so candidates are compared after enough steps to differ (one epoch of 15 steps ties them at the
+    # majority class). On one validation split epochs: auto stays auto (Race.auto): every run finds its plateau
     min_steps = fixed.dump()["train"].get("min_steps") or 0
     plain_epochs = number(recipe.train.epochs) or max(AUTO_EPOCHS, min_steps / per_epoch)
+    split_note = ""
+    if folds and not (recipe.search and recipe.search.cv):
+        folds, split_note = folds_fit(race, plain_epochs, time.monotonic() - start)
+    race.auto = folds is None and number(recipe.train.epochs) is None
     cands = candidates(fixed, prof, lr)
     rungs, r = [], max(1, math.ceil(min_steps / 3 / per_epoch))
-    n = len(cands)
+    n = len(cands) if not race.auto else 0
     while n >= 1 and r <= max(plain_epochs * 3, 1):
         rungs.append((n, r))
         if n == 1:
             break
         n, r = math.ceil(n / 3), r * 3
     top = rungs[-1][1] if rungs else 1
-    total = (race.estimate("plain", plain_epochs, None) * (2 if folds else 1)
-             + sum(k * race.estimate("-", e) for k, e in rungs)
-             + race.estimate("-", top, None, pooled))
-    plan = " -> ".join(f"{k} x {e} epochs" for k, e in rungs)
-    say(f"plan: plain recipe ({round(plain_epochs, 1):g} epochs), then "
-        f"{plan} ({', '.join(c[0] for c in cands)}); then, while time is left: more epochs for leaders still "
-        f"improving, learning rates x3 and /3 around the best, more seeds for the top {TOP}; step {step_s:.3f}s, "
-        f"{per_epoch} steps/epoch, run overhead {overhead:.1f}s; estimated {total:.0f}s for the plan of "
-        f"{total_s:.0f}s budget")
+    names = ", ".join(c[0] for c in cands) or "none: the task declares no candidates for this model"
+    if race.auto:
+        total = race.estimate("plain", plain_epochs) * (1 + len(cands)) + race.estimate("-", plain_epochs, None,
+                                                                                       pooled)
+        plan = (f"the plain recipe as `tunesmith train` runs it (epochs auto: to its own plateau; at most "
+                f"{PLAIN_SHARE:.0%} of the time left, the rest holds its refit), then one candidate at a time, "
+                f"strongest first, each under epochs auto (at most {CANDIDATE_SPAN:g}x the plain run's time) while "
+                f"it and the refit of the best fit: {names}")
+    else:
+        total = (race.estimate("plain", plain_epochs, None) * (2 if folds else 1)
+                 + sum(k * race.estimate("-", e) for k, e in rungs) + race.estimate("-", top, None, pooled))
+        plan = (f"plain recipe ({round(plain_epochs, 1):g} epochs), then "
+                + " -> ".join(f"{k} x {e} epochs" for k, e in rungs) + f" ({names})")
+    say(f"plan{' (one validation split: K folds do not fit the budget)' if split_note else ''}: {plan}; then, "
+        f"while time is left: more epochs for leaders still improving, learning rates x3 and /3 around the best, "
+        f"more seeds for the top {TOP}; step {step_s:.3f}s, {per_epoch} steps/epoch, run overhead {overhead:.1f}s; "
+        f"estimated {total:.0f}s for the plan{' (plain run at ' + f'{plain_epochs:g} epochs)' if race.auto else ''}"
+        f" of {total_s:.0f}s budget")
     if folds:
         say(f"scoring: {folds}-fold cross-validation on train + validation ({pooled} rows, fewer than "
             f"{SMALL_ROWS}: one validation split of {rows['validation']} rows is too noisy to choose by): each "
             f"candidate's {metric} is the mean of its {folds} held-out folds")
     else:
-        say(f"scoring: validation {metric} on {rows['validation']} rows (best checkpoint)")
+        say(f"scoring: validation {metric} on {rows['validation']} rows (best checkpoint){split_note}")
     say(f"final model: the chosen recipe trained again on train + validation ({pooled} rows) for the epochs of "
         f"its best checkpoint; test {metric} on the {rows['test']} test rows, untouched until then")
 
-    plain = race.attempt("plain", {}, plain_epochs)
-    if plain is None and not race.results:          # the probe spent the budget: say so rather than exit 1 silently
-        setup = time.monotonic() - start
+    # the plain run keeps time for its refit (and, under K folds, its run as `tunesmith train` runs it)
+    held = (1 - PLAIN_SHARE) * race.left()
+    if race.auto:
+        plain = race.attempt("plain", {}, None, reserve=held)
+    else:
+        refit_s = race.estimate("plain", plain_epochs, None, pooled) * (2 if folds else 1)
+        plain = race.attempt("plain", {}, plain_epochs, reserve=min(refit_s, held))
+    if plain is None and not race.results:          # the plain recipe does not fit: say what, and what to do
         for left in ([made] if made else [folder / "probe", folder / "data"]):
             shutil.rmtree(left, ignore_errors=True)             # and leave no probe run
-        raise TunesmithError(f"budget {budget}: reading the data and the probe run took {setup:.0f}s and left no "
-                             f"time for the plain recipe; give at least --budget "
-                             f"{math.ceil(setup + 2 * race.estimate('plain', 1))}s")
+        raise does_not_fit(race, budget, time.monotonic() - start, plain_epochs, per_epoch)
     test_plain = None
     if plain and folds:                             # the plain recipe as `tunesmith train` runs it: the baseline
-        test_plain = plain["test"] = plain_test(fixed, plain_epochs, folder, stop, say)
+        test_plain = plain["test"] = plain_test(fixed, folder, race, say)
+    if race.auto and plain:                         # candidates to their own plateau: how long plain took to its
+        race.auto_epochs = plain["trained"] or 1    # best is what one needs to be comparable
+        race.auto_evals = (plain.get("evals") or race.auto_epochs) / race.auto_epochs
+        reach = plain["best_epochs"] or race.auto_epochs
+        for name, values in cands:
+            race.attempt(name, values, None, need=race.estimate(name, reach, None, per_epoch=race.auto_evals),
+                         limit=CANDIDATE_SPAN * plain["seconds"])
     alive = cands
     for k, epochs in rungs:
         scored = []
@@ -249,18 +216,50 @@ def tune(recipe, folder: str | Path | None = None, budget: str | None = None, sa
     return {**out, "folder": str(folder)}
 
 
-def plain_test(fixed: Recipe, epochs: float, folder: Path, stop, say) -> float | None:
-    """The plain recipe's test metric as `tunesmith train` gives it (K-fold scores say nothing of the test rows)."""
+def folds_fit(race: Race, plain_epochs: float, setup: float) -> tuple[int | None, str]:
+    """(folds, "") when K-fold scoring fits the budget: the plain recipe's K folds, its refit and its run as
+    `tunesmith train` runs it within FOLD_SHARE of the time left; else (None, why, in words)."""
+    folds, left = race.folds, race.left()
+    need = race.estimate("plain", plain_epochs, folds) + 2 * race.estimate("plain", plain_epochs, None,
+                                                                           race.refit_rows)
+    if need <= FOLD_SHARE * left:
+        return folds, ""
+    race.folds = None
+    return None, (f"; not by {folds}-fold cross-validation: the plain recipe's {folds} folds, its refit and its "
+                  f"run on train would take about {need:.0f}s of the {left:.0f}s left, leaving too little for "
+                  f"candidates; a budget of {math.ceil(setup + need / FOLD_SHARE)}s or more scores by {folds} folds")
+
+
+def does_not_fit(race: Race, budget: str, setup: float, plain_epochs: float, per_epoch: int) -> TunesmithError:
+    """The error when not even the plain recipe (with its refit) fits what the probe left of the budget."""
+    t = race.timing
+    auto = number(race.recipe.train.epochs) is None
+    epochs = f"epochs auto, counted as {plain_epochs:g}" if auto else f"{plain_epochs:g} epochs"
+    run = race.estimate("plain", plain_epochs)
+    refit = race.estimate("plain", plain_epochs, None, race.refit_rows)
+    scored = f" x {race.folds} folds" if race.folds else ""
+    if race.left() <= 0:                            # the probe itself spent the budget
+        return TunesmithError(f"budget {budget}: reading the data and the 5-step probe run took {setup:.0f}s and "
+                              f"left no time for the plain recipe; give at least --budget "
+                              f"{math.ceil(setup + run + refit)}s")
+    return TunesmithError(
+        f"budget {budget}: the plain recipe does not fit: reading the data and the 5-step probe run took "
+        f"{setup:.0f}s, and the plain recipe ({epochs} of {per_epoch} steps{scored}, at the measured "
+        f"{t.step_s:.2f}s a step and {t.overhead_s:.0f}s a run) needs about {run:.0f}s, its refit on train + "
+        f"validation {refit:.0f}s more, with {max(race.left(), 0):.0f}s left; give at least --budget "
+        f"{math.ceil(setup + run + refit)}s" + ("" if auto else ", or fewer train.epochs"))
+
+
+def plain_test(fixed: Recipe, folder: Path, race: Race, say) -> float | None:
+    """The plain recipe's test metric as `tunesmith train` gives it (K-fold scores say nothing of the test rows):
+    its own epochs (epochs: auto stays auto), folder/plain-run: the final model when no refit can run."""
     import tunesmith as ts
 
-    metric = fixed.tune_metric()[0]
-    if stop.deadline <= time.monotonic():
+    until = race.deadline - race.reserve()          # the refit of the best so far keeps its time
+    if until <= time.monotonic():
         return None
-    keys = {"train.log_every": 1, "train.epochs": epochs}
-    if has_key(type(fixed), "train.min_steps"):
-        keys["train.min_steps"] = 0                 # the epochs the plan counted, min_steps included
-    run = ts.train(with_values(fixed, keys), folder / "plain-run", callbacks=[stop])
-    return run.metrics.get(metric)
+    run = ts.train(with_values(fixed, {"train.log_every": 1}), folder / "plain-run", callbacks=[Deadline(until)])
+    return run.metrics.get(race.metric)
 
 
 def standard_error(metric: str, score: float, n: int | None) -> float:
@@ -294,8 +293,7 @@ def refit(race: Race, refit_recipe: Recipe, config: dict, folder: Path, pooled: 
 
     epochs = refit_epochs(config)
     expected = race.refit_estimate(config)
-    fallback = ("no final model (its runs are cv folders)" if race.folds else
-                f"the final model is its run {config['runs'][0]['run_dir']}, trained on train alone")
+    fallback = fallback_model(race, config)[1]
     if race.left() <= 0:
         say(f"tune: no time left to refit {config['name']} on train + validation (about {expected:.0f}s); {fallback}")
         return None
@@ -317,6 +315,19 @@ def refit(race: Race, refit_recipe: Recipe, config: dict, folder: Path, pooled: 
             "stopped": run.history[-1].get("stopped") if run.history else None}
 
 
+def fallback_model(race: Race, config: dict) -> tuple[str | None, str]:
+    """(run folder, in words) of the final model when `config` cannot be refit: its first run on one validation
+    split (trained on train, its best checkpoint); under K folds, whose runs are cv folders, the plain recipe's
+    run as `tunesmith train` runs it (folder/plain-run), never an untrained one."""
+    if not race.folds:
+        run = config["runs"][0]["run_dir"]
+        return run, f"the final model is its run {run}, trained on train alone"
+    plain = race.folder / "plain-run"
+    if (plain / "eval.json").exists():
+        return str(plain), f"the final model is the plain recipe's run {plain}, trained on train alone"
+    return None, "no final model (its runs are cv folders and the plain recipe's own run did not finish)"
+
+
 def finish(recipe: Recipe, refit_recipe: Recipe, folder: Path, race: Race, plain: dict | None,
            test_plain: float | None, prof: dict, start: float, planned: int, folds: int | None, say) -> dict:
     m, results = race.metric, race.results
@@ -332,8 +343,9 @@ def finish(recipe: Recipe, refit_recipe: Recipe, folder: Path, race: Race, plain
         test_plain = plain["test"]
     elapsed = time.monotonic() - start
     summary = {k: best[k] for k in ("name", "values", "epochs", "score", "n", "seeds", "best_epochs")} if best else None
-    # the model tune ends with: the refit, else the best configuration's first run (one split: a run folder)
-    model = final["run_dir"] if final else best["runs"][0]["run_dir"] if best and not folds else None
+    # the model tune ends with: the refit, else the best configuration's first run (one split: a run folder), else
+    # (K folds) the plain recipe's run as `tunesmith train` runs it
+    model = final["run_dir"] if final else fallback_model(race, best)[0] if best else None
     out = {"model": model, "metric": m, "profile": prof, "seconds": elapsed, "budget_seconds": race.deadline - start,
            "scoring": {"folds": folds, "rows": pooled if folds else plain and plain["n"]},
            "planned_runs": planned, "runs": results, "best": summary, "plain": plain, "plain_test": test_plain,
@@ -362,10 +374,11 @@ def finish(recipe: Recipe, refit_recipe: Recipe, folder: Path, race: Race, plain
                      f"refit on train + validation ({final['rows']} rows)"
                      + (f" ({final['stopped']})" if final["stopped"] else "")])
     say("\n" + io.table(["run", "epochs", "seed", score, f"{m} test", "note"], rows))
-    shown = final["test"] if final else model and best["runs"][0]["test"]
+    shown = final["test"] if final else model and (test_plain if folds else best["runs"][0]["test"])
     if best and shown is not None and test_plain is not None:
         what = "refit on train + validation" if final else "trained on train"
-        say(f"best vs plain recipe: {m} {shown:.4f} ({best['name']}, {what}) vs {test_plain:.4f} (the plain "
+        name = best["name"] if final or not folds else "plain"
+        say(f"best vs plain recipe: {m} {shown:.4f} ({name}, {what}) vs {test_plain:.4f} (the plain "
             f"recipe) on the test split ({shown - test_plain:+.4f}); final model {model}; recipe "
             f"{folder / 'best.yaml'}")
     say(f"tune: {elapsed:.0f}s spent of {race.deadline - start:.0f}s ({len(results)} runs, {planned} planned)")

@@ -72,9 +72,23 @@ class GenerativeTuning:
         judged by: the loss can fall while the answers stay wrong); else validation loss."""
         return ("exact_match", "max") if self.eval.generate is not None else super().tune_metric()
 
-    def search_space(self, blocks: int | None, learning_rate: float) -> list[tuple[str, dict]]:
-        """LoRA rank x learning rate, at LoRA rates (1e-4 .. 1e-3: QLoRA's 2e-4 and PEFT's examples sit inside; a
-        full fine-tuning rate such as 5e-5 leaves a small adapter untrained); alpha = 2r keeps the update's scale."""
-        return [(f"lora r{r} lr {lr:g}", {"adapt.method": "lora", "adapt.lora.r": r, "adapt.lora.alpha": 2 * r,
-                                          "train.learning_rate": lr})
-                for r in (8, 32) for lr in (1e-4, 3e-4, 1e-3)]
+    def search_space(self, blocks: int | None, learning_rate: float, lora: bool = True) -> list[tuple[str, dict]]:
+        """LoRA candidates, strongest first (tune races them in this order while its budget lasts, rather than
+        many at runs too short to tell them apart): the plain recipe's rank and alpha at its learning rate x3 and
+        /3 (the rate matters most for a small adapter; QLoRA's 2e-4 and PEFT's examples sit in 1e-4 .. 1e-3),
+        then 4x the rank (alpha scaled with it: the update's scale kept) at the rate and x3. A plain recipe that
+        is not LoRA starts from LoRA's own rate and rank (a full fine-tuning rate leaves an adapter untrained).
+        None where LoRA has no modules to wrap in the model."""
+        if not lora:
+            return []
+        own = self.adapt.method == "lora"
+        cfg = self.adapt.lora if own else type(self.adapt.lora)()      # the recipe's LoRA, else the defaults
+        r, alpha = cfg.r, cfg.alpha
+        lr = learning_rate if own else type(self).learning_rates["lora"]
+        out = []
+        for rank, rate in ((r, 3 * lr), (r, lr / 3), (4 * r, lr), (4 * r, 3 * lr)):
+            rate = float(f"{rate:.3g}")
+            out.append((f"lora r{rank} lr {rate:g}", {"adapt.method": "lora", "adapt.lora.r": rank,
+                                                      "adapt.lora.alpha": alpha * rank / r,
+                                                      "train.learning_rate": rate}))
+        return out
