@@ -28,3 +28,18 @@ def test_a_busy_process_is_seen():
     finally:
         spin.kill()
         spin.wait()
+
+
+def test_fsdp_is_refused_on_a_cpu_only(monkeypatch):
+    """accelerate enters FSDP only for GPU-type process groups: on a CPU `accelerate launch --use_fsdp` would be plain
+    DDP (fsdp_version 2) or an error deep in accelerate's plugin (version 1); tunesmith says so in one line."""
+    import pytest
+    import torch
+
+    from tunesmith.errors import TunesmithError
+
+    device.check_sharding(torch.device("cpu"))                          # no FSDP asked: nothing to say
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(TunesmithError, match="FSDP needs GPUs.*torchrun --nproc_per_node"):
+        device.check_sharding(torch.device("cpu"))
+    device.check_sharding(torch.device("cuda"))                         # GPUs: accelerate's FSDP path, untouched

@@ -318,3 +318,41 @@ def test_two_process_ddp_under_dpo_equals_one_process(tiny_llama, tmp_path):
     ddp, single = (json.loads((p / "eval.json").read_text()) for p in (tmp_path / "ddp", one))
     assert ddp["reward_accuracy"] == single["reward_accuracy"]
     assert ddp["loss"] == pytest.approx(single["loss"], abs=1e-4)
+
+
+def test_fsdp_on_a_cpu_stops_before_anything_is_read_or_written(tiny_llama, tmp_path, monkeypatch):
+    """`accelerate launch --use_fsdp` sets ACCELERATE_USE_FSDP; on a CPU accelerate would not shard (plain DDP or its
+    plugin's error), so the run stops at once, without a run folder."""
+    from tunesmith.errors import TunesmithError
+    from tunesmith.pipeline import Trainer, train_with
+
+    recipe = load(pair_recipe(tiny_llama, tmp_path / "absent.jsonl"))         # not read: the launch check is first
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(TunesmithError, match="FSDP needs GPUs"):
+        train_with(Trainer(), recipe, run_dir=tmp_path / "run", device="cpu")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow                   # two processes through accelerate's launcher, ~10 s
+def test_accelerate_fsdp_launch_on_cpu_is_refused_in_one_line(tiny_llama, tmp_path):
+    """The real launcher, both FSDP versions: accelerate 1.16 shards only on GPU-type process groups (FSDP1: its plugin
+    raises "sync_module_states=True is not supported on cpu"; FSDP2: the run is silently DDP); tunesmith stops both
+    processes with its one-line error instead, before any run folder."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    data = write_pairs(tmp_path / "pairs.jsonl", n=40)
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(pair_recipe(tiny_llama, data, train={"max_steps": 2})))
+    for version in ("1", "2"):
+        out = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--fsdp_version",
+                              version, "--num_processes", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
+                              "--fsdp_transformer_layer_cls_to_wrap", "LlamaDecoderLayer",
+                              "-m", "tunesmith", "train", str(path), "--run-dir", str(tmp_path / version)],
+                             capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                             env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"})
+        assert out.returncode != 0 and out.stderr.count("error: FSDP needs GPUs") == 2, out.stderr[-3000:]
+        assert not (tmp_path / version).exists()

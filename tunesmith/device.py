@@ -96,3 +96,15 @@ def choose_threads(asked: int | None, processes: int = 1) -> tuple[int, str]:
            + f", {others:g} busy elsewhere" + (f", {processes} processes" if processes > 1 else "")
            + "; train.threads overrides)")
     return n, why
+
+
+def check_sharding(device: torch.device) -> None:
+    """Refuse FSDP (`accelerate launch --use_fsdp`, which sets ACCELERATE_USE_FSDP) on a CPU: accelerate enters FSDP
+    only for GPU-type process groups, so there a CPU launch is silently plain DDP (fsdp_version 2) or fails in its
+    plugin (fsdp_version 1: sync_module_states "not supported on cpu"), though torch itself shards on gloo."""
+    if device.type == "cpu" and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        import accelerate
+
+        raise TunesmithError(f"FSDP needs GPUs: accelerate {accelerate.__version__} shards only on GPU-type devices "
+                             "(on CPU it would run plain DDP or fail); on CPU run "
+                             "`torchrun --nproc_per_node N -m tunesmith train ...` (DDP, gloo)")

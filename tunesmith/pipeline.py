@@ -143,9 +143,10 @@ def _start(trainer: Trainer, recipe: Recipe, run_dir, resume, callbacks, device)
     from accelerate import Accelerator
     from accelerate.utils import broadcast_object_list
 
-    from tunesmith.device import choose_device
+    from tunesmith.device import check_sharding, choose_device
 
     device = choose_device(device)
+    check_sharding(device)                                        # before the data is read: a launch mistake
     task, loaded = prepare(trainer, recipe, device)
     accelerator = Accelerator(cpu=device.type == "cpu")           # cpu=True lets torchrun give MULTI_CPU (gloo)
     main = accelerator.is_main_process
