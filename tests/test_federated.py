@@ -209,6 +209,10 @@ def test_simulation_trains_a_run_folder_like_any_other(tiny_bert, tmp_path, caps
     err = capsys.readouterr().err
     assert "cannot be resumed with `train --resume`" in err and "run `tunesmith federate` again" in err
     assert "upgrade" not in err
+    # federating into that folder again is refused without offering a --resume that federate does not have
+    assert main(["federate", str(recipe), "--clients", "3", "--rounds", "1", "--run-dir", str(run_dir)]) == 1
+    err = capsys.readouterr().err
+    assert "holds a run: give another --run-dir" in err and "--resume" not in err
 
 
 def test_fedprox_simulation_runs_with_a_fraction_of_clients(tiny_bert, tmp_path):

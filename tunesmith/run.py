@@ -68,14 +68,16 @@ class Run:
         return Path("runs") / f"{recipe.name or recipe.task}-{time.strftime('%Y%m%d-%H%M%S')}"
 
     @staticmethod
-    def check_new(path: str | Path) -> None:
+    def check_new(path: str | Path, resumable: bool = True) -> None:
         """Raise unless `path` can become a new run: absent, or an empty folder. A folder with anything in it
-        (a run, a project, a model) is never written into."""
+        (a run, a project, a model) is never written into. resumable: whether the command can --resume a run
+        (federate cannot: its message must not offer it)."""
         path = Path(path)
         if path.exists() and not path.is_dir():
             raise TunesmithError(f"{path} is a file, not a folder: give --run-dir a new or empty folder")
         if path.is_dir() and any(path.iterdir()):
-            what = ("holds a run: use --resume {0} or another --run-dir" if (path / "recipe.yaml").exists()
+            again = "use --resume {0} or another --run-dir" if resumable else "give another --run-dir"
+            what = (f"holds a run: {again}" if (path / "recipe.yaml").exists()
                     else "is not empty: a run is created only in a new or empty folder (it never writes into "
                          "your files); give --run-dir a new folder")
             raise TunesmithError(f"{path} {what.format(path)}")

@@ -38,7 +38,7 @@ class Board:
             f"exchanged per client and round: {len(self.local.names)} arrays, {self.local.bytes():,} bytes")
         self.features = {s: task.encode(self.tables[s].rows) for s in ("validation", "test")}
         if run_dir:
-            Run.check_new(run_dir)
+            Run.check_new(run_dir, resumable=False)             # a federation keeps no checkpoints
         self.run_dir, self.run = run_dir, None
         self.rounds: list[dict] = []
         self.pending: dict = {}
