@@ -46,9 +46,34 @@ from text_cls_vs_hf import PeakRSS  # noqa: E402
 from tunesmith.device import cpu_flags  # noqa: E402
 
 
-def write_data(folder: Path, size: int, seed: int) -> tuple[list[dict], list[dict]]:
-    """Tiles as PNGs plus train.json / test.json (COCO, category 1 "tree"); returns (train, test) tiles."""
-    data = tiles(size)
+def shapes(n: int, size: int, seed: int) -> list[dict]:
+    """n generated size x size images with known boxes, the kind tests/detection_fixtures.py draws (filled
+    rectangles on grey noise), one class, 1-3 rectangles an image of 1/6 to 1/2 the side in random bright colours,
+    overlapping allowed (a later one covers an earlier one's pixels, so a box whose visible part is under half of it
+    is left out): {pixels [3, S, S] float 0-1, boxes [n, 4] xyxy px}."""
+    rng, out = random.Random(seed), []
+    for _ in range(n):
+        gen = np.random.default_rng(rng.randrange(2**32))
+        pixels = gen.integers(90, 150, (size, size, 3), dtype=np.uint8)
+        owner = np.full((size, size), -1)
+        boxes = []
+        for k in range(rng.randint(1, 3)):
+            w, h = rng.randint(size // 6, size // 2), rng.randint(size // 6, size // 2)
+            x, y = rng.randint(0, size - w), rng.randint(0, size - h)
+            colour = [rng.choice((rng.randint(0, 60), rng.randint(190, 255))) for _ in range(3)]
+            colour[rng.randrange(3)] = rng.randint(200, 255)          # never grey: it must stand out of the noise
+            pixels[y:y + h, x:x + w] = colour
+            owner[y:y + h, x:x + w] = k
+            boxes.append([x, y, x + w, y + h])
+        seen = [k for k, (x0, y0, x1, y1) in enumerate(boxes) if (owner[y0:y1, x0:x1] == k).mean() >= 0.5]
+        out.append({"pixels": torch.from_numpy(pixels).permute(2, 0, 1).float() / 255,
+                    "boxes": torch.tensor([boxes[k] for k in seen], dtype=torch.float32).reshape(-1, 4)})
+    return out
+
+
+def write_data(folder: Path, data: list[dict], size: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """Images as PNGs plus train.json / test.json (COCO, one category: 1 "tree"); returns (train, test):
+    80 / 20 at random."""
     order = list(range(len(data)))
     random.Random(seed).shuffle(order)
     cut = int(0.8 * len(order))
@@ -137,7 +162,10 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=2, help="HF/tunesmith pairs, alternating (default 2)")
-    ap.add_argument("--tile", type=int, default=224)
+    ap.add_argument("--data", choices=["trees", "shapes"], default="trees",
+                    help="deepforest tree tiles (real, near-zero mAP in minutes) or generated rectangles (learnable)")
+    ap.add_argument("--images", type=int, default=400, help="--data shapes: how many images (80%% train, 20%% test)")
+    ap.add_argument("--tile", type=int, default=224, help="image side in pixels")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--weight-decay", type=float, default=1e-4)
@@ -147,11 +175,12 @@ def main():
     tmp = Path(tempfile.mkdtemp(prefix="bench-det-"))
     atexit.register(shutil.rmtree, tmp, ignore_errors=True)
     (tmp / "data").mkdir()
-    train_tiles, test_tiles = write_data(tmp / "data", args.tile, args.seed)
+    data = tiles(args.tile) if args.data == "trees" else shapes(args.images, args.tile, args.seed)
+    train_tiles, test_tiles = write_data(tmp / "data", data, args.tile, args.seed)
     write_model(tmp / "model", args.tile, args.seed)
     simd = sorted(cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; cpu flags: {' '.join(simd)}; "
-          f"{len(train_tiles)} train tiles, {len(test_tiles)} test tiles of {args.tile}px; batch {args.batch}, lr "
+          f"{args.data}: {len(train_tiles)} train, {len(test_tiles)} test images of {args.tile}px; batch {args.batch}, lr "
           f"{args.lr}, epochs {args.epochs}, seed {args.seed}; load average {os.getloadavg()[0]:.2f} at the start")
     results = []
     for k in range(args.repeats):
