@@ -38,7 +38,7 @@ doctor.json (version 1; these keys are stable, later versions only add keys):
                     candidates: [{origin, split, label, suggested, label_probability, text}]}  most suspicious first
   task             the task's own checks (Task.data_findings), where it has any: text2text {sources, targets,
                     identical, conflicting}
-  task_lines       [str] the task section as the terminal shows it (Task.findings_lines), where there is a section
+  task_lines       [str] the task section as the terminal shows it (Task.findings_lines), where the task gives any
   seconds          {read, model, lengths, embed, leakage, label_noise, total}
 """
 from __future__ import annotations
@@ -126,7 +126,7 @@ def diagnose(recipe) -> dict:
     own, more_warnings, more_blocking = task.data_findings(tables)            # the task's own checks
     if own:
         report["task"] = own
-        report["task_lines"] = task.findings_lines(own, cfg.listed)
+        report |= {"task_lines": lines} if (lines := task.findings_lines(own, cfg.listed)) else {}
     warnings.extend(more_warnings)
     blocking.extend(more_blocking)
     clock("lengths")
