@@ -15,6 +15,7 @@ from detection_fixtures import NAMES, images, tiny_detector, write_coco, write_v
 import tunesmith as ts
 from tunesmith import io
 from tunesmith.data import DataError
+from tunesmith.diagnosis.report import render
 from tunesmith.recipe import RecipeError, load
 from tunesmith.tasks import box_readers, get_task
 
@@ -118,6 +119,13 @@ def test_doctor_and_training_reject_the_same_boxes(tmp_path, scenes, monkeypatch
     assert len(trained) == 2
     assert [(r["origin"], r["reason"]) for r in report["rejects"]] == trained
     assert [tuple(x) for x in seen["rejected"]] == trained and report["task"] == {"boxes": True}
+    splits = io.read_json(run.path / "data" / "splits.json")        # images and boxes counted apart
+    boxes = sum(len(t["boxes"]) for t in truth)
+    assert splits["files"][0] == {**splits["files"][0], "read": 8, "usable": 8, "rejected": 0, "unit": "images",
+                                  "part": "boxes", "parts": {"read": boxes + 2, "usable": boxes, "rejected": 2,
+                                                             "dropped": 0}}
+    assert splits["rejected"] == 0 and splits["parts"] == splits["files"][0]["parts"] and report["files"] == \
+        splits["files"] and sum(splits["rows"].values()) == 8
     assert seen["names"] == NAMES and sum(len(rows) for rows in seen["rows"].values()) == 8
     assert seen["bad_rows"] == "error" and seen["listed"] == 20
 
@@ -388,15 +396,28 @@ def test_the_doctor_says_each_box_finding_once(tmp_path, scenes, bad_rows):
     box checks' detail of both."""
     shutil.copytree(scenes["truth"][0]["file"].parent, tmp_path / "images")
     truth = [{**t, "file": tmp_path / "images" / t["file"].name} for t in scenes["truth"]]
-    coco = write_coco(tmp_path / "ann.json", truth, [{"id": 90, "image_id": 1, "category_id": 1,
-                                                      "bbox": [50, 40, 30, 30]}])
+    x0, y0, x1, y1 = truth[0]["boxes"][0]
+    coco = write_coco(tmp_path / "ann.json", truth, [
+        {"id": 90, "image_id": 1, "category_id": 1, "bbox": [50, 40, 30, 30]},
+        {"id": 91, "image_id": 1, "category_id": NAMES.index(truth[0]["labels"][0]) + 1,   # a duplicate box
+         "bbox": [x0, y0, x1 - x0, y1 - y0]}])
     held = write_coco(tmp_path / "held.json", [t for t in truth if t["labels"] and set(t["labels"]) == {NAMES[0]}])
     r = recipe(scenes["yolos"], coco, data={"validation": str(held), "test": str(held), "bad_rows": bad_rows},
                doctor={"label_noise": False})
     report = ts.doctor(load(r), out=None)
     lines = report["blocking"] + report["warnings"]
-    assert sum("unusable row" in x or "rejected" in x for x in lines) == 1, lines
-    assert (report["blocking"] if bad_rows == "error" else report["warnings"])[0].startswith("1 unusable row(s)")
+    assert sum("unusable" in x or "rejected" in x for x in lines) == 1, lines
+    assert (report["blocking"] if bad_rows == "error" else report["warnings"])[0].startswith("1 unusable boxes: ")
+    boxes = sum(len(t["boxes"]) for t in truth)
+    assert report["files"][0]["parts"] == {"read": boxes + 2, "usable": boxes + 1, "rejected": 1, "dropped": 0}
+    shown = render(report)          # what `tunesmith doctor` prints: every box finding, not only the warnings
+    assert "images read" in shown and "boxes rejected" in shown and "Checks of object-detection" in shown
+    negative = truth[-1]["file"]
+    assert f"train: 1 image(s) without boxes (kept as background): {negative}" in shown
+    assert f"1 x box … is outside the image (64x48), e.g. {coco}#annotation-90" in shown
+    assert f"duplicate train: {coco}#annotation-91 repeats {coco}#annotation-1" in shown
+    tiny = report["task"]["splits"]["train"]
+    assert f"{tiny['tiny']:,} ({tiny['tiny_share']:.1%})" in shown and "images holding each class:" in shown
     for split in ("validation", "test"):
         assert sum(x.startswith(f"{split} has no box") for x in lines) == 1, lines
     assert report["task"]["rejected"]["count"] == 1

@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 from PIL import Image
 
-from tunesmith.diagnosis.boxes import box_findings
+from tunesmith.diagnosis.boxes import box_findings, box_lines
 
 NAMES = ["cat", "dog", "bird"]
 
@@ -110,5 +110,8 @@ def test_images_leaked_across_splits_by_content(tmp_path):
     assert leak["pairs"] == [{"split_a": "train", "image_a": a, "split_b": "test", "image_b": copy}]
     assert leak["within"] == {"train": 1} and leak["unreadable"] == [str(tmp_path / "missing.png")]
     assert not any("also in" in w or "appear twice" in w for w in warnings)   # the shared doctor's leakage lines
+    lines = box_lines(section)                             # and the terminal shows the byte-level detail
+    assert "same image bytes in train/test: 1" in lines and f"  {copy} (test) = {a} (train)" in lines
+    assert "same image bytes twice in train: 1" in lines and any(str(tmp_path / "missing.png") in x for x in lines)
     Image.open(a).convert("L").save(copy)                  # same size and place, other bytes: no leak
     assert box_findings(rows, NAMES, [])[0]["leakage"]["by_splits"] == []

@@ -27,7 +27,7 @@ from tunesmith import defaults, io, safety
 from tunesmith.errors import TunesmithError
 from tunesmith.recipe import Recipe
 from tunesmith.run import Run
-from tunesmith.splits import fingerprint, load_data, report
+from tunesmith.splits import fingerprint, load_data, part_totals, report
 from tunesmith.tasks import get_task
 
 # run.json's made_by.command -> the Trainer that continues such a run on `train --resume` (import paths: the
@@ -181,10 +181,13 @@ def _train(trainer: Trainer, recipe: Recipe, task, loaded, run: Run, accelerator
              "labels": task.labels, "fingerprint": fingerprint(tables),
              "files": loaded.files, "unused_rows": loaded.unused,  # per file: read = usable + rejected
              **({"shots": loaded.sampled} if loaded.sampled else {})}
+    stamp |= part_totals(task, loaded.files)      # boxes counted apart from images (Task.part_unit)
     if resume and io.read_json(run.path / "data" / "splits.json")["fingerprint"] != stamp["fingerprint"]:
         raise datalib.DataError(f"{run.path}: the data changed since this run started; cannot resume exactly")
-    say(f"data: {', '.join(f'{s} {n:,}' for s, n in stamp['rows'].items())} rows"
-        + (f"; {len(rejects)} rejected, listed in {run.path / 'rejects.jsonl'}" if rejects else ""))
+    unit, part = stamp.get("unit", "rows"), stamp.get("parts")
+    rejected = f"{stamp['rejected']:,} {unit} and {part['rejected']:,} {stamp['part']}" if part else len(rejects)
+    say(f"data: {', '.join(f'{s} {n:,}' for s, n in stamp['rows'].items())} {unit}"
+        + (f"; {rejected} rejected, listed in {run.path / 'rejects.jsonl'}" if rejects else ""))
     for line in loaded.shot_lines():
         say(line)
     say(f"precision: {why}; device: {accelerator.device}"

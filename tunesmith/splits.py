@@ -17,7 +17,7 @@ class Loaded:
     """The data as train uses it: usable rows per split, every rejected row, and counts per file."""
     tables: dict[str, datalib.Table]
     rejects: list[datalib.Reject]
-    files: list[dict]           # per split file: file, split, read, usable, rejected, columns; read = usable + rejected
+    files: list[dict]           # per split file: file, split, read, usable, rejected, columns (`counts`)
     unused: int = 0             # usable train rows left out by data.max_rows
     # data.shots: {"shots": K, "from": train rows before sampling, "kept": rows after, "short": {class: rows} for
     # classes with fewer than K}; {} when not sampled
@@ -25,6 +25,36 @@ class Loaded:
 
     def shot_lines(self) -> list[str]:
         return shot_lines(self.sampled, {k: len(t) for k, t in self.tables.items()})
+
+
+def counts(task, table: datalib.Table, split: str, keep: list[int], rejected: int) -> dict:
+    """One split file's counts: {file, split, read, usable, rejected, columns}, read = usable + rejected rows.
+    A task whose reader rejects parts of rows (Task.part_unit, e.g. boxes) counts rows without those rejects and
+    adds unit (Task.row_unit), part (Task.part_unit) and parts {read, usable, rejected, dropped}: rejected are the
+    parts its reader refused (each one line of rejects.jsonl), dropped the parts of rejected rows;
+    read = usable + rejected + dropped."""
+    columns = sorted({k for row in table.rows[:1000] for k in row})
+    if not task.part_unit:
+        return {"file": table.source, "split": split, "read": len(table.rows) + len(table.rejects),
+                "usable": len(keep), "rejected": rejected, "columns": columns}
+    kept = set(keep)
+    usable = sum(task.parts(r) for i, r in enumerate(table.rows) if i in kept)
+    dropped = sum(task.parts(r) for i, r in enumerate(table.rows) if i not in kept)
+    parts = {"read": usable + dropped + len(table.rejects), "usable": usable, "rejected": len(table.rejects),
+             "dropped": dropped}
+    return {"file": table.source, "split": split, "unit": task.row_unit, "read": len(table.rows),
+            "usable": len(keep), "rejected": len(table.rows) - len(keep), "part": task.part_unit, "parts": parts,
+            "columns": columns}
+
+
+def part_totals(task, files: list[dict]) -> dict:
+    """data/splits.json's counts for a task with a part_unit (else {}): unit, rejected rows, part, and parts
+    {read, usable, rejected, dropped} summed over the files (`counts`)."""
+    if not task.part_unit:
+        return {}
+    parts = {k: sum(f["parts"][k] for f in files) for k in ("read", "usable", "rejected", "dropped")}
+    return {"unit": task.row_unit, "rejected": sum(f["rejected"] for f in files), "part": task.part_unit,
+            "parts": parts}
 
 
 def load_splits(task, recipe) -> tuple[dict[str, datalib.Table], list[datalib.Reject]]:
@@ -50,9 +80,7 @@ def load_data(task, recipe) -> Loaded:
                 keep.append(i)
         bad.sort(key=lambda r: datalib.position(r.origin))        # file order: reader and task rejects merged
         rejects.extend(bad)
-        files.append({"file": table.source, "split": split, "read": len(table.rows) + len(table.rejects),
-                      "usable": len(keep), "rejected": len(bad),
-                      "columns": sorted({k for row in table.rows[:1000] for k in row})})
+        files.append(counts(task, table, split, keep, len(bad)))
         return table.subset(keep)
 
     train = usable(tables["train"], "train")

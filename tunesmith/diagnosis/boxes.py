@@ -24,6 +24,10 @@ doctor.json's "task" section (every list is cut at `listed` entries; counts are 
                images: how many images hold at least one box of the class
   leakage      {by_splits: [{splits: [a, b], images}], within: {split: n}, pairs: [{split_a, image_a, split_b,
                image_b}], unreadable: [image]}   the same file bytes (sha256) in two splits, or twice in one
+
+box_lines(section, listed) -> the section as terminal lines (Detection.findings_lines: `tunesmith doctor` prints
+them): per split images, boxes, images without boxes, duplicates, small boxes and box sides; rejected boxes by kind
+with examples; the images without boxes, the duplicate boxes, class balance by images and leaked images.
 """
 from __future__ import annotations
 
@@ -171,3 +175,44 @@ def _leakage(rows_by_split, listed, warnings) -> dict:
         warnings.append(f"{len(unreadable):,} image(s) could not be read for the leakage check, e.g. {unreadable[0]}")
     return {"by_splits": [{"splits": [a, b], "images": n} for (a, b), n in by_pair.items()],
             "within": dict(within), "pairs": pairs, "unreadable": unreadable[:listed]}
+
+
+def box_lines(section: dict, listed: int = 20) -> list[str]:
+    """doctor.json's task section (box_findings) as the lines `tunesmith doctor` prints; every list cut at `listed`."""
+    from tunesmith import io
+
+    def grid(header, rows):
+        return io.table(header, rows, digits=3).splitlines()
+
+    splits = section["splits"]
+    out = grid(["split", "images", "boxes", "without boxes", "duplicates", "under 32x32", "side p10/p50/p90 px"],
+               [[s, x["images"], x["boxes"], x["negatives"], x["duplicates"], f"{x['tiny']:,} ({x['tiny_share']:.1%})",
+                 "/".join("-" if v is None else f"{v:g}" for v in x["side_px"].values())] for s, x in splits.items()])
+    r = section["rejected"]
+    out.append(f"rejected boxes: {r['count']:,}" + (" (each in the unusable rows), by kind:" if r["count"] else ""))
+    for kind, n in r["kinds"].items():
+        shown = [x["where"] for x in r["examples"].get(kind, [])[:3]]
+        out.append(f"  {n:,} x {kind}, e.g. " + ", ".join(shown) + (" ..." if n > len(shown) else ""))
+    for split, images in section["negatives"].items():
+        n = splits[split]["negatives"]
+        if n:
+            out.append(f"{split}: {n:,} image(s) without boxes (kept as background): " + ", ".join(images[:3])
+                       + (" ..." if n > 3 else ""))
+    dups = [(s, d) for s, items in section["duplicates"].items() for d in items]
+    for split, d in dups[:listed]:
+        out.append(f"duplicate {split}: {d['where'][1]} repeats {d['where'][0]} ({d['label']}, IoU {d['iou']:.3f}) "
+                   f"in {d['image']}")
+    total = sum(x["duplicates"] for x in splits.values())
+    if total > min(len(dups), listed):
+        out.append(f"... and {total - min(len(dups), listed):,} more duplicate box(es) (doctor.json lists {listed} "
+                   f"per split)")
+    bal = section["balance"]
+    out += ["images holding each class:", *("  " + line for line in grid(
+        ["label", *bal["images"]], [[n, *(bal["images"][s][n] for s in bal["images"])] for n in bal["labels"]]))]
+    leak = section["leakage"]
+    out += [f"same image bytes in {'/'.join(x['splits'])}: {x['images']:,}" for x in leak["by_splits"]]
+    out += [f"same image bytes twice in {s}: {n:,}" for s, n in leak["within"].items()]
+    out += [f"  {p['image_b']} ({p['split_b']}) = {p['image_a']} ({p['split_a']})" for p in leak["pairs"][:listed]]
+    if leak["unreadable"]:
+        out.append(f"unreadable for the byte check: {len(leak['unreadable']):,}, e.g. {leak['unreadable'][0]}")
+    return out

@@ -12,7 +12,9 @@ doctor.json (version 1; these keys are stable, later versions only add keys):
   status           "clean" | "warnings" | "blocking"
   blocking         [str] one line per blocking problem (what, how many, what to do)
   warnings         [str] one line per warning
-  files            [{file, split, read, usable, rejected, columns}]   read = usable + rejected, per file
+  files            [{file, split, read, usable, rejected, columns}]   read = usable + rejected, per file; a task
+                    whose reader rejects parts of rows (Task.part_unit: boxes) adds unit, part and parts {read, usable,
+                    rejected, dropped} (tunesmith.splits.counts)
   splits           {split: rows used}     split_from_train: [split] cut from train, stratified by label
   unused_rows      usable train rows left out by data.max_rows
   shots            data.shots's sample: {shots, seed, from, kept, short: {class: rows}}; {} when not sampled
@@ -36,6 +38,7 @@ doctor.json (version 1; these keys are stable, later versions only add keys):
                     candidates: [{origin, split, label, suggested, label_probability, text}]}  most suspicious first
   task             the task's own checks (Task.data_findings), where it has any: text2text {sources, targets,
                     identical, conflicting}
+  task_lines       [str] the task section as the terminal shows it (Task.findings_lines), where the task gives any
   seconds          {read, model, lengths, embed, leakage, label_noise, total}
 """
 from __future__ import annotations
@@ -66,7 +69,7 @@ def diagnose(recipe) -> dict:
     import torch
 
     from tunesmith.device import autocast, choose_device, choose_precision
-    from tunesmith.splits import load_data
+    from tunesmith.splits import load_data, part_totals
     from tunesmith.tasks import get_task
 
     cfg, seconds, t0 = recipe.doctor, {}, time.perf_counter()
@@ -92,11 +95,14 @@ def diagnose(recipe) -> dict:
                "reject_kinds": dict(Counter(reason_kind(r.reason) for r in loaded.rejects).most_common())}
     warnings += [line.removeprefix("warning: ") for line in loaded.shot_lines()[1:]]   # data.shots: short classes
     if loaded.rejects:
-        n = len(loaded.rejects)
+        n, parts = f"{len(loaded.rejects):,} unusable row(s)", part_totals(task, loaded.files)
+        if parts:                                   # Task.part_unit: rejected boxes are not rejected images
+            n = " and ".join(f"{k:,} unusable {unit}" for k, unit in ((parts["rejected"], parts["unit"]),
+                             (parts["parts"]["rejected"], parts["part"])) if k)
         if recipe.data.bad_rows == "error":
-            blocking.append(f"{n:,} unusable row(s): train stops on them; fix them or set data.bad_rows=skip")
+            blocking.append(f"{n}: train stops on them; fix them or set data.bad_rows=skip")
         else:
-            warnings.append(f"{n:,} unusable row(s): train skips them and lists each in the run's rejects.jsonl")
+            warnings.append(f"{n}: train skips them and lists each in the run's rejects.jsonl")
     report["check_notes"] = task.check_notes()
     warnings.extend(report["check_notes"])
     blocking.extend(f"{s}: no usable rows; train cannot evaluate on it" for s, t in tables.items() if not len(t))
@@ -120,6 +126,7 @@ def diagnose(recipe) -> dict:
     own, more_warnings, more_blocking = task.data_findings(tables)            # the task's own checks
     if own:
         report["task"] = own
+        report |= {"task_lines": lines} if (lines := task.findings_lines(own, cfg.listed)) else {}
     warnings.extend(more_warnings)
     blocking.extend(more_blocking)
     clock("lengths")

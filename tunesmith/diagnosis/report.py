@@ -15,8 +15,21 @@ def table(header: list[str], rows: list[list]) -> list[str]:
 
 
 def files_table(files: list[dict]) -> list[str]:
-    out = table(["file", "split", "read", "usable", "rejected"],
-                [[f["file"], f["split"], f["read"], f["usable"], f["rejected"]] for f in files])
+    """Rows read, usable and rejected per file; a task whose reader rejects parts of rows (boxes of an image: the
+    file entry's unit and part block, tunesmith.splits.counts) also gets the parts' columns."""
+    head = ["file", "split", "read", "usable", "rejected"]
+    if not (files and files[0].get("part")):
+        return _files_notes(table(head, [[f["file"], f["split"], f["read"], f["usable"], f["rejected"]]
+                                         for f in files]), files)
+    unit, part, cols = files[0]["unit"], files[0]["part"], ["read", "usable", "rejected", "dropped"]
+    rows = [[f["file"], f["split"], f["read"], f["usable"], f["rejected"], *(f["parts"][c] for c in cols)]
+            for f in files]
+    out = table(["file", "split", *(f"{unit} {c}" for c in head[2:]), *(f"{part} {c}" for c in cols)], rows)
+    out.append(f"  {part} rejected: each one listed below; {part} dropped: those of rejected {unit}")
+    return _files_notes(out, files)
+
+
+def _files_notes(out: list[str], files: list[dict]) -> list[str]:
     return out + [f"  {f['file']}: no usable rows; its columns: {', '.join(f['columns']) or 'none'} (check "
                   f"data.*_column)" for f in files if f["read"] and not f["usable"]]
 
@@ -54,6 +67,8 @@ def render(report: dict, listed: int = 20) -> str:
     else:
         out.append("  none")
     out += [f"  {x}" for x in report.get("check_notes", [])]
+    if report.get("task_lines"):                    # the task's own checks (Task.findings_lines)
+        out += ["", f"Checks of {r['task']}", *(f"  {x}" for x in report["task_lines"])]
     out += ["", "Duplicates within a split", *_render_duplicates(report["duplicates"], listed)]
     out += ["", "Leakage across splits", *_render_leakage(report["leakage"], listed)]
     out += ["", "Class balance", *_render_balance(report["balance"])]

@@ -36,6 +36,10 @@ name and never probes for a method (tests/test_layering.py checks the first):
   feature_cache     True: collate takes cached hidden states (tunesmith/featcache.py)
   balance_unit      what the doctor's class balance counts, one per balance_labels() item: "rows" (a row's label,
                     its stratify_key) or a part of a row ("entities": a tagger counts each entity's type)
+  row_unit          what one row is in counts ("rows"; detection "images")
+  part_unit         None: the reader's rejects (Table.rejects) are whole rows. A name ("boxes"): they are parts of
+                    rows (a label file's bad box; its image stays), counted apart from rows in data/splits.json and
+                    the doctor's files table; parts(row) counts a usable row's parts
 """
 from __future__ import annotations
 
@@ -92,6 +96,8 @@ class Task:
     distills = False                # True: teacher_outputs() and distillation() work (tunesmith distill trains a
                                     # smaller student on this task's fine-tuned model)
     balance_unit = "rows"           # what balance_labels() counts: "rows" (one label a row), or e.g. "entities"
+    row_unit = "rows"               # what one row is, in counts ("images")
+    part_unit: str | None = None    # the reader rejects parts of rows ("boxes"), not rows: see the module docstring
 
     def __init__(self, recipe, pad_multiple: int = 1):
         self.recipe = recipe
@@ -224,6 +230,15 @@ class Task:
         """The doctor's checks of this task's own, on the usable rows (tables: split -> data.Table, rows and origins):
         (a JSON-ready section, doctor.json's "task" key; {}: none), warning lines, blocking lines. Default: none."""
         return {}, [], []
+
+    def findings_lines(self, section: dict, listed: int) -> list[str]:
+        """data_findings' section as terminal lines (doctor.json's task_lines, which `tunesmith doctor` prints under
+        the task's title): what the warnings alone do not say. Default: none."""
+        return []
+
+    def parts(self, row: dict) -> int:
+        """How many `part_unit` items a row holds (a detection row's boxes); 0 where the task has no part_unit."""
+        return 0
 
     def embed(self, model, features: list[dict], batch_size: int):
         """[N, D] float32 numpy array, one vector per feature, for the label-noise model and near duplicates.

@@ -12,7 +12,8 @@ boxes normalised to the padded image. The loss is the model's own `.loss` (Hunga
 processor's post_process_object_detection, so predict equals pipeline("object-detection", model=RUN/model).
 Scores: COCO mAP by faster-coco-eval (detection_schema.coco_scores); eval.json's inputs are written beside it.
 
-Declares: prediction "boxes", ONNX outputs (logits, pred_boxes), balance_unit "boxes"; no chat, explain or distil.
+Declares: prediction "boxes", ONNX outputs (logits, pred_boxes), balance_unit "boxes", rows "images" with parts "boxes"
+(a rejected box is counted apart from images); no chat, explain or distil.
 """
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ class Detection(Task):
     near_method = "embedding"       # Task.key is a pixel hash: near duplicates compare image thumbnails
     prediction = "boxes"            # predict: {"boxes": [{box, label, score}]}
     balance_unit = "boxes"          # the doctor's class balance counts boxes per class
+    row_unit, part_unit = "images", "boxes"     # a rejected box is a part of its image: counted apart
     names: list[str] = []
 
     def __init__(self, recipe, pad_multiple: int = 1):
@@ -122,6 +124,10 @@ class Detection(Task):
     def key(self, row: dict) -> str:
         return vision.image_key(row["image"])
 
+    def parts(self, row: dict) -> int:
+        boxes = row.get("boxes")
+        return len(boxes) if isinstance(boxes, list) else 0
+
     def balance_labels(self, row: dict) -> list[str]:
         return list(row.get("labels") or [])
 
@@ -143,6 +149,13 @@ class Detection(Task):
         section, warnings, blocking = box_findings({s: t.rows for s, t in tables.items()}, self.names, rejected,
                                                    listed=self.recipe.doctor.listed, bad_rows=self.recipe.data.bad_rows)
         return section, warnings, blocking
+
+    def findings_lines(self, section: dict, listed: int) -> list[str]:
+        if "splits" not in section:                   # data_findings without the box checks (see above)
+            return [f"rejected box {x['where']}: {x['reason']}" for x in section.get("rejected_boxes", [])[:listed]]
+        from tunesmith.diagnosis.boxes import box_lines
+
+        return box_lines(section, listed)
 
     def encode(self, rows: list[dict]) -> Features:
         """Per row: uint8 pixels [3, h, w] as the processor resizes them, size (height, width) of the original;
