@@ -14,9 +14,10 @@ target tokens only, completion-only; on CPU its fused LM head scores every posit
 padding collator; both: S optimizer steps of B pairs, AdamW at --lr, linear schedule without warmup, weight decay
 0.01, clipping at 1.0, the same thread count.
 
-Prints training tokens/s of each (real, non-pad tokens: steps x batch x the mean tokens of the training pairs, for
-both), their ratio, and the token-weighted validation loss of each trained model over the same held-out targets
-(one evaluation function: the task's).
+Prints training tokens/s of each (the real, non-pad tokens each side trained on: TRL's own count, num_tokens, and
+tunesmith's summary `tokens`; a few steps see a fraction of an epoch, so a mean per pair would not do: tunesmith's
+length-grouped batches and TRL's random ones differ in length), their ratio, and the token-weighted validation
+loss of each trained model over the same held-out targets (one evaluation function: the task's).
 """
 from __future__ import annotations
 
@@ -62,13 +63,14 @@ def run_trl(task, model_dir, features, val, steps, batch, lr, out_dir) -> dict:
     data = Dataset.from_list([{"input_ids": f["input_ids"], "labels": f["labels"]} for f in features])
     args = SFTConfig(out_dir, per_device_train_batch_size=batch, max_steps=steps, learning_rate=lr,
                      lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.01, max_grad_norm=1.0,
-                     logging_steps=max(1, steps // 4), save_strategy="no", report_to="none", use_cpu=True, seed=42,
+                     logging_steps=steps, save_strategy="no", report_to="none", use_cpu=True, seed=42,
                      dataloader_num_workers=0, packing=False, padding_free=False, gradient_checkpointing=False,
                      max_length=None, bf16=False, disable_tqdm=True)
     trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=task.tokenizer)
     seconds = trainer.train().metrics["train_runtime"]
-    return {"name": "TRL SFTTrainer (fp32, completion-only)", "seconds": seconds,
-            "tokens": steps * batch * mean_tokens(features), "loss": val_loss(task, model, val)}
+    tokens = max(h.get("num_tokens", 0) for h in trainer.state.log_history)     # logged at the last step
+    return {"name": "TRL SFTTrainer (fp32, completion-only)", "seconds": seconds, "tokens": tokens,
+            "loss": val_loss(task, model, val)}
 
 
 def run_tunesmith(recipe, task, features, val, out_dir) -> dict:
@@ -81,7 +83,7 @@ def run_tunesmith(recipe, task, features, val, out_dir) -> dict:
     seconds = summary["train_seconds"] - summary["eval_seconds"] - summary.get("checkpoint_seconds", 0.0)
     print(f"tunesmith summary: {json.dumps(summary)}")
     return {"name": "tunesmith text2text (fp32)", "seconds": seconds,
-            "tokens": recipe.train.max_steps * recipe.train.batch_size * mean_tokens(features),
+            "tokens": summary["tokens"],
             "loss": val_loss(task, model, val)}
 
 
