@@ -121,6 +121,12 @@ def run(name, step, groups, vocab, steps):
     print("  phases: " + ", ".join(f"{p} {100 * phases.get(p, 0) / total:.1f}%" for p in PHASES))
     for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]):
         print(f"  {k:<52}{100 * v / ops:6.1f}%")
+    top = defaultdict(float)
+    for e in events:
+        if e.key not in PHASES and not e.key.startswith("Optimizer"):
+            top[e.key] += e.self_cpu_time_total
+    ranked = sorted(top.items(), key=lambda kv: -kv[1])[:8]
+    print("  top ops: " + ", ".join(f"{k} {100 * v / ops:.1f}%" for k, v in ranked))
 
 
 def main():
