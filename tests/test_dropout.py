@@ -120,3 +120,20 @@ def test_attention_by_keyword_and_without_safe_softmax(monkeypatch):
     with CheapDropout():
         got = F.scaled_dot_product_attention(query=q, key=k, value=v, attn_mask=m, dropout_p=1e-7)
     assert torch.allclose(got, want, atol=1e-6) and torch.all(got[0, :, 2] == 0)
+
+
+def test_mask_is_applied_without_dtype_copies():
+    """The mask is applied as a bool view (torch.where): x * mask with the uint8 mask would first cast both to a
+    common dtype, copies of the activation (forward) and of its gradient (backward) that cost ~3x the op itself."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 128, requires_grad=True)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof, CheapDropout():
+        y = F.dropout(x, 0.1, training=True)
+        y.backward(torch.ones_like(y))
+    copies = [(e.name, e.input_shapes) for e in prof.events() if e.name in ("aten::_to_copy", "aten::copy_")
+              and any(shape for shape in e.input_shapes)]            # 0-dim ones: the seed's .item(), scalars
+    assert "aten::where" in {e.name for e in prof.events()} and not copies, copies
+    kept = y.detach() != 0
+    assert torch.equal(x.grad, kept * (65536 / round(0.9 * 65536)))

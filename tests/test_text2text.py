@@ -249,6 +249,49 @@ def test_encoder_decoder_loss_is_the_models_own_without_its_second_loss(models, 
     assert mine == pytest.approx(reference, rel=1e-5) and "labels" not in given[0]
 
 
+def tiny_seq2seq(arch: str, vocab: int, pad: int, eos: int):
+    """A 1+1-layer model from a config: T5 with tied embeddings (its decoder output scaled before the head), or BART
+    (a final_logits_bias after the head, made non-zero here so that it counts)."""
+    from transformers import BartConfig, BartForConditionalGeneration, T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    if arch == "t5":
+        return T5ForConditionalGeneration(T5Config(vocab_size=vocab, d_model=16, d_kv=4, d_ff=32, num_layers=1,
+                                                   num_heads=4, pad_token_id=pad, eos_token_id=eos,
+                                                   decoder_start_token_id=pad, tie_word_embeddings=True))
+    model = BartForConditionalGeneration(BartConfig(vocab_size=vocab, d_model=16, encoder_layers=1, decoder_layers=1,
+                                                    encoder_attention_heads=2, decoder_attention_heads=2,
+                                                    encoder_ffn_dim=32, decoder_ffn_dim=32, pad_token_id=pad,
+                                                    eos_token_id=eos, decoder_start_token_id=eos))
+    model.final_logits_bias.normal_()
+    return model
+
+
+@pytest.mark.parametrize("arch", ["t5", "bart"])
+def test_encoder_decoder_head_runs_only_at_target_tokens_with_the_plain_loss_and_gradients(models, arch):
+    """The LM head computes logits only at the N target tokens, not at the [B, T] padded positions, and the summed
+    loss and every gradient equal those of the model's own mean loss over its full logits times the target tokens."""
+    task = get_task(load(recipe_dict(models["t5"], models["pairs"])))
+    batch = task.collate(task.encode([{"source": s, "target": t} for s, t in
+                                      zip(SOURCES, ["good", "a bad and dull one", "boring"])]))
+    tok = task.tokenizer
+    model = tiny_seq2seq(arch, len(tok), tok.pad_token_id, tok.eos_token_id).eval()     # eval: no dropout
+    seen = []
+    model.get_output_embeddings().register_forward_hook(lambda m, args, out: seen.append(tuple(out.shape)))
+    mine = task.loss(model, batch)
+    mine.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    n = task.count(batch)
+    reference = model(**batch).loss * n
+    reference.backward()
+    assert n < batch["labels"].numel() and seen == [(n, len(tok)), (*batch["labels"].shape, len(tok))]
+    assert float(mine.detach()) == pytest.approx(float(reference.detach()), rel=1e-5)
+    assert grads.keys() == {name for name, p in model.named_parameters() if p.grad is not None}
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-5, msg=name)   # the pad row: ~3e-6 apart
+
+
 def test_freeze_encoder_and_lora_on_encoder_decoder(models, tmp_path):
     """adapt.freeze_encoder freezes exactly T5's encoder (decoder-only: a one-line error); LoRA on T5 trains,
     merges into model/ and keeps the adapter."""

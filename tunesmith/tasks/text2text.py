@@ -21,6 +21,7 @@ of its own (or data.chat_template); export_generation(): encoder-decoder runs ex
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -242,15 +243,19 @@ class Text2Text(Tokenized, Generative):
 
     # --- training and evaluation -----------------------------------------------------------------------
     def loss(self, model, batch: dict) -> torch.Tensor:
-        """Summed cross-entropy over the target tokens (labels != -100), in float32."""
+        """Summed cross-entropy over the target tokens (labels != -100), in float32, with the LM head applied only at
+        those tokens (head_at; not under train.compile, whose graph would be rebuilt for each hook)."""
         if not self.encoder_decoder:
             return self.lm.loss(model, batch)
         labels = batch["labels"]                                       # [B, T]
+        keep = labels != -100                                          # [B, T] bool: the N target tokens
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         inputs["decoder_input_ids"] = self.decoder_inputs(model, labels)
-        logits = model(**inputs).logits                                # [B, T, V]
-        return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
-                                                 ignore_index=-100, reduction="sum")
+        with nullcontext() if self.recipe.train.compile else head_at(model, keep):
+            logits = model(**inputs).logits                            # [N, V]; [B, T, V] without head_at
+        if logits.dim() == 3:
+            logits = logits[keep]
+        return torch.nn.functional.cross_entropy(logits.float(), labels[keep], reduction="sum")
 
     @staticmethod
     def decoder_inputs(model, labels: torch.Tensor) -> torch.Tensor:
@@ -336,3 +341,32 @@ class Text2Text(Tokenized, Generative):
         section, warnings = schema.pair_findings(splits, {"source": self.budget(), "target": self.target_budget()},
                                                  self.recipe.doctor.listed)
         return section, warnings, []
+
+
+@contextmanager
+def head_at(model, keep: torch.Tensor):
+    """The model's LM head (its output embeddings) applied only at the positions `keep` [B, T] marks: its input
+    [B, T, d] becomes [N, d] (row-major), so the logits come out [N, V], the same rows the full head gives there.
+    Encoder-decoder models apply the head to the decoder's last hidden states, at most scaled before it (T5) or
+    biased after it (BART's and Marian's final_logits_bias [1, V]); the positions of padded targets, a share of
+    every batch, then cost no [d x V] product, log-softmax or their gradients. The head is the output embeddings of
+    the first transformers model inside `model` (itself, or under DDP or peft); a module holding none (the exported
+    ONNX model export_generate.py scores), one without output embeddings or a head that sees another shape runs as
+    it would without this."""
+    from transformers import PreTrainedModel
+
+    hf = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+    head = hf.get_output_embeddings() if hf is not None else None
+    if head is None:
+        yield
+        return
+
+    def rows(_module, args):
+        hidden = args[0]                                               # [B, T, d]
+        return (hidden[keep], *args[1:]) if hidden.shape[:-1] == keep.shape else None
+
+    handle = head.register_forward_pre_hook(rows)
+    try:
+        yield
+    finally:
+        handle.remove()
