@@ -55,17 +55,22 @@ def kind(event, vocab: int) -> str:
     return "the rest"
 
 
-def hf_step(model, optimizer, collator, feats):
-    with record_function("collate"):
-        batch = collator([{"input_ids": f["input_ids"], "labels": f["labels"]} for f in feats])
-    with record_function("forward"):
-        loss = model(**batch).loss
+def backward_and_step(model, optimizer, loss):
+    """The part both arms share: backward, clip at 1.0, optimizer step."""
     with record_function("backward"):
         loss.backward()
     with record_function("optimizer"):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
+
+def hf_step(model, optimizer, collator, feats):
+    with record_function("collate"):
+        batch = collator([{"input_ids": f["input_ids"], "labels": f["labels"]} for f in feats])
+    with record_function("forward"):
+        loss = model(**batch).loss
+    backward_and_step(model, optimizer, loss)
     return batch
 
 
@@ -83,12 +88,7 @@ def ts_step(task, model, optimizer, feats, full_head=False):
     with record_function("forward"), CheapDropout():
         loss = full_head_loss(task, model, batch) if full_head else task.loss(model, batch)
         loss = loss / task.count(batch)
-    with record_function("backward"):
-        loss.backward()
-    with record_function("optimizer"):
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    backward_and_step(model, optimizer, loss)
     return batch
 
 
